@@ -1,0 +1,150 @@
+"""Side-by-side timing of `surgery apply` chain edits against `cp -r` (and mergekit when installed).
+
+    python benchmarks/bench_chain.py [--data bench-data] [--runs 5]
+
+Generates (once) a ~1.1B-parameter random Llama checkpoint in bf16 with TinyLlama's shape, split
+into several shards, then times each command --runs times (page cache warm) and prints the
+median wall time and peak RSS of each, with the ratio to `cp` of the same number of bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TINYLLAMA = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=5632,
+    num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+    max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16",
+    hidden_act="silu", rope_theta=10000.0,
+)
+SHARD_BYTES = 500_000_000
+
+
+def generate(folder: Path) -> Path:
+    """Random bf16 weights with Llama names, written shard by shard (bounded memory)."""
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from safetensors.torch import save_file
+
+    c = TINYLLAMA
+    h, i, kv = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"] * c["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h)}
+    for layer in range(c["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        }
+    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (c["vocab_size"], h)}
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        if size + 2 * _numel(shape) > SHARD_BYTES and shards[-1]:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += 2 * _numel(shape)
+    weight_map = {}
+    for k, names in enumerate(shards, start=1):
+        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: (torch.randn(shapes[n], generator=generator) * 0.02).to(torch.bfloat16) for n in names}
+        save_file(tensors, staging / filename, metadata={"format": "pt"})
+        weight_map |= {n: filename for n in names}
+        del tensors
+    total = sum(2 * _numel(s) for s in shapes.values())
+    (staging / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    (staging / "config.json").write_text(json.dumps(TINYLLAMA, indent=2))
+    staging.rename(folder)
+    return folder
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def timed(cmd: list[str], cleanup: Path) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one run of a command; its output folder is removed after."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    shutil.rmtree(cleanup, ignore_errors=True)
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("bench-data"))
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    model = generate(args.data.resolve() / "tinyllama-1.1b-random")
+    work = Path(tempfile.mkdtemp(dir=args.data))
+    surgery = [sys.executable, "-m", "surgery", "apply"]
+    edits = {"drop 8-11": "[0-7, 12-21]", "loop [0-11, 6-21]": "[0-11, 6-21]"}
+    commands: dict[str, tuple[list[str], Path]] = {"cp -r (whole checkpoint)": (["cp", "-r", str(model), str(work / "cp")], work / "cp")}
+    out_bytes: dict[str, int] = {}
+    for label, layers in edits.items():
+        plan = work / f"{len(commands)}.yaml"
+        plan.write_text(f"model: {model}\noutput: {work / 'out'}\nsteps:\n  - op: chain\n    layers: {layers}\n")
+        commands[f"surgery {label}"] = (surgery + [str(plan)], work / "out")
+        if shutil.which("mergekit-yaml"):
+            mk = work / f"mk{len(commands)}.yaml"
+            ranges = [r.split("-") for r in layers.strip("[]").split(", ")]
+            slices = "\n".join(
+                f"  - sources:\n      - model: {model}\n        layer_range: [{a}, {int(b) + 1}]" for a, b in ranges
+            )
+            mk.write_text(f"slices:\n{slices}\nmerge_method: passthrough\ndtype: bfloat16\n")
+            commands[f"mergekit {label}"] = (["mergekit-yaml", str(mk), str(work / "mk"), "--lazy-unpickle"], work / "mk")
+    subprocess.run(["cat", *map(str, model.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)  # warm cache
+    results: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
+    for _ in range(args.runs):  # interleaved, so drift in the machine's state hits every command alike
+        for name, (cmd, cleanup) in commands.items():
+            if name.startswith("surgery") and name not in out_bytes:
+                subprocess.run(cmd, check=True, capture_output=True)
+                out_bytes[name] = folder_bytes(cleanup)
+                shutil.rmtree(cleanup)
+            results[name].append(timed(cmd, cleanup))
+    in_bytes = folder_bytes(model)
+    cp_time = statistics.median(t for t, _ in results["cp -r (whole checkpoint)"])
+    print(f"checkpoint: {model} ({in_bytes / 1e9:.2f} GB, {len(list(model.glob('*.safetensors')))} shards), "
+          f"{args.runs} runs each, median\n")
+    print("| command | wall s | peak RSS MiB | output GB | x cp of same bytes |")
+    print("|---|---|---|---|---|")
+    for name, runs in results.items():
+        wall = statistics.median(t for t, _ in runs)
+        rss = statistics.median(r for _, r in runs) / 2**20
+        nbytes = out_bytes.get(name.replace("mergekit", "surgery"), in_bytes)
+        ratio = wall / (cp_time * nbytes / in_bytes)
+        print(f"| {name} | {wall:.2f} | {rss:.0f} | {nbytes / 1e9:.2f} | {ratio:.2f} |")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

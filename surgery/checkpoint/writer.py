@@ -1,0 +1,139 @@
+"""Write safetensors shards tensor by tensor, with every header fixed before any data.
+
+Shard boundaries and offsets come from the recipes' sizes alone, so each shard is one header
+write followed by a sequential stream: copied tensors go source-file to output-file in the kernel
+(`copy_file_range`), computed ones are produced one at a time. Peak memory is one computed tensor.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from huggingface_hub.serialization import split_state_dict_into_shards_factory
+
+from surgery.checkpoint.reader import DTYPE_SIZES, INDEX_NAME, SINGLE_NAME
+from surgery.view import TensorRecipe
+
+ALIGNMENT = 8
+_KERNEL_COPY = hasattr(os, "copy_file_range")
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+COPY_CHUNK = 1 << 30
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One output file: its name and its tensors in on-disk order."""
+
+    filename: str
+    names: list[str]
+
+
+def plan_shards(recipes: dict[str, TensorRecipe], max_shard_size: int | str) -> list[ShardPlan]:
+    """Split tensors into shards the way transformers names them (model-0000i-of-0000n.safetensors).
+
+    Within a shard, wider dtypes come first so every tensor starts aligned to its element size.
+    """
+    split = split_state_dict_into_shards_factory(
+        recipes,
+        get_storage_size=lambda r: r.nbytes,
+        get_storage_id=lambda r: None,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    shards = []
+    for filename, names in split.filename_to_tensors.items():
+        ordered = sorted(names, key=lambda n: -DTYPE_SIZES[recipes[n].dtype])  # stable: keeps recipe order
+        shards.append(ShardPlan(filename=filename if split.is_sharded else SINGLE_NAME, names=ordered))
+    return shards
+
+
+def shard_header(recipes: dict[str, TensorRecipe], names: list[str]) -> bytes:
+    """The 8-byte length plus JSON header, padded with spaces to an 8-byte boundary."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        recipe = recipes[name]
+        header[name] = {"dtype": recipe.dtype, "shape": list(recipe.shape), "data_offsets": [offset, offset + recipe.nbytes]}
+        offset += recipe.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % ALIGNMENT)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_shard(
+    path: Path,
+    recipes: dict[str, TensorRecipe],
+    names: list[str],
+    compute: Callable[[TensorRecipe], memoryview],
+    on_tensor: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Stream one shard: header, then each tensor's bytes in header order; fsync before returning."""
+    with ExitStack() as stack, open(path, "wb") as out:
+        sources: dict[Path, BinaryIO] = {}
+        out.write(shard_header(recipes, names))
+        out.flush()
+        for name in names:
+            recipe = recipes[name]
+            if recipe.compute is None:
+                info = recipe.inputs[0]
+                if info.file not in sources:
+                    sources[info.file] = stack.enter_context(open(info.file, "rb"))
+                _copy_range(sources[info.file], out, info.start, info.nbytes)
+            else:
+                data = compute(recipe)
+                if len(data) != recipe.nbytes:
+                    raise RuntimeError(f"{name}: computed {len(data)} bytes, expected {recipe.nbytes}")
+                out.write(data)
+                out.flush()
+            on_tensor(recipe.nbytes)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def write_index(folder: Path, shards: list[ShardPlan], recipes: dict[str, TensorRecipe]) -> None:
+    """model.safetensors.index.json, only when there is more than one shard (as transformers does)."""
+    if len(shards) == 1:
+        return
+    weight_map = {name: shard.filename for shard in shards for name in shard.names}
+    index = {
+        "metadata": {"total_size": sum(r.nbytes for r in recipes.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, count: int) -> None:
+    """Copy bytes between files inside the kernel where possible, else through a bounded buffer."""
+    done = 0
+    if _KERNEL_COPY:
+        try:
+            while done < count:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), min(count - done, COPY_CHUNK), offset + done)
+                if n == 0:
+                    raise OSError(f"{src.name}: unexpected end of file")
+                done += n
+            return
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+    for chunk in _read_chunks(src, offset + done, count - done):
+        dst.write(chunk)
+    dst.flush()
+
+
+def _read_chunks(src: BinaryIO, offset: int, count: int, chunk: int = 16 << 20) -> Iterator[bytes]:
+    src.seek(offset)
+    while count > 0:
+        data = src.read(min(chunk, count))
+        if not data:
+            raise OSError(f"{src.name}: unexpected end of file")
+        count -= len(data)
+        yield data

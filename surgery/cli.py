@@ -1,0 +1,207 @@
+"""The `surgery` command: parse, call the library, render with rich. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from surgery import __version__
+from surgery.errors import SurgeryError
+
+app = typer.Typer(
+    name="surgery",
+    help="Model surgery on Hugging Face checkpoints from declarative YAML plans, streamed tensor by tensor.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+Device = Annotated[str, typer.Option(help="Where computed tensors are made: auto (CUDA when present), cpu, cuda.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"surgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def apply(
+    plan: Annotated[Path, typer.Argument(help="The plan YAML file.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the plan's `output`).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    device: Device = "auto",
+    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
+) -> None:
+    """Validate a plan against the real checkpoints, then stream the edit into the output folder."""
+    from surgery.execute import execute
+    from surgery.planner import resolve
+
+    recipe = resolve(plan, out)
+    start = time.perf_counter()
+    with _byte_progress(recipe.total_bytes, f"writing {recipe.output}") as advance:
+        written = execute(recipe, force=force, max_shard_size=_shard_size(shard_size), device=device, on_bytes=advance)
+    elapsed = time.perf_counter() - start
+    _print_recipe(recipe, shard_size)
+    console.print(f"[green]wrote[/] {written} in {elapsed:.2f}s")
+
+
+@app.command()
+def check(
+    plan: Annotated[Path, typer.Argument(help="The plan YAML file.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the plan's `output`).")] = None,
+    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Validate a plan (headers only) and print what would be written. Exit 0 when valid, 2 when not."""
+    from surgery.planner import resolve
+
+    recipe = resolve(plan, out)
+    if as_json:
+        shards = recipe.shards(_shard_size(shard_size))
+        summary = recipe.provenance() | {
+            "output": str(recipe.output),
+            "shards": [{"file": s.filename, "tensors": len(s.names)} for s in shards],
+        }
+        console.print_json(json.dumps(summary))
+        return
+    _print_recipe(recipe, shard_size)
+    console.print("[green]plan is valid[/]")
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="A model folder (config.json + *.safetensors).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Architecture, layers, per-layer tensor groups, dtypes, parameter count, bytes and shards."""
+    from surgery.checkpoint.reader import Checkpoint
+    from surgery.describe import describe
+
+    info = describe(Checkpoint.open(model))
+    if as_json:
+        console.print_json(json.dumps(info))
+        return
+    console.print(f"[bold]{info['path']}[/]  {info['architecture']} ({info['model_type']})")
+    console.print(
+        f"{info['layers']} layers under {info['layer_prefix']}.N ({info['layer_count_key']}), "
+        f"{info['parameters']:,} parameters, {_bytes(info['bytes'])} in {len(info['shards'])} shard(s), "
+        f"dtypes {', '.join(f'{k} x{v}' for k, v in info['dtypes'].items())}, tied embeddings: "
+        f"{info['tie_word_embeddings']}"
+    )
+    table = Table("per-layer tensor", "dtype", "shape", "layers", "bytes", title="layer tensors")
+    for group in info["layer_groups"]:
+        table.add_row(group["suffix"], group["dtype"], str(group["shape"]), str(group["layers"]), _bytes(group["bytes"]))
+    console.print(table)
+    table = Table("tensor", "dtype", "shape", "bytes", title="outside the layers")
+    for tensor in info["outside_layers"]:
+        table.add_row(tensor["name"], tensor["dtype"], str(tensor["shape"]), _bytes(tensor["bytes"]))
+    console.print(table)
+    table = Table("shard", "tensors", "bytes", title="shards")
+    for shard in info["shards"]:
+        table.add_row(shard["file"], str(shard["tensors"]), _bytes(shard["bytes"]))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Where the demo writes its edited models.")] = Path(
+        "surgery-demo"
+    ),
+    device: Device = "auto",
+) -> None:
+    """Build (or reuse) the small trained demo models, apply the example plans, and show what each did."""
+    from surgery.demo import run_demo
+
+    run_demo(out_dir, device=device, console=console)
+
+
+def _print_recipe(recipe: Any, shard_size: str) -> None:
+    from surgery.planner import Recipe
+
+    assert isinstance(recipe, Recipe)
+    shards = recipe.shards(_shard_size(shard_size))
+    console.print(f"[bold]{recipe.plan_path}[/] -> {recipe.output}")
+    console.print(f"layer map ({len(recipe.layer_map())} layers): {format_layer_map(recipe.layer_map())}")
+    console.print(
+        f"{len(recipe.tensors())} tensors, {_bytes(recipe.total_bytes)} in {len(shards)} shard(s): "
+        + ", ".join(s.filename for s in shards)
+    )
+
+
+def format_layer_map(origins: list[Any]) -> str:
+    """Runs of consecutive layers from one model, e.g. `base[0-7] base[12-21] b[3] scaled(o_projx0.5)`."""
+    runs: list[list[Any]] = []
+    for origin in origins:
+        last = runs[-1][-1] if runs else None
+        if last is not None and last.model == origin.model and last.edits == origin.edits and origin.index == last.index + 1:
+            runs[-1].append(origin)
+        else:
+            runs.append([origin])
+    parts = []
+    for run in runs:
+        first, last = run[0], run[-1]
+        span = f"{first.index}" if first is last else f"{first.index}-{last.index}"
+        parts.append(f"{first.model}[{span}]" + "".join(f" {e}" for e in first.edits))
+    return ", ".join(parts)
+
+
+def _shard_size(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class _byte_progress:
+    """A rich progress bar over bytes written, shown only on a terminal."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TimeRemainingColumn(), console=err_console, disable=not err_console.is_terminal, transient=True,
+        )
+        self.task = self.progress.add_task(label, total=total)
+
+    def __enter__(self) -> Any:
+        self.progress.__enter__()
+        return lambda n: self.progress.advance(self.task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+
+def main() -> None:
+    """Entry point: user errors are one line on stderr and exit code 2 (tracebacks only with --debug)."""
+    try:
+        app()
+    except SurgeryError as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,44 @@
+"""`surgery demo`: build the trained demo models, apply every example plan, show what each did."""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from surgery.execute import execute
+from surgery.fixtures.demo import TRAINED, demo_model
+from surgery.planner import resolve
+
+
+def example_plans() -> list[Path]:
+    """The plans in plans/: package data in an installed wheel, the folder itself in a checkout."""
+    try:
+        folder = Path(str(resources.files("surgery.example_plans")))
+    except ModuleNotFoundError:
+        folder = Path(__file__).resolve().parents[1] / "plans"
+    return sorted(folder.glob("*.yaml"))
+
+
+def run_demo(out_dir: Path, device: str, console: Console) -> None:
+    for name in TRAINED:
+        demo_model(name, log=console.print)
+    console.print(f"demo models: {', '.join(str(demo_model(n)) for n in TRAINED)}")
+    table = Table("plan", "layer map", "layers", "size", "time", title="example plans")
+    from surgery.cli import _bytes, format_layer_map
+
+    for plan in example_plans():
+        recipe = resolve(plan, out_dir / plan.stem)
+        start = time.perf_counter()
+        execute(recipe, force=True, device=device)
+        elapsed = time.perf_counter() - start
+        source_layers = len(next(iter(recipe.sources.values())).config and recipe.view.layers)
+        table.add_row(
+            plan.name, format_layer_map(recipe.layer_map()), str(source_layers), _bytes(recipe.total_bytes),
+            f"{elapsed:.2f}s",
+        )
+    console.print(table)
+    console.print(f"edited models are in {out_dir}/; try `surgery inspect {out_dir}/drop-late-layers`")

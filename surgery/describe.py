@@ -1,0 +1,48 @@
+"""What a checkpoint holds, from its headers: architecture, layers, tensor groups, dtypes, sizes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from surgery.checkpoint.layout import find_layout
+from surgery.checkpoint.reader import Checkpoint, numel
+
+
+def describe(checkpoint: Checkpoint) -> dict[str, Any]:
+    """A JSON-ready summary; `layer_groups` lists each layer tensor once, with the layers that have it."""
+    layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path))
+    groups: dict[str, dict[str, Any]] = {}
+    outside = []
+    for name, info in checkpoint.tensors.items():
+        placed = layout.split(name)
+        if placed is None:
+            outside.append({"name": name, "dtype": info.dtype, "shape": list(info.shape), "bytes": info.nbytes})
+            continue
+        index, suffix = placed
+        group = groups.setdefault(suffix, {"suffix": suffix, "dtype": info.dtype, "shape": list(info.shape),
+                                           "layers": 0, "bytes": 0})
+        group["layers"] += 1
+        group["bytes"] += info.nbytes
+    parameters = sum(numel(info.shape) for info in checkpoint.tensors.values())
+    config = checkpoint.config
+    return {
+        "path": str(checkpoint.path),
+        "architecture": (config.get("architectures") or [None])[0],
+        "model_type": config.get("model_type"),
+        "layers": layout.num_layers,
+        "layer_prefix": layout.prefix,
+        "layer_count_key": layout.count_key,
+        "tie_word_embeddings": config.get("tie_word_embeddings"),
+        "parameters": parameters,
+        "bytes": checkpoint.total_bytes,
+        "dtypes": dict(Counter(info.dtype for info in checkpoint.tensors.values())),
+        "tensors": len(checkpoint.tensors),
+        "layer_groups": sorted(groups.values(), key=lambda g: g["suffix"]),
+        "outside_layers": sorted(outside, key=lambda t: t["name"]),
+        "shards": [
+            {"file": s.path.name, "tensors": len(s.tensors), "bytes": sum(t.nbytes for t in s.tensors.values())}
+            for s in checkpoint.shards
+        ],
+    }
+

@@ -1,0 +1,139 @@
+"""Run a recipe into an output folder, streaming, with bounded memory, appearing atomically.
+
+Everything is written under a hidden sibling folder, fsynced, and renamed into place last, so an
+interrupted run never leaves a folder under the output name that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from surgery.checkpoint.reader import INDEX_NAME
+from surgery.checkpoint.writer import write_index, write_shard
+from surgery.errors import SurgeryError
+from surgery.planner import Recipe
+from surgery.view import TensorRecipe
+
+PROVENANCE_NAME = "surgery.json"
+# Files of a source folder that describe its own weights or card, and so are not carried over.
+NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+NOT_COPIED_NAMES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", PROVENANCE_NAME, "README.md"}
+
+
+def resolve_device(device: str) -> str:
+    """`auto` is CUDA when present; asking for CUDA where there is none is an error, not a fallback."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SurgeryError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise SurgeryError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return device
+
+
+def execute(
+    recipe: Recipe,
+    *,
+    force: bool = False,
+    max_shard_size: int | str = "5GB",
+    device: str = "auto",
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> Path:
+    """Write the recipe's output folder and return its path."""
+    out = recipe.output
+    if out.exists() and not force:
+        raise SurgeryError(f"output {out} already exists; pass --force to replace it")
+    tensors = recipe.tensors()
+    shards = recipe.shards(max_shard_size)
+    needs_compute = any(r.compute is not None for r in tensors.values())
+    compute_device = resolve_device(device) if needs_compute else "cpu"
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.surgery-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        with ExitStack() as stack:
+            compute = _Computer(stack, compute_device)
+            for shard in shards:
+                write_shard(staging / shard.filename, tensors, shard.names, compute, on_bytes)
+        write_index(staging, shards, tensors)
+        _write_json(staging / "config.json", recipe.config())
+        _copy_side_files(recipe.view.source.path, staging)
+        provenance = recipe.provenance() | {"output_shards": [s.filename for s in shards]}
+        _write_json(staging / PROVENANCE_NAME, provenance)
+        _fsync_dir(staging)
+        _replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+class _Computer:
+    """Makes computed tensors: loads their inputs lazily (mmap), runs the compute, returns the bytes."""
+
+    def __init__(self, stack: ExitStack, device: str) -> None:
+        self.stack = stack
+        self.device = device
+        self.handles: dict[Path, Any] = {}
+
+    def __call__(self, recipe: TensorRecipe) -> memoryview:
+        import torch
+        from safetensors import safe_open
+
+        inputs = []
+        for info in recipe.inputs:
+            if info.file not in self.handles:
+                self.handles[info.file] = self.stack.enter_context(safe_open(info.file, framework="pt"))
+            inputs.append(self.handles[info.file].get_tensor(info.name).to(self.device))
+        assert recipe.compute is not None
+        result = recipe.compute(inputs).to("cpu").contiguous()
+        return memoryview(result.reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_side_files(source: Path, dest: Path) -> None:
+    """Tokenizer, generation config, chat templates...: every top-level file that is not weights."""
+    for item in sorted(source.iterdir()):
+        if item.name in NOT_COPIED_NAMES or item.suffix in NOT_COPIED_SUFFIXES or item.name.startswith("."):
+            continue
+        if item.is_file():
+            shutil.copyfile(item, dest / item.name)
+
+
+def _fsync_dir(folder: Path) -> None:
+    for item in folder.iterdir():
+        if item.is_file() and item.suffix != ".safetensors":  # shards were fsynced as they closed
+            with open(item, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Rename the finished folder into place; an existing one (with --force) is moved aside first."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = out.parent / f".{out.name}.surgery-old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()

@@ -1,0 +1,110 @@
+"""`chain`: a model whose layers are any sequence of source layers (drop, loop, reorder, stack).
+
+Layers may come from several models of one architecture (a frankenmerge, as mergekit's
+passthrough). Each output layer carries its source's per-layer config values along, and its
+tensors are raw copies unless the entry scales some of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from surgery.checkpoint.reader import FLOAT_DTYPES
+from surgery.errors import SurgeryError
+from surgery.plan.schema import ChainStep, LayerEntry
+from surgery.view import Compute, Layer, ModelView, TensorRecipe
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """Multiply a tensor by a constant in float32 and cast back to its dtype."""
+
+    factor: float
+    inner: Compute | None = None
+
+    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        tensor = inputs[0] if self.inner is None else self.inner(inputs)
+        return (tensor.float() * self.factor).to(tensor.dtype)
+
+    def describe(self) -> str:
+        inner = "" if self.inner is None else f" after {self.inner.describe()}"
+        return f"scale x{self.factor}{inner}"
+
+
+def chain(step: ChainStep, view: ModelView, open_model: Callable[[str], ModelView]) -> ModelView:
+    """The view whose layers are the step's entries, in order, from the current or named models."""
+    layers: list[Layer] = []
+    for entry in step.layers:
+        source = view if entry.model is None else open_model(entry.model)
+        if source is not view:
+            _check_same_architecture(view, source)
+        for index in entry.layers:
+            if index >= len(source.layers):
+                last = len(source.layers) - 1
+                raise SurgeryError(
+                    f"chain: layer {index} is out of range: {source.label} has {len(source.layers)} layers (0-{last})"
+                )
+            layer = source.layers[index]
+            layers.append(_scaled(layer, entry, index) if entry.scale else layer)
+    return view.with_layers(layers)
+
+
+def _scaled(layer: Layer, entry: LayerEntry, index: int) -> Layer:
+    tensors = dict(layer.tensors)
+    for module, factor in (entry.scale or {}).items():
+        matched = [suffix for suffix in tensors if f".{module}." in f".{suffix}."]
+        if not matched:
+            names = sorted({part for suffix in tensors for part in suffix.split(".")[:-1]})
+            raise SurgeryError(
+                f"chain: scale key {module!r} matches no tensor of layer {index}; modules there: {', '.join(names)}"
+            )
+        for suffix in matched:
+            recipe = tensors[suffix]
+            if recipe.dtype not in FLOAT_DTYPES:
+                raise SurgeryError(f"chain: cannot scale {suffix} of layer {index}: it holds integers ({recipe.dtype})")
+            tensors[suffix] = TensorRecipe(recipe.dtype, recipe.shape, recipe.inputs, Scaled(factor, recipe.compute))
+    edit = "scaled(" + ", ".join(f"{m}x{f:g}" for m, f in (entry.scale or {}).items()) + ")"
+    origin = replace(layer.origin, edits=(*layer.origin.edits, edit))
+    return Layer(tensors=tensors, config=layer.config, origin=origin)
+
+
+def _signature(layer: Layer) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {suffix: (r.dtype, r.shape) for suffix, r in layer.tensors.items()}
+
+
+def _check_same_architecture(view: ModelView, other: ModelView) -> None:
+    """Layers from another model must fit this one: same model type, tensors, shapes and dtypes."""
+    mine, theirs = view.source.config.get("model_type"), other.source.config.get("model_type")
+    if mine != theirs:
+        raise SurgeryError(
+            f"chain: {other.label} is a {theirs!r} model but {view.label} is {mine!r}; "
+            "a frankenmerge needs models of one architecture"
+        )
+    for name, recipe in view.outside.items():
+        theirs_recipe = other.outside.get(name)
+        if theirs_recipe is not None and theirs_recipe.shape != recipe.shape:
+            raise SurgeryError(
+                f"chain: {other.label} has {name} of shape {list(theirs_recipe.shape)} but {view.label} has "
+                f"{list(recipe.shape)}; a frankenmerge needs models of one size"
+            )
+    known = [_signature(layer) for layer in view.layers]
+    for index, layer in enumerate(other.layers):
+        signature = _signature(layer)
+        if signature in known:
+            continue
+        reference = known[min(index, len(known) - 1)]
+        for suffix, (dtype, shape) in sorted(signature.items()):
+            if reference.get(suffix) != (dtype, shape):
+                mine_desc = reference.get(suffix)
+                raise SurgeryError(
+                    f"chain: layer {index} of {other.label} has {suffix} {dtype}{list(shape)} but {view.label} has "
+                    f"{'none' if mine_desc is None else f'{mine_desc[0]}{list(mine_desc[1])}'}; "
+                    "a frankenmerge needs models of one architecture and size"
+                )
+        missing = sorted(set(reference) - set(signature))
+        raise SurgeryError(f"chain: layer {index} of {other.label} lacks {missing[0]}; models differ in architecture")

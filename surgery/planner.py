@@ -1,0 +1,120 @@
+"""Resolve a plan against the real checkpoints (headers only) into a recipe.
+
+The recipe is a value: the full list of output tensors with how to make each, the output config,
+and provenance. `check` prints it; `apply` hands it to the executor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgery import __version__
+from surgery.checkpoint.reader import Checkpoint
+from surgery.checkpoint.writer import ShardPlan, plan_shards
+from surgery.errors import SurgeryError
+from surgery.ops import OP_FUNCTIONS
+from surgery.plan import Plan, load_plan
+from surgery.view import LayerOrigin, ModelView, TensorRecipe, open_view
+
+DEMO_SCHEME = "demo:"
+
+
+def resolve_model_path(ref: str, plan_dir: Path) -> Path:
+    """A model reference to a folder: paths are relative to the plan file; `demo:NAME` is a demo model."""
+    if ref.startswith(DEMO_SCHEME):
+        from surgery.fixtures.demo import demo_model
+
+        return demo_model(ref.removeprefix(DEMO_SCHEME))
+    path = Path(ref).expanduser()
+    return path if path.is_absolute() else (plan_dir / path)
+
+
+@dataclass
+class Recipe:
+    """A resolved plan: the output view, where it goes, and the sources it reads."""
+
+    plan: Plan
+    plan_path: Path
+    output: Path
+    view: ModelView
+    sources: dict[str, Checkpoint] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, TensorRecipe]:
+        return self.view.recipes()
+
+    def config(self) -> dict[str, Any]:
+        return self.view.config()
+
+    def layer_map(self) -> list[LayerOrigin]:
+        return [layer.origin for layer in self.view.layers]
+
+    def shards(self, max_shard_size: int | str) -> list[ShardPlan]:
+        return plan_shards(self.tensors(), max_shard_size)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.nbytes for r in self.tensors().values())
+
+    def provenance(self) -> dict[str, Any]:
+        """What surgery.json records: enough to identify the inputs and re-run the edit."""
+        return {
+            "surgery_version": __version__,
+            "plan": self.plan.model_dump(mode="json", exclude_none=True),
+            "plan_file": str(self.plan_path),
+            "sources": {
+                label: {"path": str(ckpt.path), "header_sha256": ckpt.header_hashes}
+                for label, ckpt in self.sources.items()
+            },
+            "layer_map": [str(origin) for origin in self.layer_map()],
+            "tensors": len(self.tensors()),
+            "bytes": self.total_bytes,
+        }
+
+
+def resolve(plan_path: str | Path, output: str | Path | None = None) -> Recipe:
+    """Load a plan, open its checkpoints' headers, and run its ops into one view."""
+    plan_path = Path(plan_path)
+    plan = load_plan(plan_path)
+    plan_dir = plan_path.resolve().parent
+    views: dict[str, ModelView] = {}
+    sources: dict[str, Checkpoint] = {}
+
+    def open_model(ref: str) -> ModelView:
+        if ref not in views:
+            checkpoint = Checkpoint.open(resolve_model_path(ref, plan_dir))
+            sources[ref] = checkpoint
+            views[ref] = open_view(checkpoint, label=ref)
+        return views[ref]
+
+    primary = plan.model or _first_entry_model(plan)
+    if primary is None:
+        raise SurgeryError(f"{plan_path}: the plan names no model; add 'model: PATH' at the top")
+    view = open_model(primary)
+    for step in plan.steps:
+        view = OP_FUNCTIONS[step.op](step, view, open_model)
+
+    if output is not None:
+        out = Path(output)
+    elif plan.output is not None:
+        out = Path(plan.output).expanduser()
+        out = out if out.is_absolute() else plan_dir / out
+    else:
+        raise SurgeryError(f"{plan_path}: no output folder; add 'output: PATH' to the plan or pass --out")
+    for checkpoint in sources.values():
+        source = checkpoint.path.resolve()
+        target = out.resolve()
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            raise SurgeryError(
+                f"output {out} overlaps the input model {checkpoint.path}; inputs are never modified, pick another --out"
+            )
+    return Recipe(plan=plan, plan_path=plan_path, output=out, view=view, sources=sources)
+
+
+def _first_entry_model(plan: Plan) -> str | None:
+    for step in plan.steps:
+        for entry in getattr(step, "layers", []):
+            if entry.model is not None:
+                return entry.model
+    return None

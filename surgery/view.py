@@ -1,0 +1,118 @@
+"""Lazy model views: what each output tensor is and how to make it, before any data is read.
+
+An op is a pure function from a resolved step and an input view to an output view. A view maps
+names to tensor recipes (copy these source bytes, or compute from these source tensors), so ops
+compose into one streaming pass and nothing is read until the executor runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from surgery.checkpoint.config import LayerConfig, per_layer_values, rewrite_config
+from surgery.checkpoint.layout import Layout, find_layout
+from surgery.checkpoint.reader import DTYPE_SIZES, Checkpoint, TensorInfo, numel
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Compute(Protocol):
+    """A pure tensor function; `describe` makes recipes printable and hashable."""
+
+    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class TensorRecipe:
+    """One output tensor: its dtype and shape, its source tensors, and how to combine them.
+
+    With `compute` None the tensor is `inputs[0]`'s raw bytes, copied without decoding.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    inputs: tuple[TensorInfo, ...]
+    compute: Compute | None = None
+
+    @classmethod
+    def copy_of(cls, info: TensorInfo) -> TensorRecipe:
+        return cls(dtype=info.dtype, shape=info.shape, inputs=(info,))
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * DTYPE_SIZES[self.dtype]
+
+    def describe(self) -> str:
+        sources = ", ".join(f"{i.file.parent.name}/{i.name}" for i in self.inputs)
+        return f"copy {sources}" if self.compute is None else f"{self.compute.describe()} of {sources}"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer: its tensors by suffix (`self_attn.q_proj.weight`), its per-layer config, its origin."""
+
+    tensors: dict[str, TensorRecipe]
+    config: LayerConfig
+    origin: LayerOrigin
+
+
+@dataclass(frozen=True)
+class LayerOrigin:
+    """Where a layer came from (model label and index) and what was done to it, for layer maps."""
+
+    model: str
+    index: int
+    edits: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        edits = "".join(f" {e}" for e in self.edits)
+        return f"{self.model}[{self.index}]{edits}"
+
+
+@dataclass
+class ModelView:
+    """A whole model as recipes: the tensors outside the layers, then the layers in order."""
+
+    source: Checkpoint  # config, tokenizer and other files come from here
+    layout: Layout
+    outside: dict[str, TensorRecipe]
+    layers: list[Layer]
+    label: str = "model"
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+    def with_layers(self, layers: list[Layer]) -> ModelView:
+        return replace(self, layers=layers)
+
+    def recipes(self) -> dict[str, TensorRecipe]:
+        """Every output tensor by its final name."""
+        out = dict(self.outside)
+        for index, layer in enumerate(self.layers):
+            for suffix, recipe in layer.tensors.items():
+                out[self.layout.layer_name(index, suffix)] = recipe
+        return out
+
+    def config(self) -> dict[str, Any]:
+        """config.json for this view: the layer count and per-layer lists follow the layers."""
+        config = rewrite_config(self.source.config, self.layout.count_key, [layer.config for layer in self.layers])
+        config.update(self.extra_config)
+        return config
+
+
+def open_view(checkpoint: Checkpoint, label: str) -> ModelView:
+    """The identity view of a checkpoint: every tensor a raw copy of itself."""
+    layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path))
+    outside: dict[str, TensorRecipe] = {}
+    by_layer: list[dict[str, TensorRecipe]] = [{} for _ in range(layout.num_layers)]
+    for name, info in checkpoint.tensors.items():
+        placed = layout.split(name)
+        if placed is None:
+            outside[name] = TensorRecipe.copy_of(info)
+        else:
+            by_layer[placed[0]][placed[1]] = TensorRecipe.copy_of(info)
+    configs = per_layer_values(checkpoint.config, layout.num_layers, checkpoint.path)
+    layers = [Layer(tensors=t, config=c, origin=LayerOrigin(label, i)) for i, (t, c) in enumerate(zip(by_layer, configs))]
+    return ModelView(source=checkpoint, layout=layout, outside=outside, layers=layers, label=label)

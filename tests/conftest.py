@@ -1,0 +1,63 @@
+"""Shared fixtures: the project's own tiny models (built once per cache), and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from surgery.fixtures.demo import demo_model
+from surgery.fixtures.models import tiny_configs
+
+ARCHS = list(tiny_configs())
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny(arch) -> folder of the random-weight checkpoint of that architecture."""
+    return lambda arch: demo_model(f"tiny-{arch}")
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run the `surgery` entry point in-process, as a user would from a shell."""
+    from surgery.cli import main
+
+    def run(*args: object) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["surgery", *map(str, args)])
+        monkeypatch.setenv("COLUMNS", "200")
+        capsys.readouterr()  # only what this command prints counts
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def write_plan(folder: Path, text: str, name: str = "plan.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def listing(folder: Path) -> list[str]:
+    """Everything under a folder (names relative to it), to assert that nothing was written."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,69 @@
+"""The command line as users meet it: help, version, check, inspect, demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from surgery import __version__
+from tests.conftest import ARCHS, listing, write_plan
+
+COMMANDS = ["apply", "check", "inspect", "demo"]
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.code == 0 and __version__ in result.out
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help(cli, command):
+    result = cli(*([command] if command else []), "--help")
+    assert result.code == 0
+    assert "Usage" in result.out
+
+
+def test_check_prints_what_would_be_written_and_writes_nothing(tiny, cli, tmp_path):
+    plan = write_plan(tmp_path, f"model: {tiny('llama')}\noutput: out\nsteps:\n  - op: chain\n    layers: [0-2, 2, 5]\n")
+    before = listing(tmp_path)
+    result = cli("check", plan)
+    assert result.code == 0, result.err
+    assert "tiny-llama[0-2]" in result.out and "tiny-llama[2]" in result.out and "tiny-llama[5]" in result.out
+    assert "5 layers" in result.out and "tensors" in result.out and "model.safetensors" in result.out
+    assert listing(tmp_path) == before
+    data = json.loads(cli("check", plan, "--json", "--shard-size", "100KB").out)
+    assert len(data["layer_map"]) == 5 and data["tensors"] == 3 + 5 * 9 and len(data["shards"]) > 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inspect(arch, tiny, cli):
+    from surgery.fixtures.models import TINY_LAYERS
+
+    data = json.loads(cli("inspect", tiny(arch), "--json").out)
+    assert data["layers"] == TINY_LAYERS
+    assert data["parameters"] > 0 and data["bytes"] == 4 * data["parameters"]
+    assert all(group["layers"] == TINY_LAYERS for group in data["layer_groups"])
+    text = cli("inspect", tiny(arch))
+    assert text.code == 0 and "layer tensors" in text.out
+
+
+def test_example_plans_are_valid(cli):
+    """Every plan in plans/ validates as written against the demo models."""
+    from surgery.demo import example_plans
+
+    plans = example_plans()
+    assert len(plans) >= 4
+    for plan in plans:
+        result = cli("check", plan)
+        assert result.code == 0, (plan, result.err)
+
+
+def test_demo_runs_every_example_plan(cli, tmp_path):
+    from surgery.demo import example_plans
+
+    result = cli("demo", "--out-dir", tmp_path)
+    assert result.code == 0, result.err
+    for plan in example_plans():
+        assert (tmp_path / plan.stem / "model.safetensors").exists()
+        assert plan.name in result.out
