@@ -1,6 +1,6 @@
 """Side-by-side timing of `surgery apply` chain edits against `cp -r` (and mergekit when installed).
 
-    python benchmarks/bench_chain.py [--data bench-data] [--runs 5]
+    python benchmarks/bench_chain.py [--data bench-data] [--runs 5] [--mergekit PATH/mergekit-yaml]
 
 Generates (once) a ~1.1B-parameter random Llama checkpoint in bf16 with TinyLlama's shape, split
 into several shards, then times each command --runs times (page cache warm) and prints the
@@ -84,7 +84,12 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def timed(cmd: list[str], cleanup: Path) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one run of a command; its output folder is removed after."""
+    """Wall seconds and peak RSS (bytes) of one run of a command; its output folder is removed after.
+
+    Dirty pages are flushed (untimed) before each run, so every command starts from the same state.
+    """
+    shutil.rmtree(cleanup, ignore_errors=True)
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -103,46 +108,59 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("bench-data"))
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="mergekit-yaml to compare with")
     args = parser.parse_args()
     model = generate(args.data.resolve() / "tinyllama-1.1b-random")
-    work = Path(tempfile.mkdtemp(dir=args.data))
+    work = Path(tempfile.mkdtemp(dir=args.data.resolve()))
     surgery = [sys.executable, "-m", "surgery", "apply"]
     edits = {"drop 8-11": "[0-7, 12-21]", "loop [0-11, 6-21]": "[0-11, 6-21]"}
-    commands: dict[str, tuple[list[str], Path]] = {"cp -r (whole checkpoint)": (["cp", "-r", str(model), str(work / "cp")], work / "cp")}
+    # name -> (command, output folder, the floor it is compared with)
+    commands: dict[str, tuple[list[str], Path, str]] = {
+        "cp -r": (["cp", "-r", str(model), str(work / "cp")], work / "cp", "cp -r"),
+        "cp -r; sync": (["sh", "-c", f"cp -r {model} {work / 'cp'} && sync"], work / "cp", "cp -r; sync"),
+    }
     out_bytes: dict[str, int] = {}
     for label, layers in edits.items():
         plan = work / f"{len(commands)}.yaml"
         plan.write_text(f"model: {model}\noutput: {work / 'out'}\nsteps:\n  - op: chain\n    layers: {layers}\n")
-        commands[f"surgery {label}"] = (surgery + [str(plan)], work / "out")
-        if shutil.which("mergekit-yaml"):
+        commands[f"surgery {label}"] = (surgery + [str(plan)], work / "out", "cp -r; sync")
+        commands[f"surgery {label} --no-fsync"] = (surgery + [str(plan), "--no-fsync"], work / "out", "cp -r")
+        if args.mergekit:
             mk = work / f"mk{len(commands)}.yaml"
             ranges = [r.split("-") for r in layers.strip("[]").split(", ")]
             slices = "\n".join(
                 f"  - sources:\n      - model: {model}\n        layer_range: [{a}, {int(b) + 1}]" for a, b in ranges
             )
             mk.write_text(f"slices:\n{slices}\nmerge_method: passthrough\ndtype: bfloat16\n")
-            commands[f"mergekit {label}"] = (["mergekit-yaml", str(mk), str(work / "mk"), "--lazy-unpickle"], work / "mk")
+            mk_cmd = [args.mergekit, str(mk), str(work / "mk"), "--no-copy-tokenizer", "--quiet"]
+            commands[f"mergekit {label}"] = (mk_cmd, work / "mk", "cp -r")
+        subprocess.run(surgery + [str(plan), "--no-fsync"], check=True, capture_output=True)
+        out_bytes[label] = folder_bytes(work / "out")
+        shutil.rmtree(work / "out")
     subprocess.run(["cat", *map(str, model.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)  # warm cache
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
     for _ in range(args.runs):  # interleaved, so drift in the machine's state hits every command alike
-        for name, (cmd, cleanup) in commands.items():
-            if name.startswith("surgery") and name not in out_bytes:
-                subprocess.run(cmd, check=True, capture_output=True)
-                out_bytes[name] = folder_bytes(cleanup)
-                shutil.rmtree(cleanup)
+        for name, (cmd, cleanup, _) in commands.items():
             results[name].append(timed(cmd, cleanup))
     in_bytes = folder_bytes(model)
-    cp_time = statistics.median(t for t, _ in results["cp -r (whole checkpoint)"])
+    medians = {name: statistics.median(t for t, _ in runs) for name, runs in results.items()}
     print(f"checkpoint: {model} ({in_bytes / 1e9:.2f} GB, {len(list(model.glob('*.safetensors')))} shards), "
-          f"{args.runs} runs each, median\n")
-    print("| command | wall s | peak RSS MiB | output GB | x cp of same bytes |")
-    print("|---|---|---|---|---|")
+          f"{args.runs} runs each, median; `sync` (untimed) before every run\n")
+    print("| command | wall s | peak RSS MiB | output GB | floor | x floor for the same bytes |")
+    print("|---|---|---|---|---|---|")
     for name, runs in results.items():
-        wall = statistics.median(t for t, _ in runs)
+        floor = commands[name][2]
+        label = next((lbl for lbl in edits if lbl in name), None)
+        nbytes = out_bytes[label] if label else in_bytes
         rss = statistics.median(r for _, r in runs) / 2**20
-        nbytes = out_bytes.get(name.replace("mergekit", "surgery"), in_bytes)
-        ratio = wall / (cp_time * nbytes / in_bytes)
-        print(f"| {name} | {wall:.2f} | {rss:.0f} | {nbytes / 1e9:.2f} | {ratio:.2f} |")
+        ratio = medians[name] / (medians[floor] * nbytes / in_bytes)
+        print(f"| {name} | {medians[name]:.2f} | {rss:.0f} | {nbytes / 1e9:.2f} | {floor} | {ratio:.2f} |")
+    for label in edits:
+        if f"mergekit {label}" in medians:
+            speedup = medians[f"mergekit {label}"] / medians[f"surgery {label} --no-fsync"]
+            durable = medians[f"mergekit {label}"] / medians[f"surgery {label}"]
+            print(f"\nmergekit / surgery, {label}: {speedup:.1f}x (--no-fsync), {durable:.1f}x (fsync)", end="")
+    print()
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +15,10 @@ from rich.table import Table
 
 from surgery import __version__
 from surgery.errors import SurgeryError
+from surgery.formatting import format_layer_map, human_bytes
+
+if TYPE_CHECKING:
+    from surgery.planner import Recipe
 
 app = typer.Typer(
     name="surgery",
@@ -47,11 +51,14 @@ def _main(
 
 @app.command()
 def apply(
-    plan: Annotated[Path, typer.Argument(help="The plan YAML file.")],
+    plan: Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="The plan YAML file.")],
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the plan's `output`).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     device: Device = "auto",
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
+    fsync: Annotated[
+        bool, typer.Option("--fsync/--no-fsync", help="Flush the output to disk before it appears (survives power loss).")
+    ] = True,
 ) -> None:
     """Validate a plan against the real checkpoints, then stream the edit into the output folder."""
     from surgery.execute import execute
@@ -60,7 +67,9 @@ def apply(
     recipe = resolve(plan, out)
     start = time.perf_counter()
     with _byte_progress(recipe.total_bytes, f"writing {recipe.output}") as advance:
-        written = execute(recipe, force=force, max_shard_size=_shard_size(shard_size), device=device, on_bytes=advance)
+        written = execute(
+            recipe, force=force, max_shard_size=_shard_size(shard_size), device=device, fsync=fsync, on_bytes=advance
+        )
     elapsed = time.perf_counter() - start
     _print_recipe(recipe, shard_size)
     console.print(f"[green]wrote[/] {written} in {elapsed:.2f}s")
@@ -68,7 +77,7 @@ def apply(
 
 @app.command()
 def check(
-    plan: Annotated[Path, typer.Argument(help="The plan YAML file.")],
+    plan: Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="The plan YAML file.")],
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the plan's `output`).")] = None,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -82,6 +91,10 @@ def check(
         summary = recipe.provenance() | {
             "output": str(recipe.output),
             "shards": [{"file": s.filename, "tensors": len(s.names)} for s in shards],
+            "recipe": [
+                {"name": name, "dtype": r.dtype, "shape": list(r.shape), "from": r.describe()}
+                for name, r in recipe.tensors.items()
+            ],
         }
         console.print_json(json.dumps(summary))
         return
@@ -91,7 +104,7 @@ def check(
 
 @app.command()
 def inspect(
-    model: Annotated[Path, typer.Argument(help="A model folder (config.json + *.safetensors).")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="A model folder (config.json + *.safetensors).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Architecture, layers, per-layer tensor groups, dtypes, parameter count, bytes and shards."""
@@ -105,21 +118,21 @@ def inspect(
     console.print(f"[bold]{info['path']}[/]  {info['architecture']} ({info['model_type']})")
     console.print(
         f"{info['layers']} layers under {info['layer_prefix']}.N ({info['layer_count_key']}), "
-        f"{info['parameters']:,} parameters, {_bytes(info['bytes'])} in {len(info['shards'])} shard(s), "
+        f"{info['parameters']:,} parameters, {human_bytes(info['bytes'])} in {len(info['shards'])} shard(s), "
         f"dtypes {', '.join(f'{k} x{v}' for k, v in info['dtypes'].items())}, tied embeddings: "
         f"{info['tie_word_embeddings']}"
     )
     table = Table("per-layer tensor", "dtype", "shape", "layers", "bytes", title="layer tensors")
     for group in info["layer_groups"]:
-        table.add_row(group["suffix"], group["dtype"], str(group["shape"]), str(group["layers"]), _bytes(group["bytes"]))
+        table.add_row(group["suffix"], group["dtype"], str(group["shape"]), str(group["layers"]), human_bytes(group["bytes"]))
     console.print(table)
     table = Table("tensor", "dtype", "shape", "bytes", title="outside the layers")
     for tensor in info["outside_layers"]:
-        table.add_row(tensor["name"], tensor["dtype"], str(tensor["shape"]), _bytes(tensor["bytes"]))
+        table.add_row(tensor["name"], tensor["dtype"], str(tensor["shape"]), human_bytes(tensor["bytes"]))
     console.print(table)
     table = Table("shard", "tensors", "bytes", title="shards")
     for shard in info["shards"]:
-        table.add_row(shard["file"], str(shard["tensors"]), _bytes(shard["bytes"]))
+        table.add_row(shard["file"], str(shard["tensors"]), human_bytes(shard["bytes"]))
     console.print(table)
 
 
@@ -136,46 +149,18 @@ def demo(
     run_demo(out_dir, device=device, console=console)
 
 
-def _print_recipe(recipe: Any, shard_size: str) -> None:
-    from surgery.planner import Recipe
-
-    assert isinstance(recipe, Recipe)
+def _print_recipe(recipe: Recipe, shard_size: str) -> None:
     shards = recipe.shards(_shard_size(shard_size))
     console.print(f"[bold]{recipe.plan_path}[/] -> {recipe.output}")
     console.print(f"layer map ({len(recipe.layer_map())} layers): {format_layer_map(recipe.layer_map())}")
     console.print(
-        f"{len(recipe.tensors())} tensors, {_bytes(recipe.total_bytes)} in {len(shards)} shard(s): "
+        f"{len(recipe.tensors)} tensors, {human_bytes(recipe.total_bytes)} in {len(shards)} shard(s): "
         + ", ".join(s.filename for s in shards)
     )
 
 
-def format_layer_map(origins: list[Any]) -> str:
-    """Runs of consecutive layers from one model, e.g. `base[0-7] base[12-21] b[3] scaled(o_projx0.5)`."""
-    runs: list[list[Any]] = []
-    for origin in origins:
-        last = runs[-1][-1] if runs else None
-        if last is not None and last.model == origin.model and last.edits == origin.edits and origin.index == last.index + 1:
-            runs[-1].append(origin)
-        else:
-            runs.append([origin])
-    parts = []
-    for run in runs:
-        first, last = run[0], run[-1]
-        span = f"{first.index}" if first is last else f"{first.index}-{last.index}"
-        parts.append(f"{first.model}[{span}]" + "".join(f" {e}" for e in first.edits))
-    return ", ".join(parts)
-
-
 def _shard_size(text: str) -> int | str:
     return int(text) if text.isdigit() else text
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 class _byte_progress:

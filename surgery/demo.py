@@ -11,6 +11,7 @@ from rich.table import Table
 
 from surgery.execute import execute
 from surgery.fixtures.demo import TRAINED, demo_model
+from surgery.formatting import format_layer_map, human_bytes
 from surgery.planner import resolve
 
 
@@ -28,16 +29,14 @@ def run_demo(out_dir: Path, device: str, console: Console) -> None:
         demo_model(name, log=console.print)
     console.print(f"demo models: {', '.join(str(demo_model(n)) for n in TRAINED)}")
     table = Table("plan", "layer map", "layers", "size", "time", title="example plans")
-    from surgery.cli import _bytes, format_layer_map
-
     for plan in example_plans():
         recipe = resolve(plan, out_dir / plan.stem)
         start = time.perf_counter()
         execute(recipe, force=True, device=device)
         elapsed = time.perf_counter() - start
-        source_layers = len(next(iter(recipe.sources.values())).config and recipe.view.layers)
+        layers = f"{recipe.view.layout.num_layers} -> {len(recipe.view.layers)}"
         table.add_row(
-            plan.name, format_layer_map(recipe.layer_map()), str(source_layers), _bytes(recipe.total_bytes),
+            plan.name, format_layer_map(recipe.layer_map()), layers, human_bytes(recipe.total_bytes),
             f"{elapsed:.2f}s",
         )
     console.print(table)

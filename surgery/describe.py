@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 from surgery.checkpoint.layout import find_layout
-from surgery.checkpoint.reader import Checkpoint, numel
+from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint, numel
 
 
 def describe(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -24,7 +24,8 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
                                            "layers": 0, "bytes": 0})
         group["layers"] += 1
         group["bytes"] += info.nbytes
-    parameters = sum(numel(info.shape) for info in checkpoint.tensors.values())
+    # integer tensors are buffers (position ids, masks), not parameters
+    parameters = sum(numel(info.shape) for info in checkpoint.tensors.values() if info.dtype in FLOAT_DTYPES)
     config = checkpoint.config
     return {
         "path": str(checkpoint.path),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -29,14 +30,16 @@ NOT_COPIED_NAMES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", P
 
 def resolve_device(device: str) -> str:
     """`auto` is CUDA when present; asking for CUDA where there is none is an error, not a fallback."""
+    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise SurgeryError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if device == "cpu":
+        return device
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SurgeryError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise SurgeryError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if not torch.cuda.is_available():
+        raise SurgeryError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
     return device
 
 
@@ -46,16 +49,21 @@ def execute(
     force: bool = False,
     max_shard_size: int | str = "5GB",
     device: str = "auto",
+    fsync: bool = True,
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> Path:
-    """Write the recipe's output folder and return its path."""
+    """Write the recipe's output folder and return its path.
+
+    With `fsync` every file and the folder reach the disk before the rename, so the output survives
+    power loss too; without it the output is still atomic for a killed or crashed process.
+    """
     out = recipe.output
     if out.exists() and not force:
         raise SurgeryError(f"output {out} already exists; pass --force to replace it")
-    tensors = recipe.tensors()
+    tensors = recipe.tensors
     shards = recipe.shards(max_shard_size)
     needs_compute = any(r.compute is not None for r in tensors.values())
-    compute_device = resolve_device(device) if needs_compute else "cpu"
+    compute_device = resolve_device(device) if needs_compute or device != "auto" else "cpu"
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.surgery-{uuid.uuid4().hex[:8]}"
@@ -64,14 +72,17 @@ def execute(
         with ExitStack() as stack:
             compute = _Computer(stack, compute_device)
             for shard in shards:
-                write_shard(staging / shard.filename, tensors, shard.names, compute, on_bytes)
+                write_shard(staging / shard.filename, tensors, shard.names, compute, on_bytes, fsync=fsync)
         write_index(staging, shards, tensors)
-        _write_json(staging / "config.json", recipe.config())
+        _write_json(staging / "config.json", recipe.config)
         _copy_side_files(recipe.view.source.path, staging)
         provenance = recipe.provenance() | {"output_shards": [s.filename for s in shards]}
         _write_json(staging / PROVENANCE_NAME, provenance)
-        _fsync_dir(staging)
+        if fsync:
+            _fsync_dir(staging)
         _replace(staging, out)
+        if fsync:
+            _fsync_entries(out.parent)  # the rename itself
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -105,19 +116,31 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _copy_side_files(source: Path, dest: Path) -> None:
-    """Tokenizer, generation config, chat templates...: every top-level file that is not weights."""
-    for item in sorted(source.iterdir()):
-        if item.name in NOT_COPIED_NAMES or item.suffix in NOT_COPIED_SUFFIXES or item.name.startswith("."):
+    """Tokenizer, generation config, chat template, sentence-transformers modules...: every file of the
+    source folder that is not weights (nor its card, config or index), subfolders included."""
+    for item in sorted(source.rglob("*")):
+        relative = item.relative_to(source)
+        if any(part.startswith(".") for part in relative.parts) or not item.is_file():
             continue
-        if item.is_file():
-            shutil.copyfile(item, dest / item.name)
+        if (relative.name in NOT_COPIED_NAMES and len(relative.parts) == 1) or item.suffix in NOT_COPIED_SUFFIXES:
+            continue
+        target = dest / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(item, target)
 
 
 def _fsync_dir(folder: Path) -> None:
-    for item in folder.iterdir():
-        if item.is_file() and item.suffix != ".safetensors":  # shards were fsynced as they closed
+    """fsync the small files (shards were fsynced as they closed), then the folder's entries."""
+    for item in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
+        if item.is_dir():
+            _fsync_entries(item)
+        elif item.suffix != ".safetensors":
             with open(item, "rb") as f:
                 os.fsync(f.fileno())
+    _fsync_entries(folder)
+
+
+def _fsync_entries(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -7,6 +7,8 @@ and provenance. `check` prints it; `apply` hands it to the executor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ def resolve_model_path(ref: str, plan_dir: Path) -> Path:
     if ref.startswith(DEMO_SCHEME):
         from surgery.fixtures.demo import demo_model
 
-        return demo_model(ref.removeprefix(DEMO_SCHEME))
+        return demo_model(ref.removeprefix(DEMO_SCHEME), log=lambda line: print(line, file=sys.stderr))
     path = Path(ref).expanduser()
     return path if path.is_absolute() else (plan_dir / path)
 
@@ -41,21 +43,25 @@ class Recipe:
     view: ModelView
     sources: dict[str, Checkpoint] = field(default_factory=dict)
 
+    @cached_property
     def tensors(self) -> dict[str, TensorRecipe]:
+        """Every output tensor by name, in write order."""
         return self.view.recipes()
 
+    @cached_property
     def config(self) -> dict[str, Any]:
+        """The output's config.json."""
         return self.view.config()
 
     def layer_map(self) -> list[LayerOrigin]:
         return [layer.origin for layer in self.view.layers]
 
     def shards(self, max_shard_size: int | str) -> list[ShardPlan]:
-        return plan_shards(self.tensors(), max_shard_size)
+        return plan_shards(self.tensors, max_shard_size)
 
     @property
     def total_bytes(self) -> int:
-        return sum(r.nbytes for r in self.tensors().values())
+        return sum(r.nbytes for r in self.tensors.values())
 
     def provenance(self) -> dict[str, Any]:
         """What surgery.json records: enough to identify the inputs and re-run the edit."""
@@ -68,7 +74,7 @@ class Recipe:
                 for label, ckpt in self.sources.items()
             },
             "layer_map": [str(origin) for origin in self.layer_map()],
-            "tensors": len(self.tensors()),
+            "tensors": len(self.tensors),
             "bytes": self.total_bytes,
         }
 
@@ -99,7 +105,7 @@ def resolve(plan_path: str | Path, output: str | Path | None = None) -> Recipe:
         out = Path(output)
     elif plan.output is not None:
         out = Path(plan.output).expanduser()
-        out = out if out.is_absolute() else plan_dir / out
+        out = out if out.is_absolute() else (plan_dir / out).resolve()
     else:
         raise SurgeryError(f"{plan_path}: no output folder; add 'output: PATH' to the plan or pass --out")
     for checkpoint in sources.values():

@@ -7,7 +7,7 @@ compose into one streaming pass and nothing is read until the executor runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from surgery.checkpoint.config import LayerConfig, per_layer_values, rewrite_config
@@ -82,7 +82,6 @@ class ModelView:
     outside: dict[str, TensorRecipe]
     layers: list[Layer]
     label: str = "model"
-    extra_config: dict[str, Any] = field(default_factory=dict)
 
     def with_layers(self, layers: list[Layer]) -> ModelView:
         return replace(self, layers=layers)
@@ -97,9 +96,7 @@ class ModelView:
 
     def config(self) -> dict[str, Any]:
         """config.json for this view: the layer count and per-layer lists follow the layers."""
-        config = rewrite_config(self.source.config, self.layout.count_key, [layer.config for layer in self.layers])
-        config.update(self.extra_config)
-        return config
+        return rewrite_config(self.source.config, self.layout.count_key, [layer.config for layer in self.layers])
 
 
 def open_view(checkpoint: Checkpoint, label: str) -> ModelView:

@@ -34,6 +34,8 @@ def test_check_prints_what_would_be_written_and_writes_nothing(tiny, cli, tmp_pa
     assert listing(tmp_path) == before
     data = json.loads(cli("check", plan, "--json", "--shard-size", "100KB").out)
     assert len(data["layer_map"]) == 5 and data["tensors"] == 3 + 5 * 9 and len(data["shards"]) > 1
+    recipe = {entry["name"]: entry["from"] for entry in data["recipe"]}
+    assert recipe["model.layers.3.mlp.up_proj.weight"] == "copy tiny-llama/model.layers.2.mlp.up_proj.weight"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

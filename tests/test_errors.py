@@ -181,3 +181,18 @@ def test_debug_shows_the_traceback(tiny, tmp_path):
     loud = subprocess.run([sys.executable, "-m", "surgery", "--debug", "apply", tmp_path / "plan.yaml"],
                           capture_output=True, text=True)
     assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no CUDA")
+def test_cuda_requested_where_there_is_none(tiny, cli, tmp_path):
+    write_plan(tmp_path, _plan(tiny("llama"), "\n      - {layers: 0-1, scale: {o_proj: 0.5}}"))
+    before = listing(tmp_path)
+    _assert_clean_failure(cli("apply", tmp_path / "plan.yaml", "--device", "cuda"), tmp_path, before,
+                          "no CUDA device", "--device cpu")
+
+
+def test_unknown_device(tiny, cli, tmp_path):
+    write_plan(tmp_path, _plan(tiny("llama")))
+    before = listing(tmp_path)
+    _assert_clean_failure(cli("apply", tmp_path / "plan.yaml", "--device", "tpu"), tmp_path, before,
+                          "unknown device 'tpu'")

@@ -74,8 +74,10 @@ def write_shard(
     names: list[str],
     compute: Callable[[TensorRecipe], memoryview],
     on_tensor: Callable[[int], None] = lambda n: None,
+    fsync: bool = True,
 ) -> None:
-    """Stream one shard: header, then each tensor's bytes in header order; fsync before returning."""
+    """Stream one shard: header, then each tensor's bytes in header order; fsync before returning
+    (so a renamed output folder survives power loss, not only a killed process)."""
     with ExitStack() as stack, open(path, "wb") as out:
         sources: dict[Path, BinaryIO] = {}
         out.write(shard_header(recipes, names))
@@ -95,7 +97,8 @@ def write_shard(
                 out.flush()
             on_tensor(recipe.nbytes)
         out.flush()
-        os.fsync(out.fileno())
+        if fsync:
+            os.fsync(out.fileno())
 
 
 def write_index(folder: Path, shards: list[ShardPlan], recipes: dict[str, TensorRecipe]) -> None:
