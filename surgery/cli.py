@@ -73,6 +73,15 @@ def apply(
     elapsed = time.perf_counter() - start
     _print_recipe(recipe, shard_size)
     console.print(f"[green]wrote[/] {written} in {elapsed:.2f}s")
+    if recipe.plan.evaluate is not None:
+        from surgery.evaluate import plan as evaluate_plan
+        from surgery.evaluate.run import evaluate
+
+        device_override = None if device == "auto" else device
+        report = evaluate(written, evaluate_plan.settings(recipe.plan.evaluate, device_override),
+                          compare=recipe.evaluation_reference)
+        evaluate_plan.record(written, report)
+        print_eval(report)
 
 
 @app.command()
@@ -134,6 +143,55 @@ def inspect(
     for shard in info["shards"]:
         table.add_row(shard["file"], str(shard["tensors"]), human_bytes(shard["bytes"]))
     console.print(table)
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="A model folder surgery can load.")],
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", help="builtin (Python's docs), builtin:prose-heldout|code-heldout|mixed-heldout, "
+                     "or a .txt/.jsonl file; repeat for several."),
+    ] = None,
+    compare: Annotated[
+        Path | None,
+        typer.Option("--compare", metavar="BASE", help="Score BASE on the same tokens [a surgery output's source model]."),
+    ] = None,
+    no_compare: Annotated[bool, typer.Option("--no-compare", help="Score MODEL alone.")] = False,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=2, help="Score the first N tokens of each text.")] = 8192,
+    window: Annotated[int | None, typer.Option("--window", min=2, help="Tokens per window [min(2048, context)].")] = None,
+    stride: Annotated[int | None, typer.Option("--stride", min=1, help="New tokens per window [window / 2].")] = None,
+    device: Device = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Perplexity (sliding window) and tokens/s of a model, beside a base model on the same tokens."""
+    from surgery.evaluate.run import EvalSettings, evaluate, source_of
+
+    settings = EvalSettings(tuple(data or ["builtin"]), max_tokens, window, stride, batch_size, device, dtype)
+    reference = None if no_compare else compare or source_of(model)
+    report = evaluate(model, settings, reference)
+    if as_json:
+        console.print_json(json.dumps(report.to_dict()))
+    else:
+        print_eval(report)
+
+
+def print_eval(report: Any) -> None:
+    """A table: one row per text, the model beside its reference."""
+    table = Table("data", "tokens", "perplexity", "reference", "delta", title=f"perplexity of {report.model}")
+    for d in report.datasets:
+        base = "" if d.base_perplexity is None else f"{d.base_perplexity:.3f}"
+        delta = "" if d.delta is None else f"{d.delta:+.3f}"
+        table.add_row(d.data, str(d.tokens), f"{d.perplexity:.3f}", base, delta)
+    console.print(table)
+    console.print(
+        f"{report.parameters:,} parameters on {report.device} ({report.dtype}), window {report.window}, "
+        f"stride {report.stride}: {report.tokens_per_second:,.0f} tokens/s"
+    )
+    if report.base:
+        console.print(f"reference: {report.base} ({report.base_tokens_per_second:,.0f} tokens/s)")
 
 
 @app.command()

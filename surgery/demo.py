@@ -9,6 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from surgery.evaluate import plan as evaluate_plan
+from surgery.evaluate.run import evaluate
 from surgery.execute import execute
 from surgery.fixtures.demo import TRAINED, demo_model
 from surgery.formatting import format_layer_map, human_bytes
@@ -28,16 +30,22 @@ def run_demo(out_dir: Path, device: str, console: Console) -> None:
     for name in TRAINED:
         demo_model(name, log=console.print)
     console.print(f"demo models: {', '.join(str(demo_model(n)) for n in TRAINED)}")
-    table = Table("plan", "layer map", "layers", "size", "time", title="example plans")
+    table = Table("plan", "layer map", "layers", "size", "time", "perplexity (input model)", title="example plans")
     for plan in example_plans():
         recipe = resolve(plan, out_dir / plan.stem)
         start = time.perf_counter()
         execute(recipe, force=True, device=device)
         elapsed = time.perf_counter() - start
+        scores = ""
+        if recipe.plan.evaluate is not None:
+            report = evaluate(recipe.output, evaluate_plan.settings(recipe.plan.evaluate, device),
+                              compare=recipe.evaluation_reference)
+            evaluate_plan.record(recipe.output, report)
+            scores = "\n".join(
+                f"{d.data.removeprefix('builtin:')}: {d.perplexity:.1f} ({d.base_perplexity:.1f})" for d in report.datasets
+            )
         layers = f"{recipe.view.layout.num_layers} -> {len(recipe.view.layers)}"
-        table.add_row(
-            plan.name, format_layer_map(recipe.layer_map()), layers, human_bytes(recipe.total_bytes),
-            f"{elapsed:.2f}s",
-        )
+        table.add_row(plan.name, format_layer_map(recipe.layer_map()), layers, human_bytes(recipe.total_bytes),
+                      f"{elapsed:.2f}s", scores)
     console.print(table)
     console.print(f"edited models are in {out_dir}/; try `surgery inspect {out_dir}/drop-late-layers`")

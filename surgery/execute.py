@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing import Any
 
 from surgery.checkpoint.reader import INDEX_NAME
 from surgery.checkpoint.writer import write_index, write_shard
+from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
 from surgery.planner import Recipe
 from surgery.view import TensorRecipe
@@ -26,21 +26,6 @@ PROVENANCE_NAME = "surgery.json"
 # Files of a source folder that describe its own weights or card, and so are not carried over.
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 NOT_COPIED_NAMES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", PROVENANCE_NAME, "README.md"}
-
-
-def resolve_device(device: str) -> str:
-    """`auto` is CUDA when present; asking for CUDA where there is none is an error, not a fallback."""
-    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
-        raise SurgeryError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    if device == "cpu":
-        return device
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not torch.cuda.is_available():
-        raise SurgeryError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
-    return device
 
 
 def execute(

@@ -42,6 +42,7 @@ class Recipe:
     output: Path
     view: ModelView
     sources: dict[str, Checkpoint] = field(default_factory=dict)
+    evaluation_reference: Path | None = None  # the model scored beside the output, when the plan evaluates
 
     @cached_property
     def tensors(self) -> dict[str, TensorRecipe]:
@@ -73,6 +74,7 @@ class Recipe:
                 label: {"path": str(ckpt.path), "header_sha256": ckpt.header_hashes}
                 for label, ckpt in self.sources.items()
             },
+            "source_model": str(self.view.source.path),
             "layer_map": [str(origin) for origin in self.layer_map()],
             "tensors": len(self.tensors),
             "bytes": self.total_bytes,
@@ -115,7 +117,14 @@ def resolve(plan_path: str | Path, output: str | Path | None = None) -> Recipe:
             raise SurgeryError(
                 f"output {out} overlaps the input model {checkpoint.path}; inputs are never modified, pick another --out"
             )
-    return Recipe(plan=plan, plan_path=plan_path, output=out, view=view, sources=sources)
+    recipe = Recipe(plan=plan, plan_path=plan_path, output=out, view=view, sources=sources)
+    if plan.evaluate is not None:
+        from surgery.evaluate import plan as evaluate_plan
+
+        reference = evaluate_plan.reference_model(plan, lambda ref: resolve_model_path(ref, plan_dir), view.source.path)
+        evaluate_plan.validate(plan.evaluate, recipe.config, reference)
+        recipe.evaluation_reference = reference
+    return recipe
 
 
 def _first_entry_model(plan: Plan) -> str | None:

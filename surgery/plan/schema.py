@@ -88,12 +88,32 @@ Step = ChainStep
 OPS: dict[str, type[BaseModel]] = {"chain": ChainStep}
 
 
+class EvaluateSection(_Strict):
+    """Score the output after `apply`, beside a reference model, on the same tokens."""
+
+    data: list[str] = Field(default_factory=lambda: ["builtin"], description="builtin, builtin:NAME, or files.")
+    max_tokens: int = Field(default=8192, ge=2, description="Score the first N tokens of each text.")
+    window: int | None = Field(default=None, ge=2, description="Tokens per forward pass (default: min(2048, context)).")
+    stride: int | None = Field(default=None, ge=1, description="New tokens per window (default: window / 2).")
+    batch_size: int = Field(default=4, ge=1)
+    device: str = "auto"
+    dtype: str = "auto"
+    compare_to: str = Field(default="model", description="base | model | PATH: the reference scored beside it.")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
 class Plan(_Strict):
     """A whole plan: the source model, where to write, and the steps applied in one streaming pass."""
 
     model: str | None = Field(default=None, description="The model the steps edit (path or demo:NAME).")
+    base: str | None = Field(default=None, description="The pretrained model edits are measured against.")
     output: str | None = Field(default=None, description="Output folder; `--out` overrides it.")
     steps: list[Step] = Field(min_length=1)
+    evaluate: EvaluateSection | None = None
 
     @field_validator("steps", mode="before")
     @classmethod

@@ -1,0 +1,1 @@
+"""Scoring models: perplexity with a sliding window and throughput, on CPU or GPU."""

@@ -1,0 +1,103 @@
+"""Load any model surgery writes, for scoring: every model kind goes through `load_for_eval`.
+
+Standard checkpoints load with plain transformers. Later model kinds (compact recursive, ensemble,
+packed quantized) register a loader in `LOADERS`, so `surgery eval` and plan `evaluate:` score
+every kind with the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import SurgeryError
+from surgery.devices import resolve_device
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to score: a module mapping input_ids to logits, its tokenizer, where it runs."""
+
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    parameters: int
+    bytes_on_disk: int
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """auto: bfloat16 on a GPU that has it (else float16), float32 on CPU."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise SurgeryError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _is_standard(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def require_causal_lm(config: dict[str, Any], where: str | Path) -> None:
+    """Perplexity needs a language-model head; an encoder would get a random one from transformers."""
+    architectures = config.get("architectures") or []
+    if architectures and not any("CausalLM" in a or "LMHead" in a for a in architectures):
+        raise SurgeryError(f"{where} is a {architectures[0]} (no language-model head): perplexity needs a causal LM")
+
+
+def _load_standard(folder: Path, device: str, dtype: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    require_causal_lm(json.loads((folder / "config.json").read_text()), folder)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    except ValueError as e:
+        raise SurgeryError(f"{folder}: transformers cannot load it as a causal LM ({e})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise SurgeryError(f"{folder} lacks weights the causal LM needs ({', '.join(missing[:3])}); is it a causal LM?")
+    return model.to(device).eval()
+
+
+# (recognise, load) pairs, most specific first; later issues add compact, ensemble and quantized kinds.
+LOADERS: list[tuple[Callable[[Path], bool], Callable[[Path, str, Any], Any]]] = [(_is_standard, _load_standard)]
+
+
+def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """The model and tokenizer in `path`, on `device`, ready for `perplexity`."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SurgeryError(f"model folder {folder} does not exist")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise SurgeryError(f"{folder} has no tokenizer files (tokenizer.json, ...); copy the tokenizer of its source model in")
+    resolved_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, resolved_device)
+    for recognise, load in LOADERS:
+        if recognise(folder):
+            model = load(folder, resolved_device, torch_dtype)
+            break
+    else:
+        raise SurgeryError(f"{folder}: not a model surgery can load (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    parameters = sum(p.numel() for p in model.parameters())
+    on_disk = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return LoadedModel(model, tokenizer, resolved_device, str(torch_dtype).removeprefix("torch."), parameters, on_disk)

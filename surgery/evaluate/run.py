@@ -1,0 +1,160 @@
+"""Score a model (and its reference, on the same tokens) over one or more texts."""
+
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import SurgeryError
+from surgery.evaluate.data import EvalText, load_text
+from surgery.evaluate.loading import LoadedModel, load_for_eval
+from surgery.evaluate.perplexity import PerplexityResult, perplexity
+
+DEFAULT_WINDOW = 2048
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How to score; the same fields as a plan's `evaluate:` section."""
+
+    data: tuple[str, ...] = ("builtin",)
+    max_tokens: int = 8192
+    window: int | None = None
+    stride: int | None = None
+    batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass
+class DatasetScore:
+    data: str
+    perplexity: float
+    tokens: int
+    tokens_per_second: float
+    base_perplexity: float | None = None
+    delta: float | None = None
+
+
+@dataclass
+class EvalReport:
+    """What `surgery eval --json` prints and `surgery.json` records."""
+
+    model: str
+    device: str
+    dtype: str
+    parameters: int
+    bytes_on_disk: int
+    window: int
+    stride: int
+    perplexity: float
+    tokens: int
+    tokens_per_second: float
+    datasets: list[DatasetScore] = field(default_factory=list)
+    base: str | None = None
+    base_perplexity: float | None = None
+    base_tokens_per_second: float | None = None
+    delta: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def evaluate(model_path: str | Path, settings: EvalSettings, compare: str | Path | None = None) -> EvalReport:
+    """Perplexity and throughput of `model_path` on each text; with `compare`, the reference too."""
+    texts = [load_text(spec) for spec in settings.data]
+    loaded = load_for_eval(model_path, settings.device, settings.dtype)
+    window = settings.window or min(DEFAULT_WINDOW, _context_length(loaded.model))
+    stride = settings.stride or max(1, window // 2)
+    token_ids = [_tokenize(loaded, text, settings.max_tokens) for text in texts]
+    scores = [perplexity(loaded.model, ids, window, stride, settings.batch_size) for ids in token_ids]
+    report = _report(str(model_path), loaded, window, stride, texts, scores)
+    _release(loaded)
+    if compare is not None:
+        reference = load_for_eval(compare, settings.device, settings.dtype)
+        for text, ids in zip(texts, token_ids):
+            if not _same_tokens(reference, text, ids, settings.max_tokens):
+                raise SurgeryError(
+                    f"{compare} tokenizes {text.name} differently from {model_path}; "
+                    "perplexities on different tokens are not comparable"
+                )
+        base_scores = [perplexity(reference.model, ids, window, stride, settings.batch_size) for ids in token_ids]
+        _release(reference)
+        report.base = str(compare)
+        report.base_perplexity = _pooled(base_scores)
+        report.base_tokens_per_second = _throughput(base_scores)
+        report.delta = report.perplexity - report.base_perplexity
+        for dataset, base in zip(report.datasets, base_scores):
+            dataset.base_perplexity = base.perplexity
+            dataset.delta = dataset.perplexity - base.perplexity
+    return report
+
+
+def source_of(model_path: str | Path) -> Path | None:
+    """The model a surgery output was made from, when its surgery.json names one that still exists."""
+    import json
+
+    record = Path(model_path) / "surgery.json"
+    if not record.is_file():
+        return None
+    source = json.loads(record.read_text()).get("source_model")
+    return Path(source) if source and Path(source).is_dir() else None
+
+
+def _report(
+    model: str, loaded: LoadedModel, window: int, stride: int, texts: list[EvalText], scores: list[PerplexityResult]
+) -> EvalReport:
+    return EvalReport(
+        model=model, device=loaded.device, dtype=loaded.dtype, parameters=loaded.parameters,
+        bytes_on_disk=loaded.bytes_on_disk, window=window, stride=stride,
+        perplexity=_pooled(scores), tokens=sum(s.tokens for s in scores), tokens_per_second=_throughput(scores),
+        datasets=[DatasetScore(t.name, s.perplexity, s.tokens, s.tokens_per_second) for t, s in zip(texts, scores)],
+    )
+
+
+def _pooled(scores: list[PerplexityResult]) -> float:
+    """Perplexity over all scored tokens of all texts together."""
+    return math.exp(sum(s.mean_nll * s.tokens for s in scores) / sum(s.tokens for s in scores))
+
+
+def _throughput(scores: list[PerplexityResult]) -> float:
+    return sum(s.forward_tokens for s in scores) / max(sum(s.seconds for s in scores), 1e-9)
+
+
+def _tokenize(loaded: LoadedModel, text: EvalText, max_tokens: int) -> Any:
+    """The first `max_tokens` tokens of the text, tokenized whole with the tokenizer's defaults."""
+    import torch
+
+    ids = loaded.tokenizer(text.text)["input_ids"][:max_tokens]
+    if len(ids) < 2:
+        raise SurgeryError(f"{text.name}: {len(ids)} token(s) after tokenizing; perplexity needs at least 2")
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    if max(ids) >= vocab:
+        raise SurgeryError(f"the tokenizer produces id {max(ids)} but the model's vocabulary has {vocab} entries")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _same_tokens(reference: LoadedModel, text: EvalText, ids: Any, max_tokens: int) -> bool:
+    return reference.tokenizer(text.text)["input_ids"][:max_tokens] == ids.tolist()
+
+
+def _context_length(model: Any) -> int:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return DEFAULT_WINDOW
+
+
+def _release(loaded: LoadedModel) -> None:
+    """Free a model before loading the next, so two never share the accelerator's memory."""
+    import torch
+
+    loaded.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
