@@ -10,7 +10,6 @@ median wall time and peak RSS of each, with the ratio to `cp` of the same number
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -20,68 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-TINYLLAMA = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=5632,
-    num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-    max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16",
-    hidden_act="silu", rope_theta=10000.0,
-)
-SHARD_BYTES = 500_000_000
-
-
-def generate(folder: Path) -> Path:
-    """Random bf16 weights with Llama names, written shard by shard (bounded memory)."""
-    if (folder / "config.json").exists():
-        return folder
-    import torch
-    from safetensors.torch import save_file
-
-    c = TINYLLAMA
-    h, i, kv = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"] * c["num_key_value_heads"]
-    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h)}
-    for layer in range(c["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-        }
-    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (c["vocab_size"], h)}
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        if size + 2 * _numel(shape) > SHARD_BYTES and shards[-1]:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += 2 * _numel(shape)
-    weight_map = {}
-    for k, names in enumerate(shards, start=1):
-        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: (torch.randn(shapes[n], generator=generator) * 0.02).to(torch.bfloat16) for n in names}
-        save_file(tensors, staging / filename, metadata={"format": "pt"})
-        weight_map |= {n: filename for n in names}
-        del tensors
-    total = sum(2 * _numel(s) for s in shapes.values())
-    (staging / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
-    (staging / "config.json").write_text(json.dumps(TINYLLAMA, indent=2))
-    staging.rename(folder)
-    return folder
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
+from make_checkpoint import generate
 
 def timed(cmd: list[str], cleanup: Path) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one run of a command; its output folder is removed after.
