@@ -193,3 +193,19 @@ def test_eval_of_a_surgery_output_compares_with_its_source(tiny, cli, tmp_path):
     assert data["base"] == str(tiny("llama")) and "base_perplexity" in data
     alone = json.loads(cli("eval", out, "--max-tokens", 256, "--json", "--no-compare").out)
     assert "base" not in alone and alone["perplexity"] == data["perplexity"]
+
+
+def test_reference_with_another_tokenizer_is_refused(cli, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from surgery.fixtures.demo import demo_model
+
+    other = tmp_path / "other"
+    shutil.copytree(demo_model("base"), other)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(other)
+    _fails(cli("eval", demo_model("base"), "--compare", other, "--max-tokens", 64), "tokenizes builtin differently")
