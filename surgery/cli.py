@@ -164,12 +164,17 @@ def eval_(
     device: Device = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
+    tasks: Annotated[
+        str | None,
+        typer.Option("--tasks", help="lm-eval tasks, NAME[,NAME] or task .yaml files (needs surgery[lm-eval])."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Perplexity (sliding window) and tokens/s of a model, beside a base model on the same tokens."""
     from surgery.evaluate.run import EvalSettings, evaluate, source_of
 
-    settings = EvalSettings(tuple(data or ["builtin"]), max_tokens, window, stride, batch_size, device, dtype)
+    task_list = tuple(t.strip() for t in (tasks or "").split(",") if t.strip())
+    settings = EvalSettings(tuple(data or ["builtin"]), max_tokens, window, stride, batch_size, device, dtype, task_list)
     reference = None if no_compare else compare or source_of(model)
     report = evaluate(model, settings, reference)
     if as_json:
@@ -192,6 +197,13 @@ def print_eval(report: Any) -> None:
     )
     if report.base:
         console.print(f"reference: {report.base} ({report.base_tokens_per_second:,.0f} tokens/s)")
+    if report.tasks:
+        table = Table("task", "metric", "value", "reference", title="lm-eval tasks")
+        for task, metrics in report.tasks.items():
+            for metric, value in metrics.items():
+                base = (report.base_tasks or {}).get(task, {}).get(metric)
+                table.add_row(task, metric, f"{value:.4f}", "" if base is None else f"{base:.4f}")
+        console.print(table)
 
 
 @app.command()

@@ -10,6 +10,7 @@ from typing import Any
 
 from surgery.errors import SurgeryError
 from surgery.evaluate.data import EvalText, load_text
+from surgery.evaluate.harness import check_tasks, run_tasks
 from surgery.evaluate.loading import LoadedModel, load_for_eval
 from surgery.evaluate.perplexity import PerplexityResult, perplexity
 
@@ -27,6 +28,7 @@ class EvalSettings:
     batch_size: int = 4
     device: str = "auto"
     dtype: str = "auto"
+    tasks: tuple[str, ...] = ()  # lm-eval task names or task YAML files
 
 
 @dataclass
@@ -58,6 +60,8 @@ class EvalReport:
     base_perplexity: float | None = None
     base_tokens_per_second: float | None = None
     delta: float | None = None
+    tasks: dict[str, dict[str, float]] | None = None
+    base_tasks: dict[str, dict[str, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -66,12 +70,16 @@ class EvalReport:
 def evaluate(model_path: str | Path, settings: EvalSettings, compare: str | Path | None = None) -> EvalReport:
     """Perplexity and throughput of `model_path` on each text; with `compare`, the reference too."""
     texts = [load_text(spec) for spec in settings.data]
+    if settings.tasks:
+        check_tasks(list(settings.tasks))
     loaded = load_for_eval(model_path, settings.device, settings.dtype)
     window = settings.window or min(DEFAULT_WINDOW, _context_length(loaded.model))
     stride = settings.stride or max(1, window // 2)
     token_ids = [_tokenize(loaded, text, settings.max_tokens) for text in texts]
     scores = [perplexity(loaded.model, ids, window, stride, settings.batch_size) for ids in token_ids]
     report = _report(str(model_path), loaded, window, stride, texts, scores)
+    if settings.tasks:
+        report.tasks = run_tasks(loaded.model, loaded.tokenizer, list(settings.tasks), settings.batch_size)
     _release(loaded)
     if compare is not None:
         reference = load_for_eval(compare, settings.device, settings.dtype)
@@ -82,6 +90,8 @@ def evaluate(model_path: str | Path, settings: EvalSettings, compare: str | Path
                     "perplexities on different tokens are not comparable"
                 )
         base_scores = [perplexity(reference.model, ids, window, stride, settings.batch_size) for ids in token_ids]
+        if settings.tasks:
+            report.base_tasks = run_tasks(reference.model, reference.tokenizer, list(settings.tasks), settings.batch_size)
         _release(reference)
         report.base = str(compare)
         report.base_perplexity = _pooled(base_scores)

@@ -15,11 +15,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def parse_layers(value: Any) -> list[int]:
-    """Ints and inclusive "a-b" ranges, alone or in a list, to layer indices in order."""
+def _nonempty_list(value: Any) -> list[Any]:
     items = value if isinstance(value, list) else [value]
     if not items:
         raise ValueError("no layers given; list at least one layer, e.g. [0-7, 12]")
+    return items
+
+
+def parse_layers(value: Any) -> list[int]:
+    """Ints and inclusive "a-b" ranges, alone or in a list, to layer indices in order."""
+    items = _nonempty_list(value)
     out: list[int] = []
     for item in items:
         if isinstance(item, bool):
@@ -70,11 +75,8 @@ class ChainStep(_Strict):
     @classmethod
     def _entries(cls, value: Any) -> list[Any]:
         """Bare ints and ranges are entries from the current model; consecutive ones form one entry."""
-        items = value if isinstance(value, list) else [value]
-        if not items:
-            raise ValueError("no layers given; list at least one layer, e.g. [0-7, 12]")
         entries: list[Any] = []
-        for item in items:
+        for item in _nonempty_list(value):
             if isinstance(item, dict):
                 entries.append(item)
             elif entries and isinstance(entries[-1], LayerEntry) and entries[-1].model is None:
