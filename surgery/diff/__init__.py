@@ -1,0 +1,1 @@
+"""`surgery diff`: what changed between two checkpoints, tensor by tensor and layer by layer."""

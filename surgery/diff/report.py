@@ -1,0 +1,264 @@
+"""Compare two checkpoints: config, tensors, and which layer of A each layer of B is.
+
+Layers are paired first (identical bytes, else the most similar layer of the same shapes), then
+tensors are compared along those pairs, so a dropped, looped or reordered model reads as such and
+a fine-tune reads as changes to the same layers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgery.checkpoint.layout import Layout, find_layout
+from surgery.checkpoint.reader import Checkpoint, TensorInfo
+from surgery.diff.bytes import ByteComparer
+from surgery.diff.modules import module_kind
+from surgery.diff.stats import ZERO, Change, TensorLoader, measure
+from surgery.errors import SurgeryError
+
+SIMILAR_ENOUGH = 0.5  # mean cosine below which a changed layer is matched to no layer of A
+
+
+@dataclass
+class TensorChange:
+    name: str  # in B
+    source: str  # in A
+    change: Change
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "relative_change": self.change.relative,
+                "cosine": self.change.cosine, "max_abs_diff": self.change.max_abs}
+
+
+@dataclass
+class LayerReport:
+    index: int  # layer of B
+    identical_to: int | None  # layer of A with the same bytes in every tensor
+    closest: int | None  # layer of A it was compared with (identical_to, or the most similar)
+    similarity: float | None
+    change: Change = ZERO
+    modules: dict[str, Change] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "identical_to": self.identical_to, "closest": self.closest,
+            "similarity": self.similarity, "relative_change": self.change.relative,
+            "update_norm": self.change.update_norm, "cosine": self.change.cosine,
+            "modules": {kind: c.relative for kind, c in sorted(self.modules.items())},
+        }
+
+
+@dataclass
+class DiffReport:
+    a: str
+    b: str
+    notes: list[str] = field(default_factory=list)
+    config_changed: dict[str, list[Any]] = field(default_factory=dict)
+    config_added: dict[str, Any] = field(default_factory=dict)
+    config_removed: dict[str, Any] = field(default_factory=dict)
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    reshaped: list[str] = field(default_factory=list)
+    dtype_changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    changed: list[TensorChange] = field(default_factory=list)
+    layers: list[LayerReport] = field(default_factory=list)
+    modules: dict[str, Change] = field(default_factory=dict)
+
+    @property
+    def differs(self) -> bool:
+        return bool(self.config_changed or self.config_added or self.config_removed or self.added or self.removed
+                    or self.reshaped or self.dtype_changed or self.changed)
+
+    def layer_map(self) -> list[int | None]:
+        return [layer.identical_to for layer in self.layers]
+
+    def top(self, n: int) -> list[TensorChange]:
+        return sorted(self.changed, key=lambda t: t.change.relative, reverse=True)[:n]
+
+    def to_dict(self, top: int = 10) -> dict[str, Any]:
+        return {
+            "a": self.a, "b": self.b, "differs": self.differs, "notes": self.notes,
+            "config": {"changed": self.config_changed, "added": self.config_added, "removed": self.config_removed},
+            "layer_map": self.layer_map(),
+            "added": self.added, "removed": self.removed, "reshaped": self.reshaped,
+            "dtype_changed": self.dtype_changed, "unchanged": len(self.unchanged),
+            "changed": [t.name for t in self.changed],
+            "layers": [layer.to_dict() for layer in self.layers],
+            "modules": {kind: {"relative_change": c.relative, "update_norm": c.update_norm}
+                        for kind, c in sorted(self.modules.items())},
+            "top": [t.to_dict() for t in self.top(top)],
+        }
+
+
+def diff(
+    a_path: str | Path, b_path: str | Path, *, include: str | None = None, exclude: str | None = None,
+    atol: float = 0.0, rtol: float = 0.0,
+) -> DiffReport:
+    """Everything that differs from checkpoint A to checkpoint B."""
+    a, b = Checkpoint.open(a_path), Checkpoint.open(b_path)
+    report = DiffReport(a=str(a_path), b=str(b_path))
+    _diff_config(a.config, b.config, report)
+    selected = _name_filter(include, exclude)
+    a_layout, b_layout = _layout(a, report), _layout(b, report)
+    if a.config.get("model_type") != b.config.get("model_type"):
+        report.notes.append(
+            f"different architectures ({a.config.get('model_type')} -> {b.config.get('model_type')}): "
+            "tensors are paired by name only"
+        )
+        a_layout = b_layout = None
+    comparer, loader = ByteComparer(), TensorLoader()
+    try:
+        pairs, unpaired_a, unpaired_b = _pair(a, b, a_layout, b_layout, comparer, loader, report)
+        report.removed = sorted(n for n in unpaired_a if selected(n))
+        report.added = sorted(n for n in unpaired_b if selected(n))
+        layer_of = {} if b_layout is None else {n: b_layout.split(n) for n in b.tensors}
+        for b_name, a_name in pairs:
+            if not (selected(b_name) or selected(a_name)):
+                continue
+            ia, ib = a.tensors[a_name], b.tensors[b_name]
+            if ia.shape != ib.shape:
+                report.reshaped.append(b_name)
+                continue
+            if ia.dtype != ib.dtype:
+                report.dtype_changed.append(b_name)
+            if comparer.identical(ia, ib):
+                report.unchanged.append(b_name)
+                continue
+            change = measure(loader, ia, ib, atol, rtol)
+            if ia.dtype == ib.dtype and (atol or rtol) and change.within_tolerance:
+                report.unchanged.append(b_name)
+                continue
+            report.changed.append(TensorChange(b_name, a_name, change))
+            kind = module_kind(b_name)
+            report.modules[kind] = report.modules.get(kind, ZERO) + change
+            placed = layer_of.get(b_name)
+            if placed is not None:
+                layer = report.layers[placed[0]]
+                layer.change = layer.change + change
+                layer.modules[kind] = layer.modules.get(kind, ZERO) + change
+    finally:
+        comparer.close()
+    return report
+
+
+def _diff_config(a: dict[str, Any], b: dict[str, Any], report: DiffReport) -> None:
+    ignored = {"transformers_version", "_name_or_path"}
+    for key in sorted(set(a) | set(b) - ignored):
+        if key in ignored:
+            continue
+        if key not in b:
+            report.config_removed[key] = a[key]
+        elif key not in a:
+            report.config_added[key] = b[key]
+        elif a[key] != b[key]:
+            report.config_changed[key] = [a[key], b[key]]
+
+
+def _name_filter(include: str | None, exclude: str | None) -> Any:
+    try:
+        inc = re.compile(include) if include else None
+        exc = re.compile(exclude) if exclude else None
+    except re.error as e:
+        raise SurgeryError(f"--include/--exclude: not a regular expression ({e})") from None
+    return lambda name: (inc is None or inc.search(name) is not None) and (exc is None or exc.search(name) is None)
+
+
+def _layout(checkpoint: Checkpoint, report: DiffReport) -> Layout | None:
+    try:
+        return find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path))
+    except SurgeryError as e:
+        report.notes.append(f"no layer view: {e}")
+        return None
+
+
+def _layers(checkpoint: Checkpoint, layout: Layout) -> tuple[dict[str, TensorInfo], list[dict[str, TensorInfo]]]:
+    outside: dict[str, TensorInfo] = {}
+    layers: list[dict[str, TensorInfo]] = [{} for _ in range(layout.num_layers)]
+    for name, info in checkpoint.tensors.items():
+        placed = layout.split(name)
+        if placed is None:
+            outside[name] = info
+        else:
+            layers[placed[0]][placed[1]] = info
+    return outside, layers
+
+
+def _pair(
+    a: Checkpoint, b: Checkpoint, a_layout: Layout | None, b_layout: Layout | None,
+    comparer: ByteComparer, loader: TensorLoader, report: DiffReport,
+) -> tuple[list[tuple[str, str]], set[str], set[str]]:
+    """(B name, A name) pairs; A and B names left without a partner."""
+    if a_layout is None or b_layout is None:
+        common = [n for n in b.tensors if n in a.tensors]
+        return [(n, n) for n in common], set(a.tensors) - set(common), set(b.tensors) - set(common)
+    a_outside, a_layers = _layers(a, a_layout)
+    b_outside, b_layers = _layers(b, b_layout)
+    pairs = [(n, n) for n in b_outside if n in a_outside]
+    unpaired_a = set(a_outside) - set(b_outside)
+    unpaired_b = set(b_outside) - set(a_outside)
+    used: set[int] = set()
+    for j, layer in enumerate(b_layers):
+        match = _identical_layer(j, layer, a_layers, comparer)
+        similarity: float | None = 1.0 if match is not None else None
+        closest = match
+        if match is None:
+            closest, similarity = _closest_layer(layer, a_layers, loader)
+        report.layers.append(LayerReport(j, match, closest, similarity))
+        if closest is None:
+            unpaired_b.update(b_layout.layer_name(j, s) for s in layer)
+            continue
+        used.add(closest)
+        for suffix in layer:
+            if suffix in a_layers[closest]:
+                pairs.append((b_layout.layer_name(j, suffix), a_layout.layer_name(closest, suffix)))
+            else:
+                unpaired_b.add(b_layout.layer_name(j, suffix))
+        unpaired_a.update(a_layout.layer_name(closest, s) for s in a_layers[closest] if s not in layer)
+    for i in set(range(len(a_layers))) - used:
+        unpaired_a.update(a_layout.layer_name(i, s) for s in a_layers[i])
+    return pairs, unpaired_a, unpaired_b
+
+
+def _identical_layer(
+    j: int, layer: dict[str, TensorInfo], a_layers: list[dict[str, TensorInfo]], comparer: ByteComparer
+) -> int | None:
+    """The layer of A with the same bytes in every tensor (the same index first, when it qualifies)."""
+    order = ([j] if j < len(a_layers) else []) + [i for i in range(len(a_layers)) if i != j]
+    for i in order:
+        candidate = a_layers[i]
+        if set(candidate) != set(layer):
+            continue
+        if all(comparer.fingerprint(candidate[s]) == comparer.fingerprint(t) for s, t in layer.items()) and all(
+            comparer.identical(candidate[s], t) for s, t in layer.items()
+        ):
+            return i
+    return None
+
+
+def _closest_layer(
+    layer: dict[str, TensorInfo], a_layers: list[dict[str, TensorInfo]], loader: TensorLoader
+) -> tuple[int | None, float | None]:
+    """The layer of A with the same tensor shapes whose weights point the same way (mean cosine of
+    row samples over the matrices), or none below SIMILAR_ENOUGH."""
+    import torch
+
+    signature = {s: t.shape for s, t in layer.items()}
+    matrices = [s for s, t in layer.items() if len(t.shape) >= 2] or list(layer)
+    mine = {s: loader.sketch(layer[s]) for s in matrices}
+    best, best_score = None, -1.0
+    for i, candidate in enumerate(a_layers):
+        if {s: t.shape for s, t in candidate.items()} != signature:
+            continue
+        scores = [float(torch.nn.functional.cosine_similarity(mine[s], loader.sketch(candidate[s]), dim=0))
+                  for s in matrices]
+        score = sum(scores) / len(scores)
+        if score > best_score:
+            best, best_score = i, score
+    if best is None or best_score < SIMILAR_ENOUGH:
+        return None, None if best is None else best_score
+    return best, best_score
