@@ -69,3 +69,14 @@ def test_demo_runs_every_example_plan(cli, tmp_path):
     for plan in example_plans():
         assert (tmp_path / plan.stem / "model.safetensors").exists()
         assert plan.name in result.out
+
+
+def test_every_subpackage_is_in_the_distribution():
+    """pyproject lists packages explicitly (plans/ ships as surgery.example_plans): none may be missed."""
+    from tests.conftest import REPO
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "surgery").rglob("__init__.py")}
+    assert found <= listed, f"missing from pyproject: {sorted(found - listed)}"

@@ -1,0 +1,93 @@
+"""`surgery diff` against the time to read both checkpoints once (`cat A/* B/* > /dev/null`).
+
+    python benchmarks/bench_diff.py [--data bench-data] [--runs 3]
+
+A is the 1.1B random TinyLlama-shaped checkpoint of make_checkpoint.py; B1 is a "fine-tune" of it
+(every tensor plus small noise: every tensor changed, statistics computed for all); B2 is the
+drop-layers-8-11 chain output (every tensor identical to one of A's: byte comparisons only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from make_checkpoint import generate
+
+
+def fine_tune(base: Path, folder: Path) -> Path:
+    """base + N(0, 0.001^2) on every tensor, shard by shard (bounded memory)."""
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(base, staging, ignore=shutil.ignore_patterns("*.safetensors"))
+    generator = torch.Generator().manual_seed(1)
+    for shard in sorted(base.glob("*.safetensors")):
+        tensors = load_file(shard)
+        noisy = {k: (v.float() + 0.001 * torch.randn(v.shape, generator=generator)).to(v.dtype) for k, v in tensors.items()}
+        save_file(noisy, staging / shard.name, metadata={"format": "pt"})
+    staging.rename(folder)
+    return folder
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    return time.perf_counter() - start, usage.ru_maxrss * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("bench-data"))
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    data = args.data.resolve()
+    base = generate(data / "tinyllama-1.1b-random")
+    tuned = fine_tune(base, data / "tinyllama-1.1b-random-ft")
+    dropped = data / "tinyllama-1.1b-random-drop"
+    if not dropped.exists():
+        work = Path(tempfile.mkdtemp(dir=data))
+        (work / "plan.yaml").write_text(f"model: {base}\noutput: {dropped}\nsteps:\n  - op: chain\n    layers: [0-7, 12-21]\n")
+        subprocess.run([sys.executable, "-m", "surgery", "apply", str(work / "plan.yaml")], check=True, capture_output=True)
+        shutil.rmtree(work)
+    surgery = [sys.executable, "-m", "surgery", "diff", "--json"]
+    shards = lambda folder: [str(p) for p in sorted(folder.glob("*.safetensors"))]  # noqa: E731
+    commands = {
+        "cat A B1 (read both once)": ["sh", "-c", f"cat {' '.join(shards(base) + shards(tuned))} > /dev/null"],
+        "surgery diff A B1 (fine-tune)": surgery + [str(base), str(tuned)],
+        "cat A B2 (read both once)": ["sh", "-c", f"cat {' '.join(shards(base) + shards(dropped))} > /dev/null"],
+        "surgery diff A B2 (drop 8-11)": surgery + [str(base), str(dropped)],
+    }
+    for cmd in commands.values():  # warm the page cache
+        subprocess.run(cmd, check=True, capture_output=True)
+    results: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
+    for _ in range(args.runs):
+        for name, cmd in commands.items():
+            results[name].append(timed(cmd))
+    print(f"{args.runs} runs each, median, page cache warm\n")
+    print("| command | wall s | peak RSS MiB | x reading both |")
+    print("|---|---|---|---|")
+    floors = {"B1": "cat A B1 (read both once)", "B2": "cat A B2 (read both once)"}
+    medians = {name: statistics.median(t for t, _ in runs) for name, runs in results.items()}
+    for name, runs in results.items():
+        floor = floors["B1" if "B1" in name else "B2"]
+        rss = statistics.median(r for _, r in runs) / 2**20
+        print(f"| {name} | {medians[name]:.2f} | {rss:.0f} | {medians[name] / medians[floor]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
