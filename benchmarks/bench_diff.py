@@ -54,16 +54,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("bench-data"))
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     data = args.data.resolve()
-    base = generate(data / "tinyllama-1.1b-random")
-    tuned = fine_tune(base, data / "tinyllama-1.1b-random-ft")
-    dropped = data / "tinyllama-1.1b-random-drop"
+    base, tuned, dropped = (data / f"tinyllama-1.1b-random{s}" for s in ("", "-ft", "-drop"))
+    if not args.prepare_only:
+        # in a child: a forked child's peak RSS starts at its parent's, which must stay small
+        subprocess.run([sys.executable, __file__, "--data", str(data), "--prepare-only"], check=True)
+        return measure_all(base, tuned, dropped, args.runs)
+    generate(base)
+    fine_tune(base, tuned)
     if not dropped.exists():
         work = Path(tempfile.mkdtemp(dir=data))
         (work / "plan.yaml").write_text(f"model: {base}\noutput: {dropped}\nsteps:\n  - op: chain\n    layers: [0-7, 12-21]\n")
         subprocess.run([sys.executable, "-m", "surgery", "apply", str(work / "plan.yaml")], check=True, capture_output=True)
         shutil.rmtree(work)
+
+
+def measure_all(base: Path, tuned: Path, dropped: Path, runs: int) -> None:
     surgery = [sys.executable, "-m", "surgery", "diff", "--json"]
     shards = lambda folder: [str(p) for p in sorted(folder.glob("*.safetensors"))]  # noqa: E731
     commands = {
@@ -75,10 +83,10 @@ def main() -> None:
     for cmd in commands.values():  # warm the page cache
         subprocess.run(cmd, check=True, capture_output=True)
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
-    for _ in range(args.runs):
+    for _ in range(runs):
         for name, cmd in commands.items():
             results[name].append(timed(cmd))
-    print(f"{args.runs} runs each, median, page cache warm\n")
+    print(f"{runs} runs each, median, page cache warm\n")
     print("| command | wall s | peak RSS MiB | x reading both |")
     print("|---|---|---|---|")
     floors = {"B1": "cat A B1 (read both once)", "B2": "cat A B2 (read both once)"}

@@ -143,6 +143,7 @@ def diff(
                 layer.modules[kind] = layer.modules.get(kind, ZERO) + change
     finally:
         comparer.close()
+        loader.close()
     return report
 
 
