@@ -12,18 +12,15 @@ from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint, numel
 def describe(checkpoint: Checkpoint) -> dict[str, Any]:
     """A JSON-ready summary; `layer_groups` lists each layer tensor once, with the layers that have it."""
     layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path))
+    outside_tensors, layers = layout.group(checkpoint.tensors)
+    outside = [{"name": n, "dtype": i.dtype, "shape": list(i.shape), "bytes": i.nbytes} for n, i in outside_tensors.items()]
     groups: dict[str, dict[str, Any]] = {}
-    outside = []
-    for name, info in checkpoint.tensors.items():
-        placed = layout.split(name)
-        if placed is None:
-            outside.append({"name": name, "dtype": info.dtype, "shape": list(info.shape), "bytes": info.nbytes})
-            continue
-        index, suffix = placed
-        group = groups.setdefault(suffix, {"suffix": suffix, "dtype": info.dtype, "shape": list(info.shape),
-                                           "layers": 0, "bytes": 0})
-        group["layers"] += 1
-        group["bytes"] += info.nbytes
+    for layer in layers:
+        for suffix, info in layer.items():
+            group = groups.setdefault(suffix, {"suffix": suffix, "dtype": info.dtype, "shape": list(info.shape),
+                                               "layers": 0, "bytes": 0})
+            group["layers"] += 1
+            group["bytes"] += info.nbytes
     # integer tensors are buffers (position ids, masks), not parameters
     parameters = sum(numel(info.shape) for info in checkpoint.tensors.values() if info.dtype in FLOAT_DTYPES)
     config = checkpoint.config

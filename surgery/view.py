@@ -102,14 +102,7 @@ class ModelView:
 def open_view(checkpoint: Checkpoint, label: str) -> ModelView:
     """The identity view of a checkpoint: every tensor a raw copy of itself."""
     layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path))
-    outside: dict[str, TensorRecipe] = {}
-    by_layer: list[dict[str, TensorRecipe]] = [{} for _ in range(layout.num_layers)]
-    for name, info in checkpoint.tensors.items():
-        placed = layout.split(name)
-        if placed is None:
-            outside[name] = TensorRecipe.copy_of(info)
-        else:
-            by_layer[placed[0]][placed[1]] = TensorRecipe.copy_of(info)
+    outside, by_layer = layout.group({name: TensorRecipe.copy_of(info) for name, info in checkpoint.tensors.items()})
     configs = per_layer_values(checkpoint.config, layout.num_layers, checkpoint.path)
     layers = [Layer(tensors=t, config=c, origin=LayerOrigin(label, i)) for i, (t, c) in enumerate(zip(by_layer, configs))]
     return ModelView(source=checkpoint, layout=layout, outside=outside, layers=layers, label=label)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from surgery.errors import SurgeryError
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+T = TypeVar("T")
 _NUMBERED = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)\.(?P<suffix>.+)$")
 
 
@@ -36,6 +37,18 @@ class Layout:
         if match is None or match["prefix"] != self.prefix:
             return None
         return int(match["index"]), match["suffix"]
+
+    def group(self, tensors: Mapping[str, T]) -> tuple[dict[str, T], list[dict[str, T]]]:
+        """The tensors outside the layers by name, and each layer's tensors by suffix."""
+        outside: dict[str, T] = {}
+        layers: list[dict[str, T]] = [{} for _ in range(self.num_layers)]
+        for name, value in tensors.items():
+            placed = self.split(name)
+            if placed is None:
+                outside[name] = value
+            else:
+                layers[placed[0]][placed[1]] = value
+        return outside, layers
 
 
 def layer_count(config: dict[str, Any]) -> tuple[str, int]:

@@ -177,18 +177,6 @@ def _layout(checkpoint: Checkpoint, report: DiffReport) -> Layout | None:
         return None
 
 
-def _layers(checkpoint: Checkpoint, layout: Layout) -> tuple[dict[str, TensorInfo], list[dict[str, TensorInfo]]]:
-    outside: dict[str, TensorInfo] = {}
-    layers: list[dict[str, TensorInfo]] = [{} for _ in range(layout.num_layers)]
-    for name, info in checkpoint.tensors.items():
-        placed = layout.split(name)
-        if placed is None:
-            outside[name] = info
-        else:
-            layers[placed[0]][placed[1]] = info
-    return outside, layers
-
-
 def _pair(
     a: Checkpoint, b: Checkpoint, a_layout: Layout | None, b_layout: Layout | None,
     comparer: ByteComparer, loader: TensorLoader, report: DiffReport,
@@ -197,8 +185,8 @@ def _pair(
     if a_layout is None or b_layout is None:
         common = [n for n in b.tensors if n in a.tensors]
         return [(n, n) for n in common], set(a.tensors) - set(common), set(b.tensors) - set(common)
-    a_outside, a_layers = _layers(a, a_layout)
-    b_outside, b_layers = _layers(b, b_layout)
+    a_outside, a_layers = a_layout.group(a.tensors)
+    b_outside, b_layers = b_layout.group(b.tensors)
     pairs = [(n, n) for n in b_outside if n in a_outside]
     unpaired_a = set(a_outside) - set(b_outside)
     unpaired_b = set(b_outside) - set(a_outside)
