@@ -74,14 +74,9 @@ def apply(
     _print_recipe(recipe, shard_size)
     console.print(f"[green]wrote[/] {written} in {elapsed:.2f}s")
     if recipe.plan.evaluate is not None:
-        from surgery.evaluate import plan as evaluate_plan
-        from surgery.evaluate.run import evaluate
+        from surgery.evaluate.plan import evaluate_output
 
-        device_override = None if device == "auto" else device
-        report = evaluate(written, evaluate_plan.settings(recipe.plan.evaluate, device_override),
-                          compare=recipe.evaluation_reference)
-        evaluate_plan.record(written, report)
-        print_eval(report)
+        print_eval(evaluate_output(recipe, device))
 
 
 @app.command()

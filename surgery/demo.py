@@ -9,8 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from surgery.evaluate import plan as evaluate_plan
-from surgery.evaluate.run import evaluate
+from surgery.evaluate.plan import evaluate_output
 from surgery.execute import execute
 from surgery.fixtures.demo import TRAINED, demo_model
 from surgery.formatting import format_layer_map, human_bytes
@@ -38,9 +37,7 @@ def run_demo(out_dir: Path, device: str, console: Console) -> None:
         elapsed = time.perf_counter() - start
         scores = ""
         if recipe.plan.evaluate is not None:
-            report = evaluate(recipe.output, evaluate_plan.settings(recipe.plan.evaluate, device),
-                              compare=recipe.evaluation_reference)
-            evaluate_plan.record(recipe.output, report)
+            report = evaluate_output(recipe, device)
             scores = "\n".join(
                 f"{d.data.removeprefix('builtin:')}: {d.perplexity:.1f} ({d.base_perplexity:.1f})" for d in report.datasets
             )

@@ -6,7 +6,6 @@ interrupted run never leaves a folder under the output name that looks complete.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -20,9 +19,9 @@ from surgery.checkpoint.writer import write_index, write_shard
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
 from surgery.planner import Recipe
+from surgery.provenance import PROVENANCE_NAME, write_json
 from surgery.view import TensorRecipe
 
-PROVENANCE_NAME = "surgery.json"
 # Files of a source folder that describe its own weights or card, and so are not carried over.
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 NOT_COPIED_NAMES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", PROVENANCE_NAME, "README.md"}
@@ -59,10 +58,10 @@ def execute(
             for shard in shards:
                 write_shard(staging / shard.filename, tensors, shard.names, compute, on_bytes, fsync=fsync)
         write_index(staging, shards, tensors)
-        _write_json(staging / "config.json", recipe.config)
+        write_json(staging / "config.json", recipe.config)
         _copy_side_files(recipe.view.source.path, staging)
         provenance = recipe.provenance() | {"output_shards": [s.filename for s in shards]}
-        _write_json(staging / PROVENANCE_NAME, provenance)
+        write_json(staging / PROVENANCE_NAME, provenance)
         if fsync:
             _fsync_dir(staging)
         _replace(staging, out)
@@ -94,10 +93,6 @@ class _Computer:
         assert recipe.compute is not None
         result = recipe.compute(inputs).to("cpu").contiguous()
         return memoryview(result.reshape(-1).view(torch.uint8).numpy())
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_side_files(source: Path, dest: Path) -> None:

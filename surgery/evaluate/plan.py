@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,9 +10,11 @@ from surgery.errors import SurgeryError
 from surgery.evaluate.data import load_text
 from surgery.evaluate.loading import DTYPES, require_causal_lm
 from surgery.plan.schema import EvaluateSection, Plan
+from surgery.provenance import PROVENANCE_NAME, read_provenance, write_json
 
 if TYPE_CHECKING:
     from surgery.evaluate.run import EvalReport, EvalSettings
+    from surgery.planner import Recipe
 
 
 def reference_model(plan: Plan, resolve: Any, primary: Path) -> Path:
@@ -53,11 +53,21 @@ def settings(section: EvaluateSection, device: str | None = None) -> EvalSetting
     )
 
 
-def record(output: Path, report: EvalReport, provenance_name: str = "surgery.json") -> None:
-    """Add the scores to the output's surgery.json (replaced atomically)."""
-    path = output / provenance_name
-    data = json.loads(path.read_text())
+def record(output: Path, report: EvalReport) -> None:
+    """Add the scores to the output's surgery.json."""
+    data = read_provenance(output) or {}
     data["evaluation"] = report.to_dict()
-    staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(staging, path)
+    write_json(output / PROVENANCE_NAME, data)
+
+
+def evaluate_output(recipe: Recipe, device: str = "auto") -> EvalReport:
+    """After `apply`: score the output beside the plan's reference and record the scores with it.
+    `device` other than auto overrides the section's."""
+    from surgery.evaluate.run import evaluate
+
+    section = recipe.plan.evaluate
+    assert section is not None and recipe.evaluation_reference is not None
+    report = evaluate(recipe.output, settings(section, None if device == "auto" else device),
+                      compare=recipe.evaluation_reference)
+    record(recipe.output, report)
+    return report

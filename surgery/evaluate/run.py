@@ -13,6 +13,7 @@ from surgery.evaluate.data import EvalText, load_text
 from surgery.evaluate.harness import check_tasks, run_tasks
 from surgery.evaluate.loading import LoadedModel, load_for_eval
 from surgery.evaluate.perplexity import PerplexityResult, perplexity
+from surgery.provenance import read_provenance
 
 DEFAULT_WINDOW = 2048
 
@@ -76,11 +77,9 @@ def evaluate(model_path: str | Path, settings: EvalSettings, compare: str | Path
     window = settings.window or min(DEFAULT_WINDOW, _context_length(loaded.model))
     stride = settings.stride or max(1, window // 2)
     token_ids = [_tokenize(loaded, text, settings.max_tokens) for text in texts]
-    scores = [perplexity(loaded.model, ids, window, stride, settings.batch_size) for ids in token_ids]
+    scores, report_tasks = _score(loaded, token_ids, window, stride, settings)
     report = _report(str(model_path), loaded, window, stride, texts, scores)
-    if settings.tasks:
-        report.tasks = run_tasks(loaded.model, loaded.tokenizer, list(settings.tasks), settings.batch_size)
-    _release(loaded)
+    report.tasks = report_tasks
     if compare is not None:
         reference = load_for_eval(compare, settings.device, settings.dtype)
         for text, ids in zip(texts, token_ids):
@@ -89,10 +88,7 @@ def evaluate(model_path: str | Path, settings: EvalSettings, compare: str | Path
                     f"{compare} tokenizes {text.name} differently from {model_path}; "
                     "perplexities on different tokens are not comparable"
                 )
-        base_scores = [perplexity(reference.model, ids, window, stride, settings.batch_size) for ids in token_ids]
-        if settings.tasks:
-            report.base_tasks = run_tasks(reference.model, reference.tokenizer, list(settings.tasks), settings.batch_size)
-        _release(reference)
+        base_scores, report.base_tasks = _score(reference, token_ids, window, stride, settings)
         report.base = str(compare)
         report.base_perplexity = _pooled(base_scores)
         report.base_tokens_per_second = _throughput(base_scores)
@@ -103,14 +99,19 @@ def evaluate(model_path: str | Path, settings: EvalSettings, compare: str | Path
     return report
 
 
+def _score(
+    loaded: LoadedModel, token_ids: list[Any], window: int, stride: int, settings: EvalSettings
+) -> tuple[list[PerplexityResult], dict[str, dict[str, float]] | None]:
+    """Perplexity on each text (and lm-eval tasks when asked), then free the model."""
+    scores = [perplexity(loaded.model, ids, window, stride, settings.batch_size) for ids in token_ids]
+    tasks = run_tasks(loaded.model, loaded.tokenizer, list(settings.tasks), settings.batch_size) if settings.tasks else None
+    _release(loaded)
+    return scores, tasks
+
+
 def source_of(model_path: str | Path) -> Path | None:
     """The model a surgery output was made from, when its surgery.json names one that still exists."""
-    import json
-
-    record = Path(model_path) / "surgery.json"
-    if not record.is_file():
-        return None
-    source = json.loads(record.read_text()).get("source_model")
+    source = (read_provenance(Path(model_path)) or {}).get("source_model")
     return Path(source) if source and Path(source).is_dir() else None
 
 
