@@ -64,7 +64,7 @@ def apply(
     from surgery.execute import execute
     from surgery.planner import resolve
 
-    recipe = resolve(plan, out)
+    recipe = resolve(plan, out, device)
     start = time.perf_counter()
     with _byte_progress(recipe.total_bytes, f"writing {recipe.output}") as advance:
         written = execute(
@@ -85,11 +85,13 @@ def check(
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the plan's `output`).")] = None,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    device: Device = "auto",
 ) -> None:
-    """Validate a plan (headers only) and print what would be written. Exit 0 when valid, 2 when not."""
+    """Validate a plan (headers, plus the data its fits need) and print what would be written.
+    Exit 0 when valid, 2 when not."""
     from surgery.planner import resolve
 
-    recipe = resolve(plan, out)
+    recipe = resolve(plan, out, device)
     if as_json:
         shards = recipe.shards(_shard_size(shard_size))
         summary = recipe.provenance() | {

@@ -31,7 +31,7 @@ def run_demo(out_dir: Path, device: str, console: Console) -> None:
     console.print(f"demo models: {', '.join(str(demo_model(n)) for n in TRAINED)}")
     table = Table("plan", "layer map", "layers", "size", "time", "perplexity (input model)", title="example plans")
     for plan in example_plans():
-        recipe = resolve(plan, out_dir / plan.stem)
+        recipe = resolve(plan, out_dir / plan.stem, device)
         start = time.perf_counter()
         execute(recipe, force=True, device=device)
         elapsed = time.perf_counter() - start

@@ -10,9 +10,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 from surgery.checkpoint.reader import INDEX_NAME
 from surgery.checkpoint.writer import write_index, write_shard
@@ -20,7 +18,7 @@ from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
 from surgery.planner import Recipe
 from surgery.provenance import PROVENANCE_NAME, write_json
-from surgery.view import TensorRecipe
+from surgery.streaming import RecipeStreamer
 
 # Files of a source folder that describe its own weights or card, and so are not carried over.
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -53,10 +51,12 @@ def execute(
     staging = out.parent / f".{out.name}.surgery-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        with ExitStack() as stack:
-            compute = _Computer(stack, compute_device)
+        streamer = RecipeStreamer(compute_device)
+        try:
             for shard in shards:
-                write_shard(staging / shard.filename, tensors, shard.names, compute, on_bytes, fsync=fsync)
+                write_shard(staging / shard.filename, tensors, shard.names, streamer.encoded, on_bytes, fsync=fsync)
+        finally:
+            streamer.close()
         write_index(staging, shards, tensors)
         write_json(staging / "config.json", recipe.config)
         _copy_side_files(recipe.view.source.path, staging)
@@ -71,28 +71,6 @@ def execute(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
-
-
-class _Computer:
-    """Makes computed tensors: loads their inputs lazily (mmap), runs the compute, returns the bytes."""
-
-    def __init__(self, stack: ExitStack, device: str) -> None:
-        self.stack = stack
-        self.device = device
-        self.handles: dict[Path, Any] = {}
-
-    def __call__(self, recipe: TensorRecipe) -> memoryview:
-        import torch
-        from safetensors import safe_open
-
-        inputs = []
-        for info in recipe.inputs:
-            if info.file not in self.handles:
-                self.handles[info.file] = self.stack.enter_context(safe_open(info.file, framework="pt"))
-            inputs.append(self.handles[info.file].get_tensor(info.name).to(self.device))
-        assert recipe.compute is not None
-        result = recipe.compute(inputs).to("cpu").contiguous()
-        return memoryview(result.reshape(-1).view(torch.uint8).numpy())
 
 
 def _copy_side_files(source: Path, dest: Path) -> None:

@@ -16,7 +16,7 @@ from surgery import __version__
 from surgery.checkpoint.reader import Checkpoint
 from surgery.checkpoint.writer import ShardPlan, plan_shards
 from surgery.errors import SurgeryError
-from surgery.ops import OP_FUNCTIONS
+from surgery.ops import OP_FUNCTIONS, OpContext
 from surgery.plan import Plan, load_plan
 from surgery.view import LayerOrigin, ModelView, TensorRecipe, open_view
 
@@ -42,6 +42,7 @@ class Recipe:
     output: Path
     view: ModelView
     sources: dict[str, Checkpoint] = field(default_factory=dict)
+    fits: list[dict[str, Any]] = field(default_factory=list)  # what data-dependent fits found, by step
     evaluation_reference: Path | None = None  # the model scored beside the output, when the plan evaluates
 
     @cached_property
@@ -68,21 +69,23 @@ class Recipe:
         """What surgery.json records: enough to identify the inputs and re-run the edit."""
         return {
             "surgery_version": __version__,
-            "plan": self.plan.model_dump(mode="json", exclude_none=True),
+            "plan": self.plan.model_dump(mode="json", exclude_none=True, by_alias=True),
             "plan_file": str(self.plan_path),
             "sources": {
                 label: {"path": str(ckpt.path), "header_sha256": ckpt.header_hashes}
                 for label, ckpt in self.sources.items()
             },
             "source_model": str(self.view.source.path),
+            **({"fits": self.fits} if self.fits else {}),
             "layer_map": [str(origin) for origin in self.layer_map()],
             "tensors": len(self.tensors),
             "bytes": self.total_bytes,
         }
 
 
-def resolve(plan_path: str | Path, output: str | Path | None = None) -> Recipe:
-    """Load a plan, open its checkpoints' headers, and run its ops into one view."""
+def resolve(plan_path: str | Path, output: str | Path | None = None, device: str = "auto") -> Recipe:
+    """Load a plan, open its checkpoints' headers, run its data-dependent fits (on `device`), and run
+    its ops into one view."""
     plan_path = Path(plan_path)
     plan = load_plan(plan_path)
     plan_dir = plan_path.resolve().parent
@@ -96,12 +99,16 @@ def resolve(plan_path: str | Path, output: str | Path | None = None) -> Recipe:
             views[ref] = open_view(checkpoint, label=ref)
         return views[ref]
 
-    primary = plan.model or _first_entry_model(plan)
+    primary = plan.model or plan.base or _first_entry_model(plan)
     if primary is None:
         raise SurgeryError(f"{plan_path}: the plan names no model; add 'model: PATH' at the top")
     view = open_model(primary)
-    for step in plan.steps:
-        view = OP_FUNCTIONS[step.op](step, view, open_model)
+    context = OpContext(open_model, plan.base, device, log=lambda line: print(line, file=sys.stderr))
+    fits: list[dict[str, Any]] = []
+    for index, step in enumerate(plan.steps):
+        view = OP_FUNCTIONS[step.op](step, view, context)
+        fits.extend({"step": index, "op": step.op, **found} for found in context.fits)
+        context.fits.clear()
 
     if output is not None:
         out = Path(output)
@@ -117,7 +124,7 @@ def resolve(plan_path: str | Path, output: str | Path | None = None) -> Recipe:
             raise SurgeryError(
                 f"output {out} overlaps the input model {checkpoint.path}; inputs are never modified, pick another --out"
             )
-    recipe = Recipe(plan=plan, plan_path=plan_path, output=out, view=view, sources=sources)
+    recipe = Recipe(plan=plan, plan_path=plan_path, output=out, view=view, sources=sources, fits=fits)
     if plan.evaluate is not None:
         from surgery.evaluate import plan as evaluate_plan
 

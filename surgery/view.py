@@ -7,6 +7,7 @@ compose into one streaming pass and nothing is read until the executor runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,9 +20,19 @@ if TYPE_CHECKING:
 
 
 class Compute(Protocol):
-    """A pure tensor function; `describe` makes recipes printable and hashable."""
+    """A pure tensor function; `describe` makes recipes printable and hashable.
+
+    Inputs arrive as float32 blocks the compute may overwrite; it returns a float tensor, which the
+    executor casts to the recipe's dtype. An `elementwise` compute gets aligned blocks of its flattened
+    inputs, so a tensor of any size streams through bounded memory; otherwise it gets whole tensors.
+    `prepare` sees every block once before the first call, for whole-tensor statistics (thresholds).
+    """
+
+    elementwise: bool
 
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor: ...
+
+    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Compute: ...
 
     def describe(self) -> str: ...
 
@@ -85,6 +96,17 @@ class ModelView:
 
     def with_layers(self, layers: list[Layer]) -> ModelView:
         return replace(self, layers=layers)
+
+    def map_tensors(self, edit: Callable[[str, TensorRecipe], TensorRecipe], label: str | None = None) -> ModelView:
+        """The view with every tensor passed through `edit(final name, recipe)`; `label` joins each
+        layer's origin edits (for layer maps)."""
+        outside = {name: edit(name, recipe) for name, recipe in self.outside.items()}
+        layers = []
+        for index, layer in enumerate(self.layers):
+            tensors = {s: edit(self.layout.layer_name(index, s), r) for s, r in layer.tensors.items()}
+            origin = layer.origin if label is None else replace(layer.origin, edits=(*layer.origin.edits, label))
+            layers.append(Layer(tensors=tensors, config=layer.config, origin=origin))
+        return replace(self, outside=outside, layers=layers)
 
     def recipes(self) -> dict[str, TensorRecipe]:
         """Every output tensor by its final name."""

@@ -2,7 +2,7 @@
 
 Shard boundaries and offsets come from the recipes' sizes alone, so each shard is one header
 write followed by a sequential stream: copied tensors go source-file to output-file in the kernel
-(`copy_file_range`), computed ones are produced one at a time. Peak memory is one computed tensor.
+(`copy_file_range`), computed ones arrive block by block. Peak memory is one computed block.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import errno
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +72,7 @@ def write_shard(
     path: Path,
     recipes: dict[str, TensorRecipe],
     names: list[str],
-    compute: Callable[[TensorRecipe], memoryview],
+    compute: Callable[[TensorRecipe], Iterable[memoryview]],
     on_tensor: Callable[[int], None] = lambda n: None,
     fsync: bool = True,
 ) -> None:
@@ -90,10 +90,12 @@ def write_shard(
                     sources[info.file] = stack.enter_context(open(info.file, "rb"))
                 _copy_range(sources[info.file], out, info.start, info.nbytes)
             else:
-                data = compute(recipe)
-                if len(data) != recipe.nbytes:
-                    raise RuntimeError(f"{name}: computed {len(data)} bytes, expected {recipe.nbytes}")
-                out.write(data)
+                written = 0
+                for block in compute(recipe):
+                    out.write(block)
+                    written += len(block)
+                if written != recipe.nbytes:
+                    raise RuntimeError(f"{name}: computed {written} bytes, expected {recipe.nbytes}")
                 out.flush()
             on_tensor(recipe.nbytes)
         out.flush()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from surgery.diff.modules import MODULE_KINDS
+from surgery.checkpoint.modules import MODULE_KINDS
 from surgery.diff.report import DiffReport
 from surgery.errors import SurgeryError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from surgery.diff.modules import MODULE_KINDS
+from surgery.checkpoint.modules import MODULE_KINDS
 from surgery.diff.report import DiffReport
 from surgery.formatting import format_layer_map
 from surgery.view import LayerOrigin

@@ -16,8 +16,9 @@ from typing import Any
 from surgery.checkpoint.layout import Layout, find_layout
 from surgery.checkpoint.reader import Checkpoint, TensorInfo
 from surgery.diff.bytes import ByteComparer
-from surgery.diff.modules import module_kind
-from surgery.diff.stats import ZERO, Change, TensorLoader, measure
+from surgery.checkpoint.modules import module_kind
+from surgery.checkpoint.blocks import BlockReader
+from surgery.diff.stats import ZERO, Change, Sketches, measure
 from surgery.errors import SurgeryError
 
 SIMILAR_ENOUGH = 0.5  # mean cosine below which a changed layer is matched to no layer of A
@@ -111,9 +112,9 @@ def diff(
             "tensors are paired by name only"
         )
         a_layout = b_layout = None
-    comparer, loader = ByteComparer(), TensorLoader()
+    comparer, reader = ByteComparer(), BlockReader()
     try:
-        pairs, unpaired_a, unpaired_b = _pair(a, b, a_layout, b_layout, comparer, loader, report)
+        pairs, unpaired_a, unpaired_b = _pair(a, b, a_layout, b_layout, comparer, Sketches(reader), report)
         report.removed = sorted(n for n in unpaired_a if selected(n))
         report.added = sorted(n for n in unpaired_b if selected(n))
         layer_of = {} if b_layout is None else {n: b_layout.split(n) for n in b.tensors}
@@ -129,7 +130,7 @@ def diff(
             if comparer.identical(ia, ib):
                 report.unchanged.append(b_name)
                 continue
-            change = measure(loader, ia, ib, atol, rtol)
+            change = measure(reader, ia, ib, atol, rtol)
             if ia.dtype == ib.dtype and (atol or rtol) and change.within_tolerance:
                 report.unchanged.append(b_name)
                 continue
@@ -143,7 +144,7 @@ def diff(
                 layer.modules[kind] = layer.modules.get(kind, ZERO) + change
     finally:
         comparer.close()
-        loader.close()
+        reader.close()
     return report
 
 
@@ -179,7 +180,7 @@ def _layout(checkpoint: Checkpoint, report: DiffReport) -> Layout | None:
 
 def _pair(
     a: Checkpoint, b: Checkpoint, a_layout: Layout | None, b_layout: Layout | None,
-    comparer: ByteComparer, loader: TensorLoader, report: DiffReport,
+    comparer: ByteComparer, sketches: Sketches, report: DiffReport,
 ) -> tuple[list[tuple[str, str]], set[str], set[str]]:
     """(B name, A name) pairs; A and B names left without a partner."""
     if a_layout is None or b_layout is None:
@@ -196,7 +197,7 @@ def _pair(
         similarity: float | None = 1.0 if match is not None else None
         closest = match
         if match is None:
-            closest, similarity = _closest_layer(layer, a_layers, loader)
+            closest, similarity = _closest_layer(layer, a_layers, sketches)
         report.layers.append(LayerReport(j, match, closest, similarity))
         if closest is None:
             unpaired_b.update(b_layout.layer_name(j, s) for s in layer)
@@ -230,7 +231,7 @@ def _identical_layer(
 
 
 def _closest_layer(
-    layer: dict[str, TensorInfo], a_layers: list[dict[str, TensorInfo]], loader: TensorLoader
+    layer: dict[str, TensorInfo], a_layers: list[dict[str, TensorInfo]], sketches: Sketches
 ) -> tuple[int | None, float | None]:
     """The layer of A with the same tensor shapes whose weights point the same way (mean cosine of
     row samples over the matrices), or none below SIMILAR_ENOUGH."""
@@ -238,12 +239,12 @@ def _closest_layer(
 
     signature = {s: t.shape for s, t in layer.items()}
     matrices = [s for s, t in layer.items() if len(t.shape) >= 2] or list(layer)
-    mine = {s: loader.sketch(layer[s]) for s in matrices}
+    mine = {s: sketches(layer[s]) for s in matrices}
     best, best_score = None, -1.0
     for i, candidate in enumerate(a_layers):
         if {s: t.shape for s, t in candidate.items()} != signature:
             continue
-        scores = [float(torch.nn.functional.cosine_similarity(mine[s], loader.sketch(candidate[s]), dim=0))
+        scores = [float(torch.nn.functional.cosine_similarity(mine[s], sketches(candidate[s]), dim=0))
                   for s in matrices]
         score = sum(scores) / len(scores)
         if score > best_score:

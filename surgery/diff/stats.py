@@ -1,17 +1,14 @@
-"""How much a tensor changed: norms, cosine, max difference, computed in float32 over row blocks so
+"""How much a tensor changed: norms, cosine, max difference, computed in float32 block by block so
 memory is bounded by a block, not by the tensor."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from surgery.checkpoint.reader import TensorInfo
-from surgery.errors import SurgeryError
-
-BLOCK_ELEMENTS = 1 << 22
+from surgery.checkpoint.blocks import BLOCK_ELEMENTS, BlockReader
+from surgery.checkpoint.reader import TensorInfo, numel
 
 
 @dataclass(frozen=True)
@@ -50,83 +47,42 @@ class Change:
 ZERO = Change(0.0, 0.0, 0.0, 0.0, 0.0, True)
 
 
-TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+class Sketches:
+    """A few evenly spaced rows of a tensor (the whole tensor when small), flattened to float32 and
+    cached: enough to tell which layer of A a changed layer of B came from."""
 
+    def __init__(self, reader: BlockReader, rows: int = 8) -> None:
+        self.reader = reader
+        self.rows = rows
+        self._cache: dict[TensorInfo, Any] = {}
 
-class TensorLoader:
-    """Reads row blocks of tensors into reused buffers: no memory map (whose touched pages would count
-    against the process), no fresh allocation per block (page faults cost more than the arithmetic)."""
-
-    def __init__(self) -> None:
-        self._files: dict[Path, BinaryIO] = {}
-        self._sketches: dict[TensorInfo, Any] = {}
-        self._raw = [bytearray(), bytearray()]
-        self._floats: list[Any] = [None] * 4  # torch is imported only when something must be decoded
-
-    def _read_into(self, slot: int, info: TensorInfo, offset: int, size: int) -> memoryview:
-        handle = self._files.get(info.file)
-        if handle is None:
-            handle = self._files[info.file] = open(info.file, "rb")
-        if len(self._raw[slot]) < size:
-            self._raw[slot] = bytearray(size)
-        view = memoryview(self._raw[slot])[:size]
-        handle.seek(info.start + offset)
-        if handle.readinto(view) != size:
-            raise SurgeryError(f"{info.file}: unexpected end of file reading {info.name}")
-        return view
-
-    def floats(self, slot: int, info: TensorInfo, start_row: int, stop_row: int) -> Any:
-        """Rows [start_row, stop_row) of a tensor as float32, in buffer `slot` (valid until reused)."""
+    def __call__(self, info: TensorInfo) -> Any:
         import torch
 
-        per_row = info.nbytes // (info.shape[0] if info.shape else 1)
-        raw = self._read_into(slot, info, start_row * per_row, (stop_row - start_row) * per_row)
-        source = torch.frombuffer(raw, dtype=getattr(torch, TORCH_DTYPES[info.dtype])) if len(raw) else torch.empty(0)
-        out = self.scratch(slot, source.numel())
-        out.copy_(source)
-        return out
-
-    def scratch(self, slot: int, numel: int) -> Any:
-        """Float32 working buffer `slot` of `numel` elements (0, 1: decoded inputs; 2, 3: results)."""
-        import torch
-
-        if self._floats[slot] is None or self._floats[slot].numel() < numel:
-            self._floats[slot] = torch.empty(numel)
-        return self._floats[slot][:numel]
-
-    def sketch(self, info: TensorInfo, rows: int = 8) -> Any:
-        """A few evenly spaced rows (the whole tensor when small), flattened to float32."""
-        import torch
-
-        if info not in self._sketches:
+        if info not in self._cache:
             count = info.shape[0] if info.shape else 1
-            picks = range(count) if len(info.shape) < 2 or count <= rows else \
-                torch.linspace(0, count - 1, rows).round().long().tolist()
-            self._sketches[info] = torch.cat([self.floats(0, info, i, i + 1).clone() for i in picks])
-        return self._sketches[info]
+            per_row = numel(info.shape) // count if count else 0
+            picks = range(count) if len(info.shape) < 2 or count <= self.rows else \
+                torch.linspace(0, count - 1, self.rows).round().long().tolist()
+            self._cache[info] = torch.cat(
+                [self.reader.floats(0, info, i * per_row, (i + 1) * per_row).clone() for i in picks]
+            )
+        return self._cache[info]
 
-    def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
 
-
-def measure(loader: TensorLoader, a: TensorInfo, b: TensorInfo, atol: float, rtol: float) -> Change:
-    """Change from A to B (same shape), in float32, block of rows by block of rows."""
+def measure(reader: BlockReader, a: TensorInfo, b: TensorInfo, atol: float, rtol: float) -> Change:
+    """Change from A to B (same shape), in float32, block by block."""
     import torch
 
-    rows = a.shape[0] if a.shape else 1
-    per_row = max(1, math.prod(a.shape[1:]) if a.shape else 1)
-    step = max(1, BLOCK_ELEMENTS // per_row)
+    total = numel(a.shape)
     diff_sq = a_sq = b_sq = dot = max_abs = 0.0
     within = True
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        block_a = loader.floats(0, a, start, stop)
-        block_b = loader.floats(1, b, start, stop)
-        delta = torch.sub(block_b, block_a, out=loader.scratch(2, block_a.numel()))
-        product = loader.scratch(3, block_a.numel())
+    for start in range(0, total, BLOCK_ELEMENTS):
+        stop = min(total, start + BLOCK_ELEMENTS)
+        block_a = reader.floats(0, a, start, stop)
+        block_b = reader.floats(1, b, start, stop)
+        delta = torch.sub(block_b, block_a, out=reader.scratch(2, block_a.numel()))
+        product = reader.scratch(3, block_a.numel())
         # multiply into a buffer, then torch's cascade sum (BLAS dot loses ~1e-5 relative at this size);
         # with B = A + D: ||B||^2 = ||A||^2 + 2<A,D> + ||D||^2 and <A,B> = ||A||^2 + <A,D>
         block_d_sq = float(torch.mul(delta, delta, out=product).sum())

@@ -1,4 +1,4 @@
-"""Ops: pure functions from (resolved step, input view) to an output view.
+"""Ops: pure functions from (resolved step, input view, context) to an output view.
 
 `OP_FUNCTIONS` maps each plan `op` to its function; the planner applies them in plan order.
 """
@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from surgery.ops.atlas import atlas
 from surgery.ops.chain import chain
+from surgery.ops.context import OpContext
+from surgery.ops.lines import lines
+from surgery.ops.merge import task_arithmetic, ties
 from surgery.view import ModelView
 
-OpenModel = Callable[[str], ModelView]
-OP_FUNCTIONS: dict[str, Callable[..., ModelView]] = {"chain": chain}
+OP_FUNCTIONS: dict[str, Callable[..., ModelView]] = {
+    "chain": chain, "task_arithmetic": task_arithmetic, "ties": ties, "lines": lines, "atlas": atlas,
+}
 
-__all__ = ["OP_FUNCTIONS", "OpenModel", "chain"]
+__all__ = ["OP_FUNCTIONS", "OpContext"]

@@ -7,12 +7,13 @@ tensors are raw copies unless the entry scales some of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from surgery.checkpoint.reader import FLOAT_DTYPES
 from surgery.errors import SurgeryError
+from surgery.ops.context import OpContext
 from surgery.plan.schema import ChainStep, LayerEntry
 from surgery.view import Compute, Layer, ModelView, TensorRecipe
 
@@ -22,25 +23,32 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Scaled:
-    """Multiply a tensor by a constant in float32 and cast back to its dtype."""
+    """Multiply a tensor by a constant in float32 (the executor casts back to its dtype)."""
 
     factor: float
     inner: Compute | None = None
 
+    @property
+    def elementwise(self) -> bool:
+        return self.inner is None or self.inner.elementwise
+
+    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Scaled:
+        return self if self.inner is None else replace(self, inner=self.inner.prepare(blocks))
+
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         tensor = inputs[0] if self.inner is None else self.inner(inputs)
-        return (tensor.float() * self.factor).to(tensor.dtype)
+        return tensor.mul_(self.factor)
 
     def describe(self) -> str:
         inner = "" if self.inner is None else f" after {self.inner.describe()}"
         return f"scale x{self.factor}{inner}"
 
 
-def chain(step: ChainStep, view: ModelView, open_model: Callable[[str], ModelView]) -> ModelView:
+def chain(step: ChainStep, view: ModelView, context: OpContext) -> ModelView:
     """The view whose layers are the step's entries, in order, from the current or named models."""
     layers: list[Layer] = []
     for entry in step.layers:
-        source = view if entry.model is None else open_model(entry.model)
+        source = view if entry.model is None else context.open_model(entry.model)
         if source is not view:
             _check_same_architecture(view, source)
         for index in entry.layers:

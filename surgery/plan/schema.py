@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 _SINGLE = re.compile(r"^\s*(\d+)\s*$")
@@ -86,8 +86,107 @@ class ChainStep(_Strict):
         return entries
 
 
-Step = ChainStep
-OPS: dict[str, type[BaseModel]] = {"chain": ChainStep}
+class MergeModel(_Strict):
+    """A fine-tuned model whose task vector (model - base) takes part in a merge."""
+
+    model: str
+    weight: float = Field(default=1.0, description="Its lambda_t: how much of its task vector is added.")
+
+
+def _models(value: Any) -> Any:
+    """A bare path stands for {model: path}."""
+    if isinstance(value, list):
+        return [{"model": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
+class TaskArithmeticStep(_Strict):
+    """theta = theta_base + sum_t weight_t * (theta_t - theta_base) (Ilharco et al. 2023)."""
+
+    op: Literal["task_arithmetic"]
+    models: list[MergeModel] = Field(min_length=1)
+
+    bare_paths = field_validator("models", mode="before")(_models)
+
+
+class TiesStep(_Strict):
+    """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint mean, then base + lambda * merged."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    op: Literal["ties"]
+    models: list[MergeModel] = Field(min_length=1)
+    density: float = Field(default=0.2, gt=0, le=1, description="Fraction of each task vector's entries kept.")
+    lam: float = Field(default=1.0, alias="lambda", description="Scale of the merged task vector.")
+
+    bare_paths = field_validator("models", mode="before")(_models)
+
+
+class LinesStep(_Strict):
+    """LiNeS (Wang et al. 2024): scale the current update by depth, alpha + beta * l / (L - 1)."""
+
+    op: Literal["lines"]
+    alpha: float | None = Field(default=None, description="Scale of the first layer and of tensors outside the layers.")
+    beta: float | None = Field(default=None, description="Added scale at the last layer (single-task default 1 - alpha).")
+
+
+class LearnSettings(_Strict):
+    """How aTLAS learns its coefficients: AdamW on the causal-LM loss of this text, base and task vectors frozen."""
+
+    data: list[str] = Field(min_length=1, description="builtin:NAME or .txt/.jsonl files.")
+    steps: int = Field(default=100, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=8, ge=1)
+    max_tokens: int = Field(default=32768, ge=2, description="Train on the first N tokens of each text.")
+    window: int = Field(default=128, ge=2, description="Tokens per training sequence.")
+    init: float = Field(default=0.0, description="Every coefficient's starting value.")
+    seed: int = 0
+    device: str = "auto"
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+Granularity = Literal["tensor", "layer", "module"]
+
+
+class AtlasStep(_Strict):
+    """aTLAS (Zhang et al. 2024): theta = theta_base + sum_t Lambda_t tau_t, one coefficient per block."""
+
+    op: Literal["atlas"]
+    models: list[MergeModel] = Field(min_length=1)
+    granularity: Granularity = "tensor"
+    coefficients: dict[str, float | dict[str, float]] | None = Field(
+        default=None, description="Per model: one number for every block, or a number per block."
+    )
+    learn: LearnSettings | None = None
+
+    bare_paths = field_validator("models", mode="before")(_models)
+
+    @field_validator("coefficients", mode="before")
+    @classmethod
+    def _block_names(cls, value: Any) -> Any:
+        """Layer blocks may be written as YAML integers."""
+        if isinstance(value, dict):
+            return {k: ({str(b): c for b, c in v.items()} if isinstance(v, dict) else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AtlasStep:
+        if (self.coefficients is None) == (self.learn is None):
+            raise ValueError("give either 'coefficients' (a mapping) or 'learn' (settings to learn them), not both or neither")
+        return self
+
+
+Step = Annotated[
+    ChainStep | TaskArithmeticStep | TiesStep | LinesStep | AtlasStep, Field(discriminator="op")
+]
+OPS: dict[str, type[BaseModel]] = {
+    "chain": ChainStep, "task_arithmetic": TaskArithmeticStep, "ties": TiesStep, "lines": LinesStep, "atlas": AtlasStep,
+}
 
 
 class EvaluateSection(_Strict):

@@ -1,0 +1,83 @@
+"""Read element ranges of tensors straight from their files into reused float32 buffers.
+
+No memory map (its touched pages would count against the process) and no fresh allocation per
+block (page faults cost more than the arithmetic): a block costs one `readinto` and one decode.
+Shared by `diff` (comparing) and the executor (computing tensors block by block).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from surgery.checkpoint.reader import DTYPE_SIZES, TensorInfo
+from surgery.errors import SurgeryError
+
+if TYPE_CHECKING:
+    import torch
+
+BLOCK_ELEMENTS = 1 << 22
+
+TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[dtype])
+
+
+class BlockReader:
+    """Numbered slots of reused buffers; a block read into a slot stays valid until that slot is reused."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, BinaryIO] = {}
+        self._raw: dict[int, bytearray] = {}
+        self._floats: dict[int, torch.Tensor] = {}  # torch is imported only when something must be decoded
+
+    def raw(self, slot: int, info: TensorInfo, start: int, stop: int) -> memoryview:
+        """The bytes of elements [start, stop) of a tensor (flattened, row-major)."""
+        handle = self._files.get(info.file)
+        if handle is None:
+            handle = self._files[info.file] = open(info.file, "rb")
+        size = DTYPE_SIZES[info.dtype]
+        count = (stop - start) * size
+        if len(self._raw.get(slot, b"")) < count:
+            self._raw[slot] = bytearray(count)
+        view = memoryview(self._raw[slot])[:count]
+        handle.seek(info.start + start * size)
+        if handle.readinto(view) != count:
+            raise SurgeryError(f"{info.file}: unexpected end of file reading {info.name}")
+        return view
+
+    def floats(self, slot: int, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of a tensor as float32 (the caller may overwrite them)."""
+        import torch
+
+        raw = self.raw(slot, info, start, stop)
+        out = self.scratch(slot, stop - start)
+        if len(raw):
+            out.copy_(torch.frombuffer(raw, dtype=torch_dtype(info.dtype)))
+        return out
+
+    def scratch(self, slot: int, numel: int) -> torch.Tensor:
+        """Float32 working buffer `slot` of `numel` elements (slots of `floats` and spare ones share numbers)."""
+        import torch
+
+        buffer = self._floats.get(slot)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._floats[slot] = torch.empty(numel)
+        return buffer[:numel]
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+    def __enter__(self) -> BlockReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,88 @@
+"""`atlas` (aTLAS, Zhang et al. 2024): theta = theta_base + sum_t Lambda_t tau_t, one coefficient per
+(task vector, block). A block is a tensor, a layer (plus `outside` for the tensors outside the
+layers), or a module kind (attention, mlp, norm, embedding, other).
+
+Coefficients are given in the plan or learned on text (`atlas_learn`); learned ones are recorded in
+surgery.json in the plan's own `coefficients` form, so pasting them back re-runs the merge exactly.
+"""
+
+from __future__ import annotations
+
+from surgery.checkpoint.modules import module_kind
+from surgery.checkpoint.reader import FLOAT_DTYPES
+from surgery.devices import check_device_name
+from surgery.errors import SurgeryError
+from surgery.ops.context import OpContext
+from surgery.ops.merge import merge_inputs, merged_view
+from surgery.ops.updates import WeightedUpdate
+from surgery.plan.schema import AtlasStep, Granularity
+from surgery.view import ModelView
+
+OUTSIDE = "outside"
+Coefficients = dict[str, dict[str, float]]  # model reference -> block -> coefficient
+
+
+def blocks_of(view: ModelView, granularity: Granularity) -> dict[str, str]:
+    """Each float tensor's block, in tensor order."""
+    out = {}
+    for name, recipe in view.recipes().items():
+        if recipe.dtype not in FLOAT_DTYPES:
+            continue
+        if granularity == "tensor":
+            out[name] = name
+        elif granularity == "layer":
+            placed = view.layout.split(name)
+            out[name] = OUTSIDE if placed is None else str(placed[0])
+        else:
+            out[name] = module_kind(name)
+    return out
+
+
+def atlas(step: AtlasStep, view: ModelView, context: OpContext) -> ModelView:
+    base, models = merge_inputs(step.op, step.models, view, context)
+    block_of = blocks_of(base, step.granularity)
+    blocks = list(dict.fromkeys(block_of.values()))
+    refs = [entry.model for entry in step.models]
+    if step.coefficients is not None:
+        coefficients = given_coefficients(step.coefficients, refs, blocks, step.granularity)
+    else:
+        from surgery.ops.atlas_learn import learn_coefficients
+
+        assert step.learn is not None
+        settings = step.learn if context.device == "auto" else step.learn.model_copy(update={"device": context.device})
+        check_device_name(settings.device)
+        learned = learn_coefficients(base, models, block_of, blocks, settings, context.log)
+        coefficients = {ref: dict(zip(blocks, row)) for ref, row in zip(refs, learned)}
+        context.fits.append({"granularity": step.granularity, "coefficients": coefficients})
+
+    def update_for(name: str) -> WeightedUpdate:
+        return WeightedUpdate(tuple(coefficients[ref][block_of[name]] for ref in refs))
+
+    return merged_view(step.op, base, models, update_for)
+
+
+def given_coefficients(
+    given: dict[str, float | dict[str, float]], refs: list[str], blocks: list[str], granularity: str
+) -> Coefficients:
+    """The plan's coefficients, complete: a number stands for every block; a mapping names each block."""
+    unknown = sorted(set(given) - set(refs))
+    if unknown:
+        raise SurgeryError(f"atlas: coefficients name {unknown[0]!r}, which is not among the step's models ({', '.join(refs)})")
+    out: Coefficients = {}
+    for ref in refs:
+        if ref not in given:
+            raise SurgeryError(f"atlas: coefficients has no entry for {ref}; give a number or a mapping of {granularity} blocks")
+        value = given[ref]
+        if not isinstance(value, dict):
+            out[ref] = dict.fromkeys(blocks, float(value))
+            continue
+        stray = sorted(set(value) - set(blocks))
+        if stray:
+            raise SurgeryError(f"atlas: coefficients of {ref} name block {stray[0]!r}, which granularity {granularity} "
+                               f"does not have; its blocks: {', '.join(blocks[:6])}{', ...' if len(blocks) > 6 else ''}")
+        missing = [b for b in blocks if b not in value]
+        if missing:
+            raise SurgeryError(f"atlas: coefficients of {ref} lack block {missing[0]!r} ({len(missing)} missing); "
+                               "give every block, or one number for all")
+        out[ref] = {b: float(value[b]) for b in blocks}
+    return out

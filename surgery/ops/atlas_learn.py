@@ -1,0 +1,87 @@
+"""Learn aTLAS coefficients: AdamW on the causal-LM loss of given text, base and task vectors frozen.
+
+As the paper's code: coefficients start equal (0 by default), the merged parameters are
+theta_base + sum_t coef[t, block] * tau_t, gradients are clipped to norm 1, the learning rate
+follows a cosine schedule. This is the one part of `surgery` that holds whole models in memory: the
+base and every task vector, in float32, on the fit's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from surgery.errors import SurgeryError
+from surgery.plan.schema import LearnSettings
+from surgery.view import ModelView
+
+
+def learn_coefficients(
+    base: ModelView, models: list[ModelView], block_of: dict[str, str], blocks: list[str],
+    settings: LearnSettings, log: Callable[[str], None],
+) -> list[list[float]]:
+    """Coefficients[t][b] for each model t and block b (blocks no learnable tensor falls in keep `init`)."""
+    import torch
+    from safetensors import safe_open
+    from torch.func import functional_call
+
+    from surgery.evaluate.loading import load_for_eval
+
+    loaded = load_for_eval(base.source.path, settings.device, "float32")
+    model, device = loaded.model, loaded.device
+    model.requires_grad_(False)
+    parameters = dict(model.named_parameters())
+    learnable = [name for name in block_of if name in parameters]
+    if not learnable:
+        raise SurgeryError(f"atlas: none of {base.label}'s tensors is a parameter of the transformers model; cannot learn")
+    index = {b: i for i, b in enumerate(blocks)}
+    block_index = torch.tensor([index[block_of[name]] for name in learnable], device=device)
+    base_values = [parameters[name].detach() for name in learnable]
+    task_vectors = []
+    for view in models:
+        recipes = view.recipes()
+        vectors = []
+        for name, base_value in zip(learnable, base_values):
+            info = recipes[name].inputs[0]
+            with safe_open(info.file, framework="pt") as f:
+                tensor = f.get_tensor(name)
+            vectors.append(tensor.to(device=device, dtype=torch.float32).sub_(base_value))
+        task_vectors.append(vectors)
+
+    sequences = _training_sequences(loaded.tokenizer, settings)
+    coefficients = torch.full((len(models), len(blocks)), settings.init, device=device, requires_grad=True)
+    optimizer = torch.optim.AdamW([coefficients], lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
+    generator = torch.Generator().manual_seed(settings.seed)
+    log(f"atlas: learning {coefficients.numel()} coefficients on {sequences.numel():,} tokens, {settings.steps} steps")
+    for step in range(settings.steps):
+        batch = sequences[torch.randint(len(sequences), (settings.batch_size,), generator=generator)].to(device)
+        per_tensor = coefficients[:, block_index]  # (models, tensors)
+        merged = {
+            name: base_value + sum(per_tensor[t, i] * task_vectors[t][i] for t in range(len(models)))
+            for i, (name, base_value) in enumerate(zip(learnable, base_values))
+        }
+        loss = functional_call(model, merged, args=(), kwargs={"input_ids": batch, "labels": batch, "use_cache": False}).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([coefficients], 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % max(1, settings.steps // 5) == 0 or step == settings.steps - 1:
+            log(f"atlas: step {step + 1}/{settings.steps} loss {loss.item():.4f}")
+    return coefficients.detach().cpu().tolist()
+
+
+def _training_sequences(tokenizer, settings: LearnSettings):
+    """Windows of `window` tokens cut from the first `max_tokens` tokens of each text."""
+    import torch
+
+    from surgery.evaluate.data import load_text
+
+    windows = []
+    for spec in settings.data:
+        ids = tokenizer(load_text(spec).text)["input_ids"][: settings.max_tokens]
+        usable = len(ids) // settings.window * settings.window
+        if usable == 0:
+            raise SurgeryError(f"atlas.learn: {spec} has {len(ids)} tokens, fewer than one window of {settings.window}")
+        windows.append(torch.tensor(ids[:usable]).view(-1, settings.window))
+    return torch.cat(windows)

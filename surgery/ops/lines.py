@@ -1,0 +1,79 @@
+"""`lines` (LiNeS, Wang et al. 2024): scale the current update (current - base) by depth.
+
+Layer l of L gets alpha + beta * l / (L - 1); tensors outside the layers (embeddings, final norm,
+head) get alpha. Shallow layers hold general features that fine-tuning should not overwrite, deep
+ones the task: scaling the shallow part of the update down keeps what the base knew.
+On one fine-tune beta defaults to 1 - alpha. After a merge, alpha defaults to
+(1/T) * ||sum_t tau_t||_1 / ||tau_merged||_1 (measured on the data) and beta must be given.
+"""
+
+from __future__ import annotations
+
+from surgery.checkpoint.reader import FLOAT_DTYPES
+from surgery.devices import resolve_device
+from surgery.errors import SurgeryError
+from surgery.ops.context import OpContext
+from surgery.ops.merge import check_same_tensors
+from surgery.ops.updates import Update, WeightedUpdate
+from surgery.plan.schema import LinesStep
+from surgery.streaming import RecipeStreamer
+from surgery.view import ModelView, TensorRecipe
+
+
+def depth_scales(alpha: float, beta: float, layers: int) -> list[float]:
+    """lambda(l) for l = 0..L-1."""
+    return [alpha + beta * (l / (layers - 1) if layers > 1 else 0.0) for l in range(layers)]
+
+
+def lines(step: LinesStep, view: ModelView, context: OpContext) -> ModelView:
+    base = context.base(step.op)
+    check_same_tensors(base, view, step.op)
+    merges = [r for r in view.recipes().values() if isinstance(r.compute, Update) and len(r.inputs) > 2]
+    alpha, beta = step.alpha, step.beta
+    if alpha is None:
+        if not merges:
+            raise SurgeryError("lines: give alpha (e.g. alpha: 0.2); it has a default only after a merge step")
+        alpha = multitask_alpha(merges, context.device)
+        context.fits.append({"alpha": alpha})
+    if beta is None:
+        if merges:
+            raise SurgeryError("lines after a merge needs beta (LiNeS tunes it, e.g. beta: 0.5)")
+        beta = 1.0 - alpha
+    scales = depth_scales(alpha, beta, len(view.layers))
+    base_recipes = base.recipes()
+
+    def edit(name: str, recipe: TensorRecipe) -> TensorRecipe:
+        placed = view.layout.split(name)
+        factor = alpha if placed is None else scales[placed[0]]
+        if recipe.dtype not in FLOAT_DTYPES or factor == 1.0:
+            return recipe
+        if recipe.compute is None:
+            return TensorRecipe(recipe.dtype, recipe.shape, (base_recipes[name].inputs[0], recipe.inputs[0]),
+                                WeightedUpdate((factor,)))
+        if isinstance(recipe.compute, Update):
+            return TensorRecipe(recipe.dtype, recipe.shape, recipe.inputs, recipe.compute.scaled(factor))
+        raise SurgeryError(f"lines: {name} is made by '{recipe.compute.describe()}', not by a task-vector update; "
+                           "put lines before that step")
+
+    return view.map_tensors(edit, label=f"lines({alpha:.4g}, {beta:.4g})")
+
+
+def multitask_alpha(merges: list[TensorRecipe], device: str) -> float:
+    """(1/T) * ||sum_t tau_t||_1 / ||tau_merged||_1 over every merged tensor, in float32 block sums."""
+    import torch
+
+    tasks = max(len(r.inputs) - 1 for r in merges)
+    summed = merged = 0.0
+    streamer = RecipeStreamer(resolve_device(device))
+    try:
+        for recipe in merges:
+            compute = streamer.prepared(recipe)
+            for inputs in streamer.blocks(recipe):
+                base = inputs[0].clone()
+                summed += float(torch.stack(inputs[1:]).sub_(base).sum(0).abs_().sum())
+                merged += float(compute(inputs).sub_(base).abs_().sum())
+    finally:
+        streamer.close()
+    if merged == 0:
+        raise SurgeryError("lines: the merged update is zero, so alpha has no default; give alpha")
+    return summed / (tasks * merged)
