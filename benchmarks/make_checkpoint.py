@@ -25,8 +25,9 @@ TINYLLAMA = dict(
 SHARD_BYTES = 500_000_000
 
 
-def generate(folder: Path) -> Path:
+def generate(folder: Path | str) -> Path:
     """Random bf16 weights with Llama names, written shard by shard (bounded memory)."""
+    folder = Path(folder)
     if (folder / "config.json").exists():
         return folder
     import torch
@@ -68,6 +69,30 @@ def generate(folder: Path) -> Path:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
     (staging / "config.json").write_text(json.dumps(TINYLLAMA, indent=2))
+    staging.rename(folder)
+    return folder
+
+
+def noisy_variant(base: Path, folder: Path | str, seed: int, scale: float = 0.002) -> Path:
+    """A fine-tune stand-in: the base plus small seeded noise in every tensor, shard by shard."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    for shard in sorted(base.glob("*.safetensors")):
+        tensors = load_file(shard)
+        noisy = {n: (t.float() + torch.randn(t.shape, generator=generator) * scale).to(t.dtype) for n, t in tensors.items()}
+        save_file(noisy, staging / shard.name, metadata={"format": "pt"})
+        del tensors, noisy
+    for item in base.iterdir():
+        if item.suffix != ".safetensors":
+            shutil.copyfile(item, staging / item.name)
     staging.rename(folder)
     return folder
 

@@ -29,7 +29,7 @@ def run_demo(out_dir: Path, device: str, console: Console) -> None:
     for name in TRAINED:
         demo_model(name, log=console.print)
     console.print(f"demo models: {', '.join(str(demo_model(n)) for n in TRAINED)}")
-    table = Table("plan", "layer map", "layers", "size", "time", "perplexity (input model)", title="example plans")
+    table = Table("plan", "layer map", "layers", "size", "time", "perplexity (reference)", title="example plans")
     for plan in example_plans():
         recipe = resolve(plan, out_dir / plan.stem, device)
         start = time.perf_counter()

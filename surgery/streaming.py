@@ -10,14 +10,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from surgery.checkpoint.blocks import BLOCK_ELEMENTS, BlockReader, torch_dtype
+from surgery.checkpoint.blocks import BlockReader, torch_dtype
 from surgery.checkpoint.reader import numel
 from surgery.view import Compute, TensorRecipe
 
 if TYPE_CHECKING:
     import torch
 
-GPU_BLOCK_ELEMENTS = 1 << 25
+# Small enough that a block's buffers stay in cache between the compute's passes (4x faster than
+# 4M-element blocks here, benchmarks/bench_merge.py), large enough that Python's overhead is noise.
+CPU_BLOCK_ELEMENTS = 1 << 18
+GPU_BLOCK_ELEMENTS = 1 << 24
 
 
 class RecipeStreamer:
@@ -26,11 +29,22 @@ class RecipeStreamer:
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
         self.reader = BlockReader()
-        self.block = BLOCK_ELEMENTS if device == "cpu" else GPU_BLOCK_ELEMENTS
-        self._out: dict[str, torch.Tensor] = {}
+        self.block = CPU_BLOCK_ELEMENTS if device == "cpu" else GPU_BLOCK_ELEMENTS
+        self._out: dict[tuple[str, int], torch.Tensor] = {}
+        self._threads = 0
+        if device == "cpu":
+            import torch
+
+            # one compute thread: blocks this small gain nothing from two, and the writer needs a core
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(1)
 
     def close(self) -> None:
         self.reader.close()
+        if self._threads:
+            import torch
+
+            torch.set_num_threads(self._threads)
 
     def blocks(self, recipe: TensorRecipe) -> Iterator[list[torch.Tensor]]:
         """The inputs, float32 on the device: aligned blocks for elementwise computes, else whole tensors."""
@@ -62,14 +76,16 @@ class RecipeStreamer:
             yield inputs, compute(inputs)
 
     def encoded(self, recipe: TensorRecipe) -> Iterator[memoryview]:
-        """The output's bytes in the recipe's dtype, block by block (each valid until the next)."""
+        """The output's bytes in the recipe's dtype, block by block, in two buffers used in turn: a
+        block stays valid while the next one is computed (so the writer can overlap the two)."""
         import torch
 
-        for _, value in self.values(recipe):
+        for count, (_, value) in enumerate(self.values(recipe)):
             flat = value.reshape(-1)
-            buffer = self._out.get(recipe.dtype)
+            key = (recipe.dtype, count % 2)
+            buffer = self._out.get(key)
             if buffer is None or buffer.numel() < flat.numel():
-                buffer = self._out[recipe.dtype] = torch.empty(flat.numel(), dtype=torch_dtype(recipe.dtype))
+                buffer = self._out[key] = torch.empty(flat.numel(), dtype=torch_dtype(recipe.dtype))
             out = buffer[: flat.numel()]
             out.copy_(flat)  # from the device too
             yield memoryview(out.view(torch.uint8).numpy())

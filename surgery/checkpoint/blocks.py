@@ -7,8 +7,9 @@ Shared by `diff` (comparing) and the executor (computing tensors block by block)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from surgery.checkpoint.reader import DTYPE_SIZES, TensorInfo
 from surgery.errors import SurgeryError
@@ -33,23 +34,26 @@ class BlockReader:
     """Numbered slots of reused buffers; a block read into a slot stays valid until that slot is reused."""
 
     def __init__(self) -> None:
-        self._files: dict[Path, BinaryIO] = {}
+        self._files: dict[Path, int] = {}  # raw descriptors: pread needs no seek and no Python buffer
         self._raw: dict[int, bytearray] = {}
         self._floats: dict[int, torch.Tensor] = {}  # torch is imported only when something must be decoded
 
     def raw(self, slot: int, info: TensorInfo, start: int, stop: int) -> memoryview:
         """The bytes of elements [start, stop) of a tensor (flattened, row-major)."""
-        handle = self._files.get(info.file)
-        if handle is None:
-            handle = self._files[info.file] = open(info.file, "rb")
+        fd = self._files.get(info.file)
+        if fd is None:
+            fd = self._files[info.file] = os.open(info.file, os.O_RDONLY)
         size = DTYPE_SIZES[info.dtype]
         count = (stop - start) * size
         if len(self._raw.get(slot, b"")) < count:
             self._raw[slot] = bytearray(count)
         view = memoryview(self._raw[slot])[:count]
-        handle.seek(info.start + start * size)
-        if handle.readinto(view) != count:
-            raise SurgeryError(f"{info.file}: unexpected end of file reading {info.name}")
+        done = 0
+        while done < count:
+            n = os.preadv(fd, [view[done:]], info.start + start * size + done)
+            if n == 0:
+                raise SurgeryError(f"{info.file}: unexpected end of file reading {info.name}")
+            done += n
         return view
 
     def floats(self, slot: int, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
@@ -72,8 +76,8 @@ class BlockReader:
         return buffer[:numel]
 
     def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
+        for fd in self._files.values():
+            os.close(fd)
         self._files.clear()
 
     def __enter__(self) -> BlockReader:

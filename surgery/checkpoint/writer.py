@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ def write_shard(
 ) -> None:
     """Stream one shard: header, then each tensor's bytes in header order; fsync before returning
     (so a renamed output folder survives power loss, not only a killed process)."""
-    with ExitStack() as stack, open(path, "wb") as out:
+    with ExitStack() as stack, open(path, "wb") as out, ThreadPoolExecutor(1) as writer:
         sources: dict[Path, BinaryIO] = {}
         out.write(shard_header(recipes, names))
         out.flush()
@@ -90,17 +91,30 @@ def write_shard(
                     sources[info.file] = stack.enter_context(open(info.file, "rb"))
                 _copy_range(sources[info.file], out, info.start, info.nbytes)
             else:
-                written = 0
-                for block in compute(recipe):
-                    out.write(block)
-                    written += len(block)
+                written = _write_overlapped(out, compute(recipe), writer)
                 if written != recipe.nbytes:
                     raise RuntimeError(f"{name}: computed {written} bytes, expected {recipe.nbytes}")
-                out.flush()
             on_tensor(recipe.nbytes)
         out.flush()
         if fsync:
             os.fsync(out.fileno())
+
+
+def _write_overlapped(out: BinaryIO, blocks: Iterable[memoryview], writer: ThreadPoolExecutor) -> int:
+    """Write each block while the next is computed (file writes release the GIL). One write is in
+    flight at a time and it ends before the next block is asked for, so a producer that reuses two
+    buffers in turn never overwrites bytes still being written."""
+    pending: Future[int | None] | None = None
+    written = 0
+    for block in blocks:
+        if pending is not None:
+            pending.result()
+        pending = writer.submit(out.write, block)
+        written += len(block)
+    if pending is not None:
+        pending.result()
+    out.flush()
+    return written
 
 
 def write_index(folder: Path, shards: list[ShardPlan], recipes: dict[str, TensorRecipe]) -> None:

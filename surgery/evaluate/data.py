@@ -10,16 +10,16 @@ from surgery.errors import SurgeryError
 from surgery.fixtures import corpora
 
 # `builtin` is all of Python's documentation text (pydoc_data.topics, sorted key order); the -heldout
-# splits are what the demo models never saw in training, the -train splits what they learned from
-# (text for fits such as aTLAS coefficients, never for scores).
+# and -dev splits are what the demo models never saw in training: -heldout to score on, -dev for fits
+# (aTLAS coefficients), so a fit is never scored on its own text.
 BUILTIN = {
     "builtin": lambda: corpora.prose("all"),
     "builtin:prose-heldout": lambda: corpora.prose("heldout"),
     "builtin:code-heldout": lambda: corpora.code("heldout"),
     "builtin:mixed-heldout": lambda: _interleave(corpora.prose("heldout"), corpora.code("heldout")),
-    "builtin:prose-train": lambda: corpora.prose("train"),
-    "builtin:code-train": lambda: corpora.code("train"),
-    "builtin:mixed-train": lambda: _interleave(corpora.prose("train"), corpora.code("train")),
+    "builtin:prose-dev": lambda: corpora.prose("dev"),
+    "builtin:code-dev": lambda: corpora.code("dev"),
+    "builtin:mixed-dev": lambda: _interleave(corpora.prose("dev"), corpora.code("dev")),
 }
 
 
