@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from surgery.checkpoint.blocks import BlockReader
+from surgery.checkpoint.reader import numel
 from surgery.errors import SurgeryError
 from surgery.plan.schema import LearnSettings
 from surgery.view import ModelView
@@ -21,7 +23,6 @@ def learn_coefficients(
 ) -> list[list[float]]:
     """Coefficients[t][b] for each model t and block b (blocks no learnable tensor falls in keep `init`)."""
     import torch
-    from safetensors import safe_open
     from torch.func import functional_call
 
     from surgery.evaluate.loading import load_for_eval
@@ -37,15 +38,15 @@ def learn_coefficients(
     block_index = torch.tensor([index[block_of[name]] for name in learnable], device=device)
     base_values = [parameters[name].detach() for name in learnable]
     task_vectors = []
-    for view in models:
-        recipes = view.recipes()
-        vectors = []
-        for name, base_value in zip(learnable, base_values):
-            info = recipes[name].inputs[0]
-            with safe_open(info.file, framework="pt") as f:
-                tensor = f.get_tensor(name)
-            vectors.append(tensor.to(device=device, dtype=torch.float32).sub_(base_value))
-        task_vectors.append(vectors)
+    with BlockReader() as reader:  # each file opened once, read straight into float32
+        for view in models:
+            recipes = view.recipes()
+            vectors = []
+            for name, base_value in zip(learnable, base_values):
+                info = recipes[name].inputs[0]
+                tensor = reader.floats(0, info, 0, numel(info.shape)).reshape(info.shape)
+                vectors.append(tensor.to(device, copy=True).sub_(base_value))  # the slot is reused
+            task_vectors.append(vectors)
 
     sequences = _training_sequences(loaded.tokenizer, settings)
     coefficients = torch.full((len(models), len(blocks)), settings.init, device=device, requires_grad=True)
