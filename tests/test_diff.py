@@ -133,3 +133,58 @@ def test_bad_diff_input(tiny, cli, tmp_path):
     assert result.code == 2 and "not a safetensors file" in result.err
     result = cli("diff", tiny("llama"), tiny("llama"), "--include", "([")
     assert result.code == 2 and "not a regular expression" in result.err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64,
+                                   torch.float8_e4m3fn, torch.int64, torch.uint8])
+def test_numpy_decode_equals_torch(dtype, tmp_path):
+    """diff decodes in numpy (no torch import); every dtype must widen exactly as torch does."""
+    from safetensors.torch import save_file
+
+    from surgery.checkpoint.blocks import BlockReader
+    from surgery.checkpoint.reader import Checkpoint
+
+    source = (torch.randn(1000) * 7).to(dtype)
+    save_file({"w": source}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    info = Checkpoint.open(tmp_path).tensors["w"]
+    with BlockReader() as reader:
+        assert torch.equal(torch.from_numpy(reader.array(0, info, 10, 990).copy()), source[10:990].float())
+
+
+def test_bytes_equal_sees_a_difference_anywhere():
+    from surgery.diff.bytes import bytes_equal
+
+    base = bytes(range(256)) * 4 + b"xyz"
+    for position in (0, 7, 8, 500, len(base) - 1):
+        changed = bytearray(base)
+        changed[position] ^= 1
+        assert not bytes_equal(memoryview(base), memoryview(changed))
+    assert bytes_equal(memoryview(base), memoryview(bytes(base)))
+    assert not bytes_equal(memoryview(base), memoryview(base[:-1]))
+
+
+def test_statistics_split_across_many_parts_and_threads(monkeypatch):
+    """Tiny blocks and parts on 3 threads: the sums must not depend on how a tensor is split."""
+    from surgery.checkpoint.reader import Checkpoint
+    from surgery.diff import bytes as byte_module, stats
+    from surgery.diff.workers import Workers
+    from surgery.fixtures.demo import demo_model
+
+    base, tuned = Checkpoint.open(demo_model("base")), Checkpoint.open(demo_model("prose"))
+    name = "model.embed_tokens.weight"
+    pair = [(base.tensors[name], tuned.tensors[name])]
+    with Workers(1) as workers:
+        whole = stats.measure_all(workers, pair, 0.0, 0.0)[0]
+    monkeypatch.setattr(stats, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(stats, "PART_ELEMENTS", 3001)
+    monkeypatch.setattr(byte_module, "CHUNK_BYTES", 999)
+    monkeypatch.setattr(byte_module, "PART_BYTES", 4096)
+    with Workers(3) as workers:
+        split = stats.measure_all(workers, pair, 0.0, 0.0)[0]
+        comparer = byte_module.ByteComparer(workers)
+        assert comparer.identical(base.tensors[name], base.tensors[name])
+        assert not comparer.identical(base.tensors[name], tuned.tensors[name])
+    assert split.max_abs == whole.max_abs
+    for field in ("diff_sq", "a_sq", "b_sq", "dot"):
+        assert getattr(split, field) == pytest.approx(getattr(whole, field), rel=1e-6)

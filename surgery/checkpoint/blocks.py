@@ -1,8 +1,9 @@
 """Read element ranges of tensors straight from their files into reused float32 buffers.
 
 No memory map (its touched pages would count against the process) and no fresh allocation per
-block (page faults cost more than the arithmetic): a block costs one `readinto` and one decode.
-Shared by `diff` (comparing) and the executor (computing tensors block by block).
+block (page faults cost more than the arithmetic): a block costs one `preadv` and one decode.
+Shared by `diff` (comparing, in numpy: it must not pay torch's import) and the executor
+(computing tensors block by block, in torch).
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from surgery.checkpoint.reader import DTYPE_SIZES, TensorInfo
 from surgery.errors import SurgeryError
 
 if TYPE_CHECKING:
     import torch
 
-BLOCK_ELEMENTS = 1 << 22
-
 TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
+                "U8": np.uint8, "BOOL": np.bool_}
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
@@ -37,6 +41,7 @@ class BlockReader:
         self._files: dict[Path, int] = {}  # raw descriptors: pread needs no seek and no Python buffer
         self._raw: dict[int, bytearray] = {}
         self._floats: dict[int, torch.Tensor] = {}  # torch is imported only when something must be decoded
+        self._arrays: dict[int, np.ndarray] = {}
 
     def raw(self, slot: int, info: TensorInfo, start: int, stop: int) -> memoryview:
         """The bytes of elements [start, stop) of a tensor (flattened, row-major)."""
@@ -65,6 +70,29 @@ class BlockReader:
         if len(raw):
             out.copy_(torch.frombuffer(raw, dtype=torch_dtype(info.dtype)))
         return out
+
+    def array(self, slot: int, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of a tensor as a float32 numpy array (the caller may overwrite them)."""
+        raw = self.raw(slot, info, start, stop)
+        out = self.array_scratch(slot, stop - start)
+        if info.dtype == "BF16":  # bfloat16 is the high half of a float32: widen, shift, reinterpret
+            bits = out.view(np.uint32)
+            np.copyto(bits, np.frombuffer(raw, dtype=np.uint16))
+            np.left_shift(bits, 16, out=bits)
+        elif info.dtype in NUMPY_DTYPES:
+            np.copyto(out, np.frombuffer(raw, dtype=NUMPY_DTYPES[info.dtype]), casting="unsafe")
+        elif len(raw):  # float8: numpy has no such type
+            import torch
+
+            out[:] = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).float().numpy()
+        return out
+
+    def array_scratch(self, slot: int, numel: int) -> np.ndarray:
+        """Float32 numpy working buffer `slot` of `numel` elements."""
+        buffer = self._arrays.get(slot)
+        if buffer is None or buffer.size < numel:
+            buffer = self._arrays[slot] = np.empty(numel, dtype=np.float32)
+        return buffer[:numel]
 
     def scratch(self, slot: int, numel: int) -> torch.Tensor:
         """Float32 working buffer `slot` of `numel` elements (slots of `floats` and spare ones share numbers)."""

@@ -4,68 +4,69 @@ memory stays flat whatever the model size."""
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
-from typing import BinaryIO
 
-from surgery.checkpoint.reader import TensorInfo
+import numpy as np
 
-CHUNK = 8 << 20
-SAMPLE = 4096
+from surgery.checkpoint.blocks import BlockReader
+from surgery.checkpoint.reader import DTYPE_SIZES, TensorInfo
+from surgery.diff.workers import Workers
+
+CHUNK_BYTES = 1 << 20  # both chunks stay in cache while compared
+PART_BYTES = 8 << 20  # one task of the pool
+SAMPLE_BYTES = 4096
+
+
+def bytes_equal(x: memoryview, y: memoryview) -> bool:
+    """memcmp-speed equality of two buffers (comparing memoryviews directly goes element by element)."""
+    if len(x) != len(y):
+        return False
+    words = len(x) // 8 * 8
+    return bool(np.array_equal(np.frombuffer(x[:words], np.uint64), np.frombuffer(y[:words], np.uint64))) \
+        and x[words:].tobytes() == y[words:].tobytes()
 
 
 class ByteComparer:
-    """Reads tensors' raw bytes from open files; answers identity questions once per pair."""
+    """Answers identity questions once per pair, each tensor's bytes split across the workers."""
 
-    def __init__(self) -> None:
-        self._files: dict[Path, BinaryIO] = {}
+    def __init__(self, workers: Workers) -> None:
+        self.workers = workers
         self._identical: dict[frozenset[TensorInfo], bool] = {}
         self._fingerprints: dict[TensorInfo, str] = {}
-        self._buffers = (bytearray(CHUNK), bytearray(CHUNK))  # reused: no page faults per chunk
-
-    def _handle(self, info: TensorInfo) -> BinaryIO:
-        handle = self._files.get(info.file)
-        if handle is None:
-            handle = self._files[info.file] = open(info.file, "rb")
-        return handle
-
-    def read(self, info: TensorInfo, offset: int, size: int) -> bytes:
-        handle = self._handle(info)
-        handle.seek(info.start + offset)
-        return handle.read(size)
-
-    def _chunks_equal(self, a: TensorInfo, b: TensorInfo, offset: int, size: int) -> bool:
-        if size < CHUNK:
-            return self.read(a, offset, size) == self.read(b, offset, size)
-        for info, buffer in zip((a, b), self._buffers):
-            handle = self._handle(info)
-            handle.seek(info.start + offset)
-            handle.readinto(buffer)
-        return self._buffers[0] == self._buffers[1]  # memcmp, no copies
 
     def fingerprint(self, info: TensorInfo) -> str:
         """A cheap identity hint: dtype, shape and a hash of three 4 KiB samples (start, middle, end).
         Equal fingerprints only nominate candidates; `identical` confirms them byte for byte."""
         if info not in self._fingerprints:
             digest = hashlib.blake2b(f"{info.dtype}{info.shape}".encode(), digest_size=16)
-            size = info.nbytes
-            for offset in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
-                digest.update(self.read(info, offset, min(SAMPLE, size)))
+            count = info.nbytes // DTYPE_SIZES[info.dtype]
+            sample = max(1, SAMPLE_BYTES // DTYPE_SIZES[info.dtype])
+            reader = self.workers.reader()
+            for start in sorted({0, max(0, count // 2 - sample // 2), max(0, count - sample)}):
+                digest.update(reader.raw(0, info, start, min(count, start + sample)))
             self._fingerprints[info] = digest.hexdigest()
         return self._fingerprints[info]
 
     def identical(self, a: TensorInfo, b: TensorInfo) -> bool:
-        """Byte-for-byte equality, chunk by chunk, stopping at the first difference."""
+        """Byte-for-byte equality, in parallel parts, stopping at the first part that differs."""
         key = frozenset((a, b))
         if key not in self._identical:
             same = a.dtype == b.dtype and a.shape == b.shape and self.fingerprint(a) == self.fingerprint(b)
-            offset = 0
-            while same and offset < a.nbytes:
-                size = min(CHUNK, a.nbytes - offset)
-                same = self._chunks_equal(a, b, offset, size)
-                offset += size
+            if same:
+                size = DTYPE_SIZES[a.dtype]
+                parts = self.workers.ranges(a.nbytes // size, PART_BYTES // size,
+                                            lambda reader, start, stop: _range_equal(reader, a, b, start, stop))
+                for part in parts:
+                    same = same and part.result()
+                    if not same:
+                        part.cancel()
             self._identical[key] = same
         return self._identical[key]
 
-    def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
+
+def _range_equal(reader: BlockReader, a: TensorInfo, b: TensorInfo, start: int, stop: int) -> bool:
+    step = max(1, CHUNK_BYTES // DTYPE_SIZES[a.dtype])
+    for chunk in range(start, stop, step):
+        end = min(stop, chunk + step)
+        if not bytes_equal(reader.raw(0, a, chunk, end), reader.raw(1, b, chunk, end)):
+            return False
+    return True

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from surgery.checkpoint.layout import Layout, find_layout
 from surgery.checkpoint.reader import Checkpoint, TensorInfo
-from surgery.diff.bytes import ByteComparer
 from surgery.checkpoint.modules import module_kind
-from surgery.checkpoint.blocks import BlockReader
-from surgery.diff.stats import ZERO, Change, Sketches, measure
+from surgery.diff.bytes import ByteComparer
+from surgery.diff.stats import ZERO, Change, Sketches, measure_all
+from surgery.diff.workers import Workers
 from surgery.errors import SurgeryError
 
 SIMILAR_ENOUGH = 0.5  # mean cosine below which a changed layer is matched to no layer of A
@@ -112,12 +114,12 @@ def diff(
             "tensors are paired by name only"
         )
         a_layout = b_layout = None
-    comparer, reader = ByteComparer(), BlockReader()
-    try:
-        pairs, unpaired_a, unpaired_b = _pair(a, b, a_layout, b_layout, comparer, Sketches(reader), report)
+    with Workers() as workers:
+        comparer = ByteComparer(workers)
+        pairs, unpaired_a, unpaired_b = _pair(a, b, a_layout, b_layout, comparer, Sketches(workers), report)
         report.removed = sorted(n for n in unpaired_a if selected(n))
         report.added = sorted(n for n in unpaired_b if selected(n))
-        layer_of = {} if b_layout is None else {n: b_layout.split(n) for n in b.tensors}
+        to_measure: list[tuple[str, str]] = []
         for b_name, a_name in pairs:
             if not (selected(b_name) or selected(a_name)):
                 continue
@@ -129,22 +131,22 @@ def diff(
                 report.dtype_changed.append(b_name)
             if comparer.identical(ia, ib):
                 report.unchanged.append(b_name)
-                continue
-            change = measure(reader, ia, ib, atol, rtol)
-            if ia.dtype == ib.dtype and (atol or rtol) and change.within_tolerance:
-                report.unchanged.append(b_name)
-                continue
-            report.changed.append(TensorChange(b_name, a_name, change))
-            kind = module_kind(b_name)
-            report.modules[kind] = report.modules.get(kind, ZERO) + change
-            placed = layer_of.get(b_name)
-            if placed is not None:
-                layer = report.layers[placed[0]]
-                layer.change = layer.change + change
-                layer.modules[kind] = layer.modules.get(kind, ZERO) + change
-    finally:
-        comparer.close()
-        reader.close()
+            else:
+                to_measure.append((b_name, a_name))
+        changes = measure_all(workers, [(a.tensors[an], b.tensors[bn]) for bn, an in to_measure], atol, rtol)
+    layer_of = {} if b_layout is None else {n: b_layout.split(n) for n in b.tensors}
+    for (b_name, a_name), change in zip(to_measure, changes):
+        if a.tensors[a_name].dtype == b.tensors[b_name].dtype and (atol or rtol) and change.within_tolerance:
+            report.unchanged.append(b_name)
+            continue
+        report.changed.append(TensorChange(b_name, a_name, change))
+        kind = module_kind(b_name)
+        report.modules[kind] = report.modules.get(kind, ZERO) + change
+        placed = layer_of.get(b_name)
+        if placed is not None:
+            layer = report.layers[placed[0]]
+            layer.change = layer.change + change
+            layer.modules[kind] = layer.modules.get(kind, ZERO) + change
     return report
 
 
@@ -235,18 +237,14 @@ def _closest_layer(
 ) -> tuple[int | None, float | None]:
     """The layer of A with the same tensor shapes whose weights point the same way (mean cosine of
     row samples over the matrices), or none below SIMILAR_ENOUGH."""
-    import torch
-
     signature = {s: t.shape for s, t in layer.items()}
-    matrices = [s for s, t in layer.items() if len(t.shape) >= 2] or list(layer)
-    mine = {s: sketches(layer[s]) for s in matrices}
+    matrices = sorted(s for s, t in layer.items() if len(t.shape) >= 2) or sorted(layer)
+    mine = sketches(tuple(layer[s] for s in matrices))
     best, best_score = None, -1.0
     for i, candidate in enumerate(a_layers):
         if {s: t.shape for s, t in candidate.items()} != signature:
             continue
-        scores = [float(torch.nn.functional.cosine_similarity(mine[s], sketches(candidate[s]), dim=0))
-                  for s in matrices]
-        score = sum(scores) / len(scores)
+        score = float(np.dot(mine, sketches(tuple(candidate[s] for s in matrices))))
         if score > best_score:
             best, best_score = i, score
     if best is None or best_score < SIMILAR_ENOUGH:

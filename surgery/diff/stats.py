@@ -1,14 +1,20 @@
 """How much a tensor changed: norms, cosine, max difference, computed in float32 block by block so
-memory is bounded by a block, not by the tensor."""
+memory is bounded by a block, not by the tensor. numpy, not torch: importing torch alone costs
+several times reading a 1B model from the page cache."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from surgery.checkpoint.blocks import BLOCK_ELEMENTS, BlockReader
+import numpy as np
+
+from surgery.checkpoint.blocks import BlockReader
 from surgery.checkpoint.reader import TensorInfo, numel
+from surgery.diff.workers import Workers
+
+BLOCK_ELEMENTS = 1 << 18  # large enough that threads rarely contend for the GIL, small enough for L2/L3
+PART_ELEMENTS = 1 << 22  # one task of the pool
 
 
 @dataclass(frozen=True)
@@ -48,55 +54,61 @@ ZERO = Change(0.0, 0.0, 0.0, 0.0, 0.0, True)
 
 
 class Sketches:
-    """A few evenly spaced rows of a tensor (the whole tensor when small), flattened to float32 and
-    cached: enough to tell which layer of A a changed layer of B came from."""
+    """A layer's fingerprint for similarity: a few evenly spaced rows of each of its matrices (the
+    whole tensor when small), each scaled to unit length in float64, concatenated and scaled by
+    1/sqrt(count), so that one dot product of two layers' sketches is the mean cosine over their
+    matrices. Enough to tell which layer of A a changed layer of B came from."""
 
-    def __init__(self, reader: BlockReader, rows: int = 8) -> None:
-        self.reader = reader
+    def __init__(self, workers: Workers, rows: int = 8) -> None:
+        self.workers = workers
         self.rows = rows
-        self._cache: dict[TensorInfo, Any] = {}
+        self._cache: dict[tuple[TensorInfo, ...], np.ndarray] = {}
 
-    def __call__(self, info: TensorInfo) -> Any:
-        import torch
+    def __call__(self, tensors: tuple[TensorInfo, ...]) -> np.ndarray:
+        if tensors not in self._cache:
+            parts = [self._unit_rows(info) for info in tensors]
+            self._cache[tensors] = np.concatenate(parts) / np.sqrt(len(parts))
+        return self._cache[tensors]
 
-        if info not in self._cache:
-            count = info.shape[0] if info.shape else 1
-            per_row = numel(info.shape) // count if count else 0
-            picks = range(count) if len(info.shape) < 2 or count <= self.rows else \
-                torch.linspace(0, count - 1, self.rows).round().long().tolist()
-            self._cache[info] = torch.cat(
-                [self.reader.floats(0, info, i * per_row, (i + 1) * per_row).clone() for i in picks]
-            )
-        return self._cache[info]
+    def _unit_rows(self, info: TensorInfo) -> np.ndarray:
+        count = info.shape[0] if info.shape else 1
+        per_row = numel(info.shape) // count if count else 0
+        picks = range(count) if len(info.shape) < 2 or count <= self.rows else \
+            np.linspace(0, count - 1, self.rows).round().astype(int).tolist()
+        reader = self.workers.reader()
+        rows = np.concatenate([reader.array(0, info, i * per_row, (i + 1) * per_row).astype(np.float64) for i in picks])
+        norm = float(np.linalg.norm(rows))
+        return rows / norm if norm else rows  # a zero sketch has cosine 0 with anything
 
 
-def measure(reader: BlockReader, a: TensorInfo, b: TensorInfo, atol: float, rtol: float) -> Change:
-    """Change from A to B (same shape), in float32, block by block."""
-    import torch
+def measure_all(workers: Workers, pairs: list[tuple[TensorInfo, TensorInfo]], atol: float, rtol: float) -> list[Change]:
+    """Change from A to B for each (A, B) pair of same-shape tensors: every pair's parts are queued
+    at once, so all cores stay busy across small and large tensors alike."""
+    queued = [workers.ranges(numel(a.shape), PART_ELEMENTS,
+                             lambda reader, start, stop, a=a, b=b: _measure_range(reader, a, b, start, stop, atol, rtol))
+              for a, b in pairs]
+    return [sum((part.result() for part in parts), ZERO) for parts in queued]
 
-    total = numel(a.shape)
-    diff_sq = a_sq = b_sq = dot = max_abs = 0.0
+
+def _measure_range(
+    reader: BlockReader, a: TensorInfo, b: TensorInfo, start: int, stop: int, atol: float, rtol: float
+) -> Change:
+    """Elements [start, stop) in float32 blocks that stay in cache; sums accumulate in float64 across
+    blocks (float32 BLAS dots over one block lose ~1e-7 relative, over a whole tensor ~1e-5)."""
+    diff_sq = a_sq = dot_ad = max_abs = 0.0
     within = True
-    for start in range(0, total, BLOCK_ELEMENTS):
-        stop = min(total, start + BLOCK_ELEMENTS)
-        block_a = reader.floats(0, a, start, stop)
-        block_b = reader.floats(1, b, start, stop)
-        delta = torch.sub(block_b, block_a, out=reader.scratch(2, block_a.numel()))
-        product = reader.scratch(3, block_a.numel())
-        # multiply into a buffer, then torch's cascade sum (BLAS dot loses ~1e-5 relative at this size);
+    for first in range(start, stop, BLOCK_ELEMENTS):
+        last = min(stop, first + BLOCK_ELEMENTS)
+        block_a, block_b = reader.array(0, a, first, last), reader.array(1, b, first, last)
+        delta = np.subtract(block_b, block_a, out=reader.array_scratch(2, last - first))
         # with B = A + D: ||B||^2 = ||A||^2 + 2<A,D> + ||D||^2 and <A,B> = ||A||^2 + <A,D>
-        block_d_sq = float(torch.mul(delta, delta, out=product).sum())
-        block_a_sq = float(torch.mul(block_a, block_a, out=product).sum())
-        block_ad = float(torch.mul(block_a, delta, out=product).sum())
-        diff_sq += block_d_sq
-        a_sq += block_a_sq
-        b_sq += block_a_sq + 2 * block_ad + block_d_sq
-        dot += block_a_sq + block_ad
-        if delta.numel():
-            low, high = torch.aminmax(delta)
-            max_abs = max(max_abs, -float(low), float(high))
+        diff_sq += float(np.dot(delta, delta))
+        a_sq += float(np.dot(block_a, block_a))
+        dot_ad += float(np.dot(block_a, delta))
+        max_abs = max(max_abs, float(delta.max()), -float(delta.min()))
         if atol or rtol:
-            within = within and bool(torch.all(delta.abs_() <= atol + rtol * block_a.abs()))
+            np.abs(block_a, out=block_a)
+            within = within and bool(np.all(np.abs(delta, out=delta) <= atol + rtol * block_a))
         else:
             within = within and max_abs == 0.0
-    return Change(diff_sq, a_sq, b_sq, dot, max_abs, within)
+    return Change(diff_sq, a_sq, a_sq + 2 * dot_ad + diff_sq, a_sq + dot_ad, max_abs, within)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# `surgery diff` against `cat` on a many-core machine (the diff splits every tensor's bytes and
+# arithmetic across the cores; the development machine has 2). Same script as the 2-core figures:
+# bench_diff.py generates the ~1.1B checkpoint, its fine-tune and its drop-layers chain output,
+# then times each command 5 times with the page cache warm.
+#
+#   benchmarks/device_diff.sh
+#
+# Needs no network. Writes its outputs under $OUT (default: bench-data/device-diff).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-bench-data/device-diff}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{ nproc; lscpu | grep -E "Model name|^CPU\(s\)"; } | tee "$out/machine.txt"
+time python benchmarks/bench_diff.py --runs 5 | tee "$out/bench.txt"
