@@ -12,7 +12,7 @@ from surgery.checkpoint.reader import DTYPE_SIZES, TensorInfo
 from surgery.diff.workers import Workers
 
 CHUNK_BYTES = 1 << 20  # both chunks stay in cache while compared
-PART_BYTES = 8 << 20  # one task of the pool
+PART_BYTES = 2 << 20  # one task of the pool
 SAMPLE_BYTES = 4096
 
 
@@ -47,20 +47,35 @@ class ByteComparer:
         return self._fingerprints[info]
 
     def identical(self, a: TensorInfo, b: TensorInfo) -> bool:
-        """Byte-for-byte equality, in parallel parts, stopping at the first part that differs."""
-        key = frozenset((a, b))
-        if key not in self._identical:
-            same = a.dtype == b.dtype and a.shape == b.shape and self.fingerprint(a) == self.fingerprint(b)
+        """Byte-for-byte equality."""
+        return self.all_identical([(a, b)])
+
+    def all_identical(self, pairs: list[tuple[TensorInfo, TensorInfo]]) -> bool:
+        """Whether every pair is byte-for-byte equal: the parts of all pairs run at once, and the
+        first part that differs cancels the rest."""
+        unknown = [(a, b) for a, b in pairs if frozenset((a, b)) not in self._identical]
+        candidates = []
+        for a, b in unknown:
+            if a.dtype == b.dtype and a.shape == b.shape and self.fingerprint(a) == self.fingerprint(b):
+                candidates.append((a, b))
+            else:
+                self._identical[frozenset((a, b))] = False
+        if any(not self._identical[frozenset(pair)] for pair in pairs if frozenset(pair) in self._identical):
+            return False
+        queued = [(a, b, self.workers.ranges(a.nbytes // DTYPE_SIZES[a.dtype], PART_BYTES // DTYPE_SIZES[a.dtype],
+                                             lambda reader, start, stop, a=a, b=b: _range_equal(reader, a, b, start, stop)))
+                  for a, b in candidates]
+        same = True
+        for a, b, parts in queued:
+            for part in parts:
+                if not same:
+                    part.cancel()
+                elif not part.result():
+                    same = False
+                    self._identical[frozenset((a, b))] = False
             if same:
-                size = DTYPE_SIZES[a.dtype]
-                parts = self.workers.ranges(a.nbytes // size, PART_BYTES // size,
-                                            lambda reader, start, stop: _range_equal(reader, a, b, start, stop))
-                for part in parts:
-                    same = same and part.result()
-                    if not same:
-                        part.cancel()
-            self._identical[key] = same
-        return self._identical[key]
+                self._identical[frozenset((a, b))] = True
+        return same
 
 
 def _range_equal(reader: BlockReader, a: TensorInfo, b: TensorInfo, start: int, stop: int) -> bool:

@@ -194,8 +194,11 @@ def _pair(
     unpaired_a = set(a_outside) - set(b_outside)
     unpaired_b = set(b_outside) - set(a_outside)
     used: set[int] = set()
-    for j, layer in enumerate(b_layers):
-        match = _identical_layer(j, layer, a_layers, comparer)
+    matches = [_identical_layer(j, layer, a_layers, comparer) for j, layer in enumerate(b_layers)]
+    changed = [layer for layer, match in zip(b_layers, matches) if match is None]
+    if changed:
+        sketches.prefetch(layer[s] for layer in changed + a_layers for s in _sketched(layer))
+    for j, (layer, match) in enumerate(zip(b_layers, matches)):
         similarity: float | None = 1.0 if match is not None else None
         closest = match
         if match is None:
@@ -225,11 +228,14 @@ def _identical_layer(
         candidate = a_layers[i]
         if set(candidate) != set(layer):
             continue
-        if all(comparer.fingerprint(candidate[s]) == comparer.fingerprint(t) for s, t in layer.items()) and all(
-            comparer.identical(candidate[s], t) for s, t in layer.items()
-        ):
+        if comparer.all_identical([(candidate[s], t) for s, t in layer.items()]):
             return i
     return None
+
+
+def _sketched(layer: dict[str, TensorInfo]) -> list[str]:
+    """The tensors whose rows stand for a layer in similarity: its matrices (all, when it has none)."""
+    return sorted(s for s, t in layer.items() if len(t.shape) >= 2) or sorted(layer)
 
 
 def _closest_layer(
@@ -238,7 +244,7 @@ def _closest_layer(
     """The layer of A with the same tensor shapes whose weights point the same way (mean cosine of
     row samples over the matrices), or none below SIMILAR_ENOUGH."""
     signature = {s: t.shape for s, t in layer.items()}
-    matrices = sorted(s for s, t in layer.items() if len(t.shape) >= 2) or sorted(layer)
+    matrices = _sketched(layer)
     mine = sketches(tuple(layer[s] for s in matrices))
     best, best_score = None, -1.0
     for i, candidate in enumerate(a_layers):

@@ -5,6 +5,8 @@ several times reading a 1B model from the page cache."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,28 +57,37 @@ ZERO = Change(0.0, 0.0, 0.0, 0.0, 0.0, True)
 
 class Sketches:
     """A layer's fingerprint for similarity: a few evenly spaced rows of each of its matrices (the
-    whole tensor when small), each scaled to unit length in float64, concatenated and scaled by
+    whole tensor when small), thinned to at most `elements` values, each scaled to unit length in float64, concatenated and scaled by
     1/sqrt(count), so that one dot product of two layers' sketches is the mean cosine over their
-    matrices. Enough to tell which layer of A a changed layer of B came from."""
+    matrices. Enough to tell which layer of A a changed layer of B came from. Rows are read on the
+    workers, ahead of need when `prefetch` names them."""
 
-    def __init__(self, workers: Workers, rows: int = 8) -> None:
+    def __init__(self, workers: Workers, rows: int = 8, elements: int = 8192) -> None:
         self.workers = workers
         self.rows = rows
-        self._cache: dict[tuple[TensorInfo, ...], np.ndarray] = {}
+        self.elements = elements  # bounds the cache: a 70B model's 80 layers x 2 stay under 100 MiB
+        self._rows: dict[TensorInfo, Future[np.ndarray]] = {}
+        self._layers: dict[tuple[TensorInfo, ...], np.ndarray] = {}
+
+    def prefetch(self, tensors: Iterable[TensorInfo]) -> None:
+        for info in tensors:
+            if info not in self._rows:
+                self._rows[info] = self.workers.submit(lambda reader, info=info: self._unit_rows(reader, info))
 
     def __call__(self, tensors: tuple[TensorInfo, ...]) -> np.ndarray:
-        if tensors not in self._cache:
-            parts = [self._unit_rows(info) for info in tensors]
-            self._cache[tensors] = np.concatenate(parts) / np.sqrt(len(parts))
-        return self._cache[tensors]
+        if tensors not in self._layers:
+            self.prefetch(tensors)
+            parts = [self._rows[info].result() for info in tensors]
+            self._layers[tensors] = np.concatenate(parts) / np.sqrt(len(parts))
+        return self._layers[tensors]
 
-    def _unit_rows(self, info: TensorInfo) -> np.ndarray:
+    def _unit_rows(self, reader: BlockReader, info: TensorInfo) -> np.ndarray:
         count = info.shape[0] if info.shape else 1
         per_row = numel(info.shape) // count if count else 0
         picks = range(count) if len(info.shape) < 2 or count <= self.rows else \
             np.linspace(0, count - 1, self.rows).round().astype(int).tolist()
-        reader = self.workers.reader()
-        rows = np.concatenate([reader.array(0, info, i * per_row, (i + 1) * per_row).astype(np.float64) for i in picks])
+        rows = np.concatenate([reader.array(0, info, i * per_row, (i + 1) * per_row) for i in picks])
+        rows = rows[:: max(1, -(-rows.size // self.elements))].astype(np.float64)
         norm = float(np.linalg.norm(rows))
         return rows / norm if norm else rows  # a zero sketch has cosine 0 with anything
 

@@ -41,9 +41,13 @@ class Workers:
                 self._readers.append(reader)
         return reader
 
+    def submit(self, work: Callable[[BlockReader], T]) -> Future[T]:
+        """`work(reader)` on a pool thread, with that thread's reader."""
+        return self._pool.submit(lambda: work(self.reader()))
+
     def ranges(self, total: int, part: int, work: Callable[[BlockReader, int, int], T]) -> list[Future[T]]:
         """`work(reader, start, stop)` for consecutive ranges of at most `part` elements covering [0, total)."""
-        return [self._pool.submit(lambda s=start: work(self.reader(), s, min(total, s + part)))
+        return [self.submit(lambda reader, s=start: work(reader, s, min(total, s + part)))
                 for start in range(0, max(total, 1), part)]
 
     def close(self) -> None:
