@@ -80,6 +80,31 @@ def apply(
 
 
 @app.command()
+def materialize(
+    compact: Annotated[Path, typer.Argument(metavar="COMPACT", help="A compact recursive model (written by `tie`).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Where the standard checkpoint goes.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    device: Device = "auto",
+    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
+) -> None:
+    """Write a compact recursive model as a standard checkpoint plain transformers loads (each depth:
+    its shared layer + B A)."""
+    from surgery.execute import execute
+    from surgery.plan.schema import MaterializeStep, Plan
+    from surgery.planner import resolve_plan
+    from surgery.recursive import is_compact
+    from surgery.checkpoint.reader import read_config
+
+    if not is_compact(read_config(compact)):
+        raise SurgeryError(f"{compact} is not a compact recursive model (its config.json has no surgery_recursive)")
+    plan = Plan(model=str(compact.resolve()), steps=[MaterializeStep(op="materialize")])
+    recipe = resolve_plan(plan, Path.cwd() / "materialize", out, device)
+    with _byte_progress(recipe.total_bytes, f"writing {recipe.output}") as advance:
+        written = execute(recipe, force=force, max_shard_size=_shard_size(shard_size), device=device, on_bytes=advance)
+    console.print(f"[green]wrote[/] {written}")
+
+
+@app.command()
 def check(
     plan: Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="The plan YAML file.")],
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the plan's `output`).")] = None,
@@ -128,6 +153,11 @@ def inspect(
         f"dtypes {', '.join(f'{k} x{v}' for k, v in info['dtypes'].items())}, tied embeddings: "
         f"{info['tie_word_embeddings']}"
     )
+    if "recursive" in info:
+        recursive = info["recursive"]
+        relaxed = ", ".join(f"{s} r{r}" for s, r in recursive["relaxed"].items()) or "none"
+        console.print(f"compact recursive: {info['layers']} shared layers looped to {len(recursive['loop_map'])} depths "
+                      f"(loop map {recursive['loop_map']}); relaxed: {relaxed}")
     table = Table("per-layer tensor", "dtype", "shape", "layers", "bytes", title="layer tensors")
     for group in info["layer_groups"]:
         table.add_row(group["suffix"], group["dtype"], str(group["shape"]), str(group["layers"]), human_bytes(group["bytes"]))

@@ -5,13 +5,21 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from surgery.checkpoint.layout import find_layout
+from surgery.checkpoint.layout import Layout, find_layout, layer_count
 from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint, numel
+from surgery.recursive import is_compact, read_spec
 
 
 def describe(checkpoint: Checkpoint) -> dict[str, Any]:
-    """A JSON-ready summary; `layer_groups` lists each layer tensor once, with the layers that have it."""
-    layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path))
+    """A JSON-ready summary; `layer_groups` lists each layer tensor once, with the layers that have it.
+    For a compact recursive checkpoint the layers are its shared slots, and `recursive` says how they loop."""
+    config, recursive = checkpoint.config, None
+    if is_compact(config):
+        spec, config = read_spec(checkpoint)
+        layout = Layout(spec.layer_prefix, spec.slots, layer_count(config)[0])
+        recursive = spec.to_dict()
+    else:
+        layout = find_layout(config, checkpoint.tensors, where=str(checkpoint.path))
     outside_tensors, layers = layout.group(checkpoint.tensors)
     outside = [{"name": n, "dtype": i.dtype, "shape": list(i.shape), "bytes": i.nbytes} for n, i in outside_tensors.items()]
     groups: dict[str, dict[str, Any]] = {}
@@ -23,7 +31,6 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
             group["bytes"] += info.nbytes
     # integer tensors are buffers (position ids, masks), not parameters
     parameters = sum(numel(info.shape) for info in checkpoint.tensors.values() if info.dtype in FLOAT_DTYPES)
-    config = checkpoint.config
     return {
         "path": str(checkpoint.path),
         "architecture": (config.get("architectures") or [None])[0],
@@ -38,6 +45,7 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "tensors": len(checkpoint.tensors),
         "layer_groups": sorted(groups.values(), key=lambda g: g["suffix"]),
         "outside_layers": sorted(outside, key=lambda t: t["name"]),
+        **({"recursive": recursive} if recursive else {}),
         "shards": [
             {"file": s.path.name, "tensors": len(s.tensors), "bytes": sum(t.nbytes for t in s.tensors.values())}
             for s in checkpoint.shards

@@ -87,7 +87,11 @@ def resolve(plan_path: str | Path, output: str | Path | None = None, device: str
     """Load a plan, open its checkpoints' headers, run its data-dependent fits (on `device`), and run
     its ops into one view."""
     plan_path = Path(plan_path)
-    plan = load_plan(plan_path)
+    return resolve_plan(load_plan(plan_path), plan_path, output, device)
+
+
+def resolve_plan(plan: Plan, plan_path: Path, output: str | Path | None = None, device: str = "auto") -> Recipe:
+    """`resolve` for a plan already loaded (or built by a command); paths are relative to `plan_path`'s folder."""
     plan_dir = plan_path.resolve().parent
     views: dict[str, ModelView] = {}
     sources: dict[str, Checkpoint] = {}

@@ -71,9 +71,18 @@ class RecipeStreamer:
 
     def values(self, recipe: TensorRecipe) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         """(input blocks, output block) pairs; the compute may have overwritten the inputs."""
+        import torch
+
         compute = self.prepared(recipe)
-        for inputs in self.blocks(recipe):
-            yield inputs, compute(inputs)
+        whole = bool(self._threads) and not compute.elementwise  # one big op (an SVD): every core helps
+        if whole:
+            torch.set_num_threads(self._threads)
+        try:
+            for inputs in self.blocks(recipe):
+                yield inputs, compute(inputs)
+        finally:
+            if whole:
+                torch.set_num_threads(1)
 
     def encoded(self, recipe: TensorRecipe) -> Iterator[memoryview]:
         """The output's bytes in the recipe's dtype, block by block, in two buffers used in turn: a

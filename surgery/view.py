@@ -122,7 +122,12 @@ class ModelView:
 
 
 def open_view(checkpoint: Checkpoint, label: str) -> ModelView:
-    """The identity view of a checkpoint: every tensor a raw copy of itself."""
+    """The identity view of a checkpoint: every tensor a raw copy of itself (a compact recursive
+    checkpoint: the L-layer model it stands for)."""
+    from surgery.recursive import is_compact, open_compact_view
+
+    if is_compact(checkpoint.config):
+        return open_compact_view(checkpoint, label)
     layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path))
     outside, by_layer = layout.group({name: TensorRecipe.copy_of(info) for name, info in checkpoint.tensors.items()})
     configs = per_layer_values(checkpoint.config, layout.num_layers, checkpoint.path)

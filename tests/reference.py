@@ -59,3 +59,18 @@ def outputs(model, ids: torch.Tensor, encoder: bool = False) -> torch.Tensor:
         if encoder:
             return model(input_ids=ids).last_hidden_state
         return model(input_ids=ids, use_cache=False).logits
+
+
+def tie_in_memory(model, sources: list[list[int]], loop_map: list[int], per_depth: tuple[str, ...] = ()):
+    """A copy of `model` whose layer l holds the mean of layers sources[loop_map[l]] (in float64),
+    except parameters whose name contains one of `per_depth`, which keep their own values."""
+    new = copy.deepcopy(model)
+    originals = layer_list(model)[2]
+    with torch.no_grad():
+        for depth, layer in enumerate(layer_list(new)[2]):
+            for name, param in layer.named_parameters():
+                if any(key in name for key in per_depth):
+                    continue
+                stack = [originals[i].get_parameter(name).double() for i in sources[loop_map[depth]]]
+                param.copy_(torch.stack(stack).mean(0).to(param.dtype))
+    return new

@@ -74,3 +74,34 @@ def test_ties_then_lines_on_minilm(cli, tmp_path):
         scale = 0.5 if layer is None else depth_scales(0.5, 0.5, layers)[layer]
         assert torch.equal(merged[name], ties_reference(b, [m[name] for m in models], (0.7, 0.3), 0.3, scale)), name
     load(out, encoder=True)
+
+
+def test_tie_on_minilm_full_rank_and_strict_equal_in_memory(cli, tmp_path):
+    """MiniLM's 6 layers as 3 shared ones looped twice: at full rank the encoder is unchanged; strictly
+    tied, it equals the same tying done on the transformers module; compact materializes to the same."""
+    from tests.reference import tie_in_memory
+
+    ids = torch.tensor([[101, 7592, 1010, 2088, 999, 2023, 2003, 1037, 3231, 102]])
+    original = load(MINILM, encoder=True)
+    outs = {}
+    for name, step in {"full": "    relax: {rank: full}\n", "strict": ""}.items():
+        for form in ("compact", "materialized"):
+            out = tmp_path / f"{name}-{form}"
+            plan = write_plan(tmp_path, f"model: {MINILM}\noutput: {out}\nsteps:\n  - op: tie\n    loops: 2\n{step}"
+                              f"    format: {form}\n", f"{name}-{form}.yaml")
+            assert cli("apply", plan).code == 0
+            outs[name, form] = out
+        converted = tmp_path / f"{name}-converted"
+        assert cli("materialize", outs[name, "compact"], converted).code == 0
+        planned, made = load_file(outs[name, "materialized"] / "model.safetensors"), load_file(converted / "model.safetensors")
+        assert planned.keys() == made.keys()
+        assert all(torch.allclose(made[k].float(), planned[k].float(), atol=1e-6) for k in planned)
+    full = outputs(load(outs["full", "materialized"], encoder=True), ids, True)
+    assert (full - outputs(original, ids, True)).abs().max() <= 1e-4
+    reference = tie_in_memory(original, [[0, 3], [1, 4], [2, 5]], [0, 1, 2, 0, 1, 2])
+    strict = outputs(load(outs["strict", "materialized"], encoder=True), ids, True)
+    assert (strict - outputs(reference, ids, True)).abs().max() <= 1e-5
+    # an encoder has no language-model head: the compact form is described, not scored
+    assert cli("inspect", outs["strict", "compact"]).code == 0
+    result = cli("eval", outs["strict", "compact"], "--max-tokens", "64")
+    assert result.code == 2 and "no language-model head" in result.err

@@ -1,14 +1,15 @@
 """Load any model surgery writes, for scoring: every model kind goes through `load_for_eval`.
 
-Standard checkpoints load with plain transformers. Later model kinds (compact recursive, ensemble,
-packed quantized) register a loader in `LOADERS`, so `surgery eval` and plan `evaluate:` score
+Standard checkpoints load with plain transformers, compact recursive ones with shared parameters
+(evaluate/compact.py). Later model kinds (ensemble, packed quantized) register a loader in `LOADERS`, so `surgery eval` and plan `evaluate:` score
 every kind with the same code.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,28 +57,51 @@ def require_causal_lm(config: dict[str, Any], where: str | Path) -> None:
         raise SurgeryError(f"{where} is a {architectures[0]} (no language-model head): perplexity needs a causal LM")
 
 
-def _load_standard(folder: Path, device: str, dtype: Any) -> Any:
-    from transformers import AutoModelForCausalLM
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off: surgery reports what matters itself."""
     from transformers.utils import logging as hf_logging
 
-    require_causal_lm(json.loads((folder / "config.json").read_text()), folder)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def _load_standard(folder: Path, device: str, dtype: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    require_causal_lm(json.loads((folder / "config.json").read_text()), folder)
+    try:
         model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     except ValueError as e:
         raise SurgeryError(f"{folder}: transformers cannot load it as a causal LM ({e})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise SurgeryError(f"{folder} lacks weights the causal LM needs ({', '.join(missing[:3])}); is it a causal LM?")
     return model.to(device).eval()
 
 
-# (recognise, load) pairs, most specific first; later issues add compact, ensemble and quantized kinds.
-LOADERS: list[tuple[Callable[[Path], bool], Callable[[Path, str, Any], Any]]] = [(_is_standard, _load_standard)]
+def _is_compact(folder: Path) -> bool:
+    from surgery.evaluate.compact import is_compact_folder
+
+    return is_compact_folder(folder)
+
+
+def _load_compact(folder: Path, device: str, dtype: Any) -> Any:
+    from surgery.evaluate.compact import load_compact
+
+    return load_compact(folder, device, dtype)
+
+
+# (recognise, load) pairs, most specific first; later issues add ensemble and quantized kinds.
+LOADERS: list[tuple[Callable[[Path], bool], Callable[[Path, str, Any], Any]]] = [
+    (_is_compact, _load_compact), (_is_standard, _load_standard),
+]
 
 
 def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
@@ -91,13 +115,14 @@ def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -
         raise SurgeryError(f"{folder} has no tokenizer files (tokenizer.json, ...); copy the tokenizer of its source model in")
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved_device)
-    for recognise, load in LOADERS:
-        if recognise(folder):
-            model = load(folder, resolved_device, torch_dtype)
-            break
-    else:
-        raise SurgeryError(f"{folder}: not a model surgery can load (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with quiet_transformers():
+        for recognise, load in LOADERS:
+            if recognise(folder):
+                model = load(folder, resolved_device, torch_dtype)
+                break
+        else:
+            raise SurgeryError(f"{folder}: not a model surgery can load (no config.json)")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     parameters = sum(p.numel() for p in model.parameters())
     on_disk = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     return LoadedModel(model, tokenizer, resolved_device, str(torch_dtype).removeprefix("torch."), parameters, on_disk)

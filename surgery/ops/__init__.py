@@ -12,10 +12,12 @@ from surgery.ops.chain import chain
 from surgery.ops.context import OpContext
 from surgery.ops.lines import lines
 from surgery.ops.merge import task_arithmetic, ties
+from surgery.ops.tie import materialize, tie
 from surgery.view import ModelView
 
 OP_FUNCTIONS: dict[str, Callable[..., ModelView]] = {
     "chain": chain, "task_arithmetic": task_arithmetic, "ties": ties, "lines": lines, "atlas": atlas,
+    "tie": tie, "materialize": materialize,
 }
 
 __all__ = ["OP_FUNCTIONS", "OpContext"]

@@ -181,11 +181,66 @@ class AtlasStep(_Strict):
         return self
 
 
+class RelaxSettings(_Strict):
+    """Per-depth low-rank corrections of the shared weights (Relaxed Recursive Transformers)."""
+
+    rank: int | Literal["full"] = Field(default=16, description="LoRA rank r (capped at min(out, in)), or full.")
+    modules: list[str] | None = Field(
+        default=None, description="Linear modules relaxed, e.g. [q_proj, down_proj]; default every matrix of a layer."
+    )
+    vectors: Literal["per_depth", "shared"] = Field(
+        default="per_depth", description="Norm weights and biases: kept per depth (default) or tied like the matrices."
+    )
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _at_least_one(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"rank {value} is below 1; leave 'relax' out for a strictly recursive model")
+        return value
+
+
+class TieStep(_Strict):
+    """Layer tying: K shared layers looped to the original depth, optionally relaxed per depth by LoRA."""
+
+    op: Literal["tie"]
+    loops: int | None = Field(default=None, ge=1, description="B: how many times the shared block repeats (L/B slots).")
+    strategy: Literal["cycle", "sequence"] = Field(
+        default="cycle", description="cycle: depth l uses slot l mod K; sequence: slot l div B."
+    )
+    block: list[list[int]] | None = Field(
+        default=None, description="Instead of loops: the layers tied into each shared slot, e.g. [[0, 3], [1, 4], [2, 5]]."
+    )
+    init: Literal["average", "stepwise", "lower"] = "average"
+    relax: RelaxSettings | None = None
+    format: Literal["compact", "materialized"] = "compact"
+
+    @field_validator("block", mode="before")
+    @classmethod
+    def _groups(cls, value: Any) -> Any:
+        return None if value is None else [parse_layers(group) for group in _nonempty_list(value)]
+
+    @model_validator(mode="after")
+    def _one_map(self) -> TieStep:
+        if (self.loops is None) == (self.block is None):
+            raise ValueError("give either 'loops' (how many times the shared block repeats) or 'block' (the layers "
+                             "tied into each slot), not both or neither")
+        return self
+
+
+class MaterializeStep(_Strict):
+    """A compact recursive model as a standard checkpoint (each depth: shared + B A)."""
+
+    op: Literal["materialize"]
+
+
 Step = Annotated[
-    ChainStep | TaskArithmeticStep | TiesStep | LinesStep | AtlasStep, Field(discriminator="op")
+    ChainStep | TaskArithmeticStep | TiesStep | LinesStep | AtlasStep | TieStep | MaterializeStep,
+    Field(discriminator="op"),
 ]
 OPS: dict[str, type[BaseModel]] = {
     "chain": ChainStep, "task_arithmetic": TaskArithmeticStep, "ties": TiesStep, "lines": LinesStep, "atlas": AtlasStep,
+    "tie": TieStep, "materialize": MaterializeStep,
 }
 
 
@@ -226,3 +281,11 @@ class Plan(_Strict):
                 if isinstance(step, dict) and step["op"] not in OPS:
                     raise ValueError(f"step {i}: unknown op {step['op']!r}; known ops: {', '.join(OPS)}")
         return value
+
+    @model_validator(mode="after")
+    def _compact_last(self) -> Plan:
+        for i, step in enumerate(self.steps[:-1]):
+            if isinstance(step, TieStep) and step.format == "compact":
+                raise ValueError(f"step {i}: tie with format: compact must be the last step (compact is a storage "
+                                 "format); use format: materialized to keep editing after it")
+        return self

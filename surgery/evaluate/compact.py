@@ -1,0 +1,121 @@
+"""Load a compact recursive checkpoint as a transformers module whose tied weights are shared.
+
+Parameters are shared, modules are not: every depth keeps its own layer module (its own
+`layer_idx`, so its own KV-cache slot), and the depths of one slot hold the same Parameter
+objects. A relaxed matrix adds its depth's low-rank term through a forward hook: x B A for
+Conv1D's (in, out) weights, x A^T B^T for Linear's (out, in).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from surgery.checkpoint.config import per_layer_values, rewrite_config
+from surgery.checkpoint.layout import layer_count
+from surgery.checkpoint.reader import Checkpoint
+from surgery.errors import SurgeryError
+from surgery.recursive import depth_name, is_compact, lora_names, read_spec
+
+
+def is_compact_folder(folder: Path) -> bool:
+    from surgery.checkpoint.reader import read_config
+
+    return (folder / "config.json").is_file() and is_compact(read_config(folder))
+
+
+def load_compact(folder: Path, device: str, dtype: Any) -> Any:
+    """The K shared layers and the tensors outside the layers load as a K-layer model through
+    transformers (its own key renames and head tying apply); an L-layer model built without
+    initialising its weights then takes those Parameters, slot by slot, at every depth."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from surgery.evaluate.loading import require_causal_lm
+
+    checkpoint = Checkpoint.open(folder)
+    spec, base = read_spec(checkpoint)
+    require_causal_lm(base, folder)
+    count_key, depths = layer_count(base)
+    configs = per_layer_values(base, depths, folder)
+    first_depth = [spec.loop_map.index(slot) for slot in range(spec.slots)]
+    slots_config = rewrite_config(base, count_key, [configs[d] for d in first_depth])
+    shared = AutoModelForCausalLM.from_pretrained(folder, config=AutoConfig.for_model(**slots_config), dtype=dtype)
+    with _no_init_weights():  # placeholders, never touched (so never resident), replaced below
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**base))
+    shared_layers, layers = _layer_list(shared, spec.layer_prefix, spec.slots), _layer_list(model, spec.layer_prefix, depths)
+    shared_params = dict(shared.named_parameters(remove_duplicate=False))
+    layer_path = _path_of(model, layers)
+    for name in [n for n, _ in model.named_parameters(remove_duplicate=False) if not n.startswith(layer_path + ".")]:
+        _put(model, name, shared_params[name])
+    for depth, slot in enumerate(spec.loop_map):
+        for name, param in shared_layers[slot].named_parameters():
+            _put(layers[depth], name, param)
+
+    def stored(name: str) -> torch.nn.Parameter:
+        info = checkpoint.tensors[name]
+        with safe_open(info.file, framework="pt") as f:
+            return torch.nn.Parameter(f.get_tensor(name).to(dtype), requires_grad=False)
+
+    for depth in range(depths):
+        for suffix in spec.per_depth:
+            _put(layers[depth], suffix, stored(depth_name(depth, suffix)))
+        for suffix in spec.ranks:
+            b, a = (stored(n) for n in lora_names(depth, suffix))
+            _relax(layers[depth].get_submodule(suffix.removesuffix(".weight")), b, a)
+    return model.to(device).eval()
+
+
+def _layer_list(model: Any, prefix: str, count: int) -> Any:
+    """The ModuleList of layers: at the checkpoint's prefix, else the one module list of that length."""
+    import torch
+
+    try:
+        return model.get_submodule(prefix)
+    except AttributeError:
+        candidates = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+        if len(candidates) != 1:
+            raise SurgeryError(f"cannot find the {count} layers of {type(model).__name__}") from None
+        return candidates[0]
+
+
+def _path_of(model: Any, module: Any) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def _put(root: Any, name: str, param: Any) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    (root.get_submodule(module_name) if module_name else root).register_parameter(leaf, param)
+
+
+class LowRankDelta:
+    """The forward hook adding a depth's B A term to a shared linear's output."""
+
+    def __init__(self, b: Any, a: Any, conv1d: bool) -> None:
+        self.b, self.a, self.conv1d = b, a, conv1d
+
+    def __call__(self, module: Any, args: tuple[Any, ...], output: Any) -> Any:
+        x = args[0]
+        delta = (x @ self.b) @ self.a if self.conv1d else (x @ self.a.T) @ self.b.T
+        return output + delta
+
+
+def _relax(module: Any, b: Any, a: Any) -> None:
+    import torch
+
+    conv1d = type(module).__name__ == "Conv1D"  # transformers' GPT-2 style linear, weight (in, out)
+    if not conv1d and not isinstance(module, torch.nn.Linear):
+        raise SurgeryError(f"cannot apply a LoRA to a {type(module).__name__}; only Linear and Conv1D modules")
+    # registered as parameters so they count, move with .to() and show in state_dict
+    module.register_parameter("lora_B", b)
+    module.register_parameter("lora_A", a)
+    module.register_forward_hook(LowRankDelta(b, a, conv1d))
+
+
+def _no_init_weights() -> Any:
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()

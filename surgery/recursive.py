@@ -1,0 +1,142 @@
+"""The compact recursive checkpoint: K shared layers stored once, per-depth LoRA factors and vectors,
+and the loop map, so a tied model takes about K/L of its layers' bytes on disk.
+
+config.json names model type `surgery_recursive`, so plain transformers refuses the folder with a
+clear error rather than loading K layers as if they were the model. The original config, with all
+L depths, sits under `base_config`, and `surgery_recursive` says how to rebuild each depth:
+
+    {prefix}.{s}.{suffix}                    shared slot s (the model's own layer names, s < K)
+    depths.{l}.{suffix}                      a tensor kept per depth (norm weights, biases)
+    depths.{l}.{module}.lora_B.weight        B_l (out x r) and A_l (r x in) of a relaxed matrix,
+    depths.{l}.{module}.lora_A.weight        so depth l's weight is shared + B_l A_l
+
+Opened as a view, a compact checkpoint is its materialized L-layer model, so any plan (and
+`surgery materialize`) can read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from surgery.checkpoint.config import per_layer_values
+from surgery.checkpoint.layout import Layout, layer_count
+from surgery.checkpoint.reader import Checkpoint
+from surgery.errors import SurgeryError
+from surgery.view import Layer, LayerOrigin, ModelView, TensorRecipe
+
+MODEL_TYPE = "surgery_recursive"
+SECTION = "surgery_recursive"
+FORMAT_VERSION = 1
+
+
+def depth_name(depth: int, suffix: str) -> str:
+    return f"depths.{depth}.{suffix}"
+
+
+def lora_names(depth: int, suffix: str) -> tuple[str, str]:
+    """Names of B and A for a relaxed matrix `{module}.weight`."""
+    module = suffix.removesuffix(".weight")
+    return depth_name(depth, f"{module}.lora_B.weight"), depth_name(depth, f"{module}.lora_A.weight")
+
+
+def is_compact(config: dict[str, Any]) -> bool:
+    return config.get("model_type") == MODEL_TYPE
+
+
+@dataclass(frozen=True)
+class CompactSpec:
+    """The `surgery_recursive` section: how each depth is rebuilt from the stored tensors."""
+
+    layer_prefix: str
+    loop_map: tuple[int, ...]  # depth -> shared slot
+    per_depth: frozenset[str]  # suffixes stored per depth
+    ranks: dict[str, int]  # relaxed suffix -> LoRA rank
+
+    @property
+    def slots(self) -> int:
+        return max(self.loop_map) + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "layer_prefix": self.layer_prefix, "loop_map": list(self.loop_map),
+                "per_depth": sorted(self.per_depth), "relaxed": dict(sorted(self.ranks.items()))}
+
+
+def compact_config(base_config: dict[str, Any], spec: CompactSpec) -> dict[str, Any]:
+    architectures = [f"SurgeryRecursive{a}" for a in base_config.get("architectures") or []]
+    return {"model_type": MODEL_TYPE, "architectures": architectures, SECTION: spec.to_dict(), "base_config": base_config}
+
+
+def read_spec(checkpoint: Checkpoint) -> tuple[CompactSpec, dict[str, Any]]:
+    """The spec and base config of a compact checkpoint, checked against its tensors."""
+    where = checkpoint.path / "config.json"
+    try:
+        section, base = checkpoint.config[SECTION], checkpoint.config["base_config"]
+        if section["format_version"] != FORMAT_VERSION:
+            raise SurgeryError(f"{where}: compact format version {section['format_version']} is not supported "
+                               f"(this surgery reads {FORMAT_VERSION}); upgrade surgery")
+        spec = CompactSpec(section["layer_prefix"], tuple(int(s) for s in section["loop_map"]),
+                           frozenset(section["per_depth"]), {k: int(v) for k, v in section["relaxed"].items()})
+    except (KeyError, TypeError, ValueError) as e:
+        raise SurgeryError(f"{where}: not a valid compact recursive config (bad or missing {e})") from None
+    if layer_count(base)[1] != len(spec.loop_map) or sorted(set(spec.loop_map)) != list(range(spec.slots)):
+        raise SurgeryError(f"{where}: loop_map does not cover the base config's layers with slots 0..K-1")
+    for name in _required_names(spec):
+        if name not in checkpoint.tensors:
+            raise SurgeryError(f"{checkpoint.path}: compact checkpoint lacks tensor {name!r}")
+    return spec, base
+
+
+def _required_names(spec: CompactSpec) -> list[str]:
+    names = []
+    for depth in range(len(spec.loop_map)):
+        names += [depth_name(depth, s) for s in sorted(spec.per_depth)]
+        for suffix in spec.ranks:
+            names += lora_names(depth, suffix)
+    return names
+
+
+def open_compact_view(checkpoint: Checkpoint, label: str) -> ModelView:
+    """The L-layer model a compact checkpoint stands for: shared tensors copied to every depth that
+    uses them, per-depth tensors copied, relaxed matrices computed as shared + B A."""
+    from surgery.ops.lowrank import LowRankSum  # ops import this module
+
+    spec, base = read_spec(checkpoint)
+    count_key, depths = layer_count(base)
+    layout = Layout(prefix=spec.layer_prefix, num_layers=depths, count_key=count_key)
+    slot_layout = Layout(prefix=spec.layer_prefix, num_layers=spec.slots, count_key=count_key)
+    outside, slots = slot_layout.group(checkpoint.tensors)
+    outside = {n: TensorRecipe.copy_of(i) for n, i in outside.items() if not n.startswith("depths.")}
+    configs = per_layer_values(base, depths, checkpoint.path)
+    layers = []
+    for depth, slot in enumerate(spec.loop_map):
+        tensors: dict[str, TensorRecipe] = {}
+        for suffix in sorted(set(slots[slot]) | spec.per_depth):
+            if suffix in spec.per_depth:
+                tensors[suffix] = TensorRecipe.copy_of(checkpoint.tensors[depth_name(depth, suffix)])
+            elif suffix in spec.ranks:
+                shared = slots[slot][suffix]
+                b, a = (checkpoint.tensors[n] for n in lora_names(depth, suffix))
+                tensors[suffix] = TensorRecipe(shared.dtype, shared.shape, (shared, b, a), LowRankSum())
+            else:
+                tensors[suffix] = TensorRecipe.copy_of(slots[slot][suffix])
+        origin = LayerOrigin(label, depth, (f"slot {slot}",))
+        layers.append(Layer(tensors=tensors, config=configs[depth], origin=origin))
+    source = replace(checkpoint, config=base)
+    return ModelView(source=source, layout=layout, outside=outside, layers=layers, label=label)
+
+
+@dataclass
+class CompactView(ModelView):
+    """A tied model to be written compact: `layers` are its L depths (for layer maps), while the
+    written tensors and config are the compact ones."""
+
+    spec: CompactSpec | None = None
+    compact: dict[str, TensorRecipe] = field(default_factory=dict)
+
+    def recipes(self) -> dict[str, TensorRecipe]:
+        return self.compact
+
+    def config(self) -> dict[str, Any]:
+        assert self.spec is not None
+        return compact_config(super().config(), self.spec)
