@@ -177,7 +177,7 @@ def test_tie_on_cuda_equals_cpu(cli, tmp_path):
         assert cli("apply", plan, "--device", device).code == 0
         outs[device] = load_file(out / "model.safetensors")
     for name, tensor in outs["cpu"].items():
-        torch.testing.assert_close(outs["cuda"][name], tensor, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(outs["cuda"][name], tensor, rtol=1e-3, atol=1e-4)
     compact = _tie(cli, tmp_path, base, "    loops: 2\n    relax: {rank: 8}\n", "compact")
     on_gpu = load_for_eval(compact, device="cuda", dtype="float32").model
     with torch.no_grad():
