@@ -280,7 +280,8 @@ def demo(
 def _print_recipe(recipe: Recipe, shard_size: str) -> None:
     shards = recipe.shards(_shard_size(shard_size))
     console.print(f"[bold]{recipe.plan_path}[/] -> {recipe.output}")
-    console.print(f"layer map ({len(recipe.layer_map())} layers): {format_layer_map(recipe.layer_map())}")
+    description = getattr(recipe.view, "description", None)
+    console.print(description or f"layer map ({len(recipe.layer_map())} layers): {format_layer_map(recipe.layer_map())}")
     console.print(
         f"{len(recipe.tensors)} tensors, {human_bytes(recipe.total_bytes)} in {len(shards)} shard(s): "
         + ", ".join(s.filename for s in shards)

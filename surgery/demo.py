@@ -41,8 +41,9 @@ def run_demo(out_dir: Path, device: str, console: Console) -> None:
             scores = "\n".join(
                 f"{d.data.removeprefix('builtin:')}: {d.perplexity:.1f} ({d.base_perplexity:.1f})" for d in report.datasets
             )
-        layers = f"{recipe.view.layout.num_layers} -> {len(recipe.view.layers)}"
-        table.add_row(plan.name, format_layer_map(recipe.layer_map()), layers, human_bytes(recipe.total_bytes),
-                      f"{elapsed:.2f}s", scores)
+        description = getattr(recipe.view, "description", None)
+        layers = "" if description else f"{recipe.view.layout.num_layers} -> {len(recipe.view.layers)}"
+        table.add_row(plan.name, description or format_layer_map(recipe.layer_map()), layers,
+                      human_bytes(recipe.total_bytes), f"{elapsed:.2f}s", scores)
     console.print(table)
     console.print(f"edited models are in {out_dir}/; try `surgery inspect {out_dir}/drop-late-layers`")

@@ -60,6 +60,8 @@ def execute(
         write_index(staging, shards, tensors)
         write_json(staging / "config.json", recipe.config)
         _copy_side_files(recipe.view.source.path, staging)
+        for name, text in recipe.view.extra_files.items():
+            (staging / name).write_text(text)
         provenance = recipe.provenance() | {"output_shards": [s.filename for s in shards]}
         write_json(staging / PROVENANCE_NAME, provenance)
         if fsync:

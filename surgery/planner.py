@@ -59,7 +59,8 @@ class Recipe:
         return [layer.origin for layer in self.view.layers]
 
     def shards(self, max_shard_size: int | str) -> list[ShardPlan]:
-        return plan_shards(self.tensors, max_shard_size)
+        """No shards when nothing is stored (an ensemble by reference)."""
+        return plan_shards(self.tensors, max_shard_size) if self.tensors else []
 
     @property
     def total_bytes(self) -> int:
@@ -139,7 +140,10 @@ def resolve_plan(plan: Plan, plan_path: Path, output: str | Path | None = None, 
 
 
 def _first_entry_model(plan: Plan) -> str | None:
+    """The model a plan without `model:` starts from: its first chain entry's, or its first ensemble member."""
     for step in plan.steps:
+        if getattr(step, "members", None):
+            return step.members[0]
         for entry in getattr(step, "layers", []):
             if entry.model is not None:
                 return entry.model

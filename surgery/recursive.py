@@ -16,7 +16,7 @@ Opened as a view, a compact checkpoint is its materialized L-layer model, so any
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from surgery.checkpoint.config import per_layer_values
@@ -124,19 +124,3 @@ def open_compact_view(checkpoint: Checkpoint, label: str) -> ModelView:
         layers.append(Layer(tensors=tensors, config=configs[depth], origin=origin))
     source = replace(checkpoint, config=base)
     return ModelView(source=source, layout=layout, outside=outside, layers=layers, label=label)
-
-
-@dataclass
-class CompactView(ModelView):
-    """A tied model to be written compact: `layers` are its L depths (for layer maps), while the
-    written tensors and config are the compact ones."""
-
-    spec: CompactSpec | None = None
-    compact: dict[str, TensorRecipe] = field(default_factory=dict)
-
-    def recipes(self) -> dict[str, TensorRecipe]:
-        return self.compact
-
-    def config(self) -> dict[str, Any]:
-        assert self.spec is not None
-        return compact_config(super().config(), self.spec)

@@ -8,7 +8,7 @@ compose into one streaming pass and nothing is read until the executor runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from surgery.checkpoint.config import LayerConfig, per_layer_values, rewrite_config
@@ -93,6 +93,7 @@ class ModelView:
     outside: dict[str, TensorRecipe]
     layers: list[Layer]
     label: str = "model"
+    extra_files: dict[str, str] = field(default_factory=dict)  # written beside the weights (name -> text)
 
     def with_layers(self, layers: list[Layer]) -> ModelView:
         return replace(self, layers=layers)
@@ -119,6 +120,22 @@ class ModelView:
     def config(self) -> dict[str, Any]:
         """config.json for this view: the layer count and per-layer lists follow the layers."""
         return rewrite_config(self.source.config, self.layout.count_key, [layer.config for layer in self.layers])
+
+
+@dataclass
+class StoredView(ModelView):
+    """A model written in one of surgery's own formats (compact recursive, ensemble): `layers` are the
+    depths it computes (for layer maps), while `stored` and `stored_config` are what is written."""
+
+    stored: dict[str, TensorRecipe] = field(default_factory=dict)
+    stored_config: dict[str, Any] = field(default_factory=dict)
+    description: str | None = None  # printed instead of the layer map, when the layers do not tell it
+
+    def recipes(self) -> dict[str, TensorRecipe]:
+        return self.stored
+
+    def config(self) -> dict[str, Any]:
+        return self.stored_config
 
 
 def open_view(checkpoint: Checkpoint, label: str) -> ModelView:

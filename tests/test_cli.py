@@ -9,7 +9,7 @@ import pytest
 from surgery import __version__
 from tests.conftest import ARCHS, listing, write_plan
 
-COMMANDS = ["apply", "check", "inspect", "demo"]
+COMMANDS = ["apply", "check", "inspect", "demo", "materialize", "diff", "eval"]
 
 
 def test_version(cli):
@@ -67,8 +67,9 @@ def test_demo_runs_every_example_plan(cli, tmp_path):
     result = cli("demo", "--out-dir", tmp_path)
     assert result.code == 0, result.err
     for plan in example_plans():
-        assert (tmp_path / plan.stem / "model.safetensors").exists()
+        assert (tmp_path / plan.stem / "config.json").exists()  # an ensemble by reference stores no weights
         assert plan.name in result.out
+    assert "ensemble of 2 (logits, reference)" in result.out
 
 
 def test_every_subpackage_is_in_the_distribution():

@@ -119,7 +119,7 @@ def _write_overlapped(out: BinaryIO, blocks: Iterable[memoryview], writer: Threa
 
 def write_index(folder: Path, shards: list[ShardPlan], recipes: dict[str, TensorRecipe]) -> None:
     """model.safetensors.index.json, only when there is more than one shard (as transformers does)."""
-    if len(shards) == 1:
+    if len(shards) <= 1:
         return
     weight_map = {name: shard.filename for shard in shards for name in shard.names}
     index = {

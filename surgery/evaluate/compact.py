@@ -32,7 +32,7 @@ def load_compact(folder: Path, device: str, dtype: Any) -> Any:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from surgery.evaluate.loading import require_causal_lm
+    from surgery.evaluate.loading import layer_modules, require_causal_lm
 
     checkpoint = Checkpoint.open(folder)
     spec, base = read_spec(checkpoint)
@@ -44,7 +44,7 @@ def load_compact(folder: Path, device: str, dtype: Any) -> Any:
     shared = AutoModelForCausalLM.from_pretrained(folder, config=AutoConfig.for_model(**slots_config), dtype=dtype)
     with _no_init_weights():  # placeholders, never touched (so never resident), replaced below
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**base))
-    shared_layers, layers = _layer_list(shared, spec.layer_prefix, spec.slots), _layer_list(model, spec.layer_prefix, depths)
+    shared_layers, layers = layer_modules(shared, spec.layer_prefix, spec.slots), layer_modules(model, spec.layer_prefix, depths)
     shared_params = dict(shared.named_parameters(remove_duplicate=False))
     layer_path = _path_of(model, layers)
     for name in [n for n, _ in model.named_parameters(remove_duplicate=False) if not n.startswith(layer_path + ".")]:
@@ -65,19 +65,6 @@ def load_compact(folder: Path, device: str, dtype: Any) -> Any:
             b, a = (stored(n) for n in lora_names(depth, suffix))
             _relax(layers[depth].get_submodule(suffix.removesuffix(".weight")), b, a)
     return model.to(device).eval()
-
-
-def _layer_list(model: Any, prefix: str, count: int) -> Any:
-    """The ModuleList of layers: at the checkpoint's prefix, else the one module list of that length."""
-    import torch
-
-    try:
-        return model.get_submodule(prefix)
-    except AttributeError:
-        candidates = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
-        if len(candidates) != 1:
-            raise SurgeryError(f"cannot find the {count} layers of {type(model).__name__}") from None
-        return candidates[0]
 
 
 def _path_of(model: Any, module: Any) -> str:

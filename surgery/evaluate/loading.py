@@ -1,7 +1,8 @@
 """Load any model surgery writes, for scoring: every model kind goes through `load_for_eval`.
 
 Standard checkpoints load with plain transformers, compact recursive ones with shared parameters
-(evaluate/compact.py). Later model kinds (ensemble, packed quantized) register a loader in `LOADERS`, so `surgery eval` and plan `evaluate:` score
+(evaluate/compact.py), ensembles as one module over their members (evaluate/ensemble.py). Later
+model kinds (packed quantized) register a loader in `LOADERS`, so `surgery eval` and plan `evaluate:` score
 every kind with the same code.
 """
 
@@ -72,6 +73,19 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+def layer_modules(model: Any, prefix: str, count: int) -> Any:
+    """The ModuleList of a loaded model's layers: at the checkpoint's prefix, else the one of that length."""
+    import torch
+
+    try:
+        return model.get_submodule(prefix)
+    except AttributeError:
+        candidates = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+        if len(candidates) != 1:
+            raise SurgeryError(f"cannot find the {count} layers of {type(model).__name__}") from None
+        return candidates[0]
+
+
 def _load_standard(folder: Path, device: str, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -98,9 +112,21 @@ def _load_compact(folder: Path, device: str, dtype: Any) -> Any:
     return load_compact(folder, device, dtype)
 
 
-# (recognise, load) pairs, most specific first; later issues add ensemble and quantized kinds.
+def _is_ensemble(folder: Path) -> bool:
+    from surgery.evaluate.ensemble import is_ensemble_folder
+
+    return is_ensemble_folder(folder)
+
+
+def _load_ensemble(folder: Path, device: str, dtype: Any) -> Any:
+    from surgery.evaluate.ensemble import load_ensemble
+
+    return load_ensemble(folder, device, dtype)
+
+
+# (recognise, load) pairs, most specific first; a later issue adds quantized kinds.
 LOADERS: list[tuple[Callable[[Path], bool], Callable[[Path, str, Any], Any]]] = [
-    (_is_compact, _load_compact), (_is_standard, _load_standard),
+    (_is_ensemble, _load_ensemble), (_is_compact, _load_compact), (_is_standard, _load_standard),
 ]
 
 
@@ -124,5 +150,5 @@ def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -
             raise SurgeryError(f"{folder}: not a model surgery can load (no config.json)")
         tokenizer = AutoTokenizer.from_pretrained(folder)
     parameters = sum(p.numel() for p in model.parameters())
-    on_disk = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    on_disk = getattr(model, "bytes_on_disk", None) or sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     return LoadedModel(model, tokenizer, resolved_device, str(torch_dtype).removeprefix("torch."), parameters, on_disk)

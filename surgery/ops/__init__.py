@@ -8,8 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from surgery.ops.atlas import atlas
+from surgery.ops.bits import bits
 from surgery.ops.chain import chain
 from surgery.ops.context import OpContext
+from surgery.ops.ensemble import ensemble
 from surgery.ops.lines import lines
 from surgery.ops.merge import task_arithmetic, ties
 from surgery.ops.tie import materialize, tie
@@ -17,7 +19,7 @@ from surgery.view import ModelView
 
 OP_FUNCTIONS: dict[str, Callable[..., ModelView]] = {
     "chain": chain, "task_arithmetic": task_arithmetic, "ties": ties, "lines": lines, "atlas": atlas,
-    "tie": tie, "materialize": materialize,
+    "tie": tie, "materialize": materialize, "ensemble": ensemble, "bits": bits,
 }
 
 __all__ = ["OP_FUNCTIONS", "OpContext"]

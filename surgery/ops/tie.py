@@ -17,8 +17,8 @@ from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
 from surgery.ops.lowrank import Mean, ResidualFactors, SvdCache
 from surgery.plan.schema import MaterializeStep, RelaxSettings, TieStep
-from surgery.recursive import CompactSpec, CompactView, depth_name, lora_names
-from surgery.view import Layer, ModelView, TensorRecipe
+from surgery.recursive import CompactSpec, compact_config, depth_name, lora_names
+from surgery.view import Layer, ModelView, StoredView, TensorRecipe
 
 
 def tie(step: TieStep, view: ModelView, context: OpContext) -> ModelView:
@@ -77,7 +77,7 @@ def tie(step: TieStep, view: ModelView, context: OpContext) -> ModelView:
             compact[a_name] = TensorRecipe(matrix.dtype, (rank, matrix.shape[1]), inputs,
                                            ResidualFactors(rank, matrix.dtype, "A", cache))
     spec = CompactSpec(view.layout.prefix, tuple(loop_map), frozenset(per_depth), ranks)
-    return CompactView(**vars(materialized), spec=spec, compact=compact)
+    return StoredView(**vars(materialized), stored=compact, stored_config=compact_config(materialized.config(), spec))
 
 
 def slot_groups(step: TieStep, depths: int) -> list[list[int]]:

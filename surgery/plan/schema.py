@@ -228,6 +228,87 @@ class TieStep(_Strict):
         return self
 
 
+class EnsembleStep(_Strict):
+    """Logit averaging (Growing Transformers): one model whose next-token logits are the weighted mean
+    of its members' (or, with combine: probs, whose distribution is the weighted mixture of theirs)."""
+
+    op: Literal["ensemble"]
+    members: list[str] = Field(min_length=1, description="Model folders sharing one tokenizer.")
+    weights: list[float] | None = Field(default=None, description="One per member (default equal); normalised by their sum.")
+    combine: Literal["logits", "probs"] = "logits"
+    layout: Literal["reference", "copy"] = Field(
+        default="reference", description="reference: members stay where they are (path and sha256); copy: copied in."
+    )
+
+    @model_validator(mode="after")
+    def _weights(self) -> EnsembleStep:
+        if self.weights is not None:
+            if len(self.weights) != len(self.members):
+                raise ValueError(f"{len(self.weights)} weights for {len(self.members)} members; give one weight per member")
+            if sum(self.weights) <= 0:
+                raise ValueError(f"weights sum to {sum(self.weights):g}; they must sum to a positive number")
+            if self.combine == "probs" and min(self.weights) < 0:
+                raise ValueError("combine: probs mixes distributions, so weights must not be negative")
+        return self
+
+
+class Calibration(_Strict):
+    """Text the model runs on for scores that need activations (LIM, BI)."""
+
+    data: str = Field(default="builtin", description="builtin, builtin:NAME, or a .txt/.jsonl file.")
+    samples: int = Field(default=32, ge=1)
+    seq_len: int = Field(default=256, ge=2)
+
+
+class BitAssignment(_Strict):
+    """Either two widths and the fraction of layers given the low one, or a target average over choices."""
+
+    high: int | None = Field(default=None, ge=1, le=16)
+    low: int | None = Field(default=None, ge=1, le=16)
+    low_fraction: float | None = Field(default=None, ge=0, le=1)
+    target_bits: float | None = Field(default=None, gt=0)
+    choices: list[int] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BitAssignment:
+        pair = (self.high, self.low, self.low_fraction)
+        target = (self.target_bits, self.choices)
+        if all(v is not None for v in pair) and all(v is None for v in target):
+            return self
+        if all(v is not None for v in target) and all(v is None for v in pair):
+            return self
+        raise ValueError("give {high, low, low_fraction} or {target_bits, choices}")
+
+
+class Quantizer(_Strict):
+    method: Literal["rtn"] = "rtn"
+    group_size: int = Field(default=128, ge=1)
+    symmetric: bool = False
+
+
+class BitsStep(_Strict):
+    """Layer-wise bit assignment (Dumitru et al. 2024): important layers keep more bits."""
+
+    op: Literal["bits"]
+    score: Literal["lim", "zd", "bi", "manual"] = "lim"
+    calibration: Calibration = Calibration()
+    assign: BitAssignment | None = None
+    manual: dict[int, int] | None = Field(default=None, description="Bits by layer; overrides the assignment.")
+    quantizer: Quantizer = Quantizer()
+    keep: list[str] = Field(default_factory=lambda: ["embed", "lm_head", "norms"],
+                            description="Tensors left in the source dtype, by name part; norms: every 1-D tensor.")
+    format: Literal["dense", "compressed-tensors"] = "dense"
+
+    @model_validator(mode="after")
+    def _assignment(self) -> BitsStep:
+        if self.score != "manual" and self.assign is None:
+            raise ValueError(f"score: {self.score} ranks layers for an 'assign' section; add one, e.g. "
+                             "{high: 8, low: 4, low_fraction: 0.5}")
+        if self.score == "manual" and not self.manual:
+            raise ValueError("score: manual needs 'manual': the bits of every layer, e.g. {0: 8, 1: 4}")
+        return self
+
+
 class MaterializeStep(_Strict):
     """A compact recursive model as a standard checkpoint (each depth: shared + B A)."""
 
@@ -235,12 +316,14 @@ class MaterializeStep(_Strict):
 
 
 Step = Annotated[
-    ChainStep | TaskArithmeticStep | TiesStep | LinesStep | AtlasStep | TieStep | MaterializeStep,
+    ChainStep | TaskArithmeticStep | TiesStep | LinesStep | AtlasStep | TieStep | MaterializeStep | EnsembleStep
+    | BitsStep,
     Field(discriminator="op"),
 ]
 OPS: dict[str, type[BaseModel]] = {
     "chain": ChainStep, "task_arithmetic": TaskArithmeticStep, "ties": TiesStep, "lines": LinesStep, "atlas": AtlasStep,
-    "tie": TieStep, "materialize": MaterializeStep,
+    "tie": TieStep, "materialize": MaterializeStep, "ensemble": EnsembleStep,
+    "bits": BitsStep,
 }
 
 
@@ -281,6 +364,15 @@ class Plan(_Strict):
                 if isinstance(step, dict) and step["op"] not in OPS:
                     raise ValueError(f"step {i}: unknown op {step['op']!r}; known ops: {', '.join(OPS)}")
         return value
+
+    @model_validator(mode="after")
+    def _whole_model_steps(self) -> Plan:
+        if any(isinstance(step, EnsembleStep) for step in self.steps):
+            if len(self.steps) > 1:
+                raise ValueError("an ensemble combines whole models: it must be the plan's only step")
+            if self.model is not None:
+                raise ValueError("an ensemble takes its models from 'members'; leave 'model:' out")
+        return self
 
     @model_validator(mode="after")
     def _compact_last(self) -> Plan:

@@ -1,0 +1,148 @@
+"""Load an ensemble folder as one module: `forward(input_ids) -> logits` runs every member on the
+same input and combines their logits; `generate` decodes greedily with a KV cache per member."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.ensemble import EnsembleSpec, is_ensemble, member_name, read_spec
+from surgery.errors import SurgeryError
+
+
+def is_ensemble_folder(folder: Path) -> bool:
+    from surgery.checkpoint.reader import read_config
+
+    return (folder / "config.json").is_file() and is_ensemble(read_config(folder))
+
+
+def load_ensemble(folder: Path, device: str, dtype: Any) -> Any:
+    """Each member loaded once; on CUDA with several devices, member i goes to device i mod count."""
+    from surgery.checkpoint.reader import read_config
+
+    spec = read_spec(folder, read_config(folder))
+    count = torch.cuda.device_count() if device == "cuda" else 0  # an explicit cuda:N keeps every member there
+    placements = [f"cuda:{i % count}" if count > 1 else device for i in range(len(spec.members))]
+    members = [_load_member(folder, spec, i, placement, dtype) for i, placement in enumerate(placements)]
+    model = EnsembleModel(members, spec.weights, spec.combine)
+    folders = [folder] + [Path(m.path) for m in spec.members if m.path is not None]
+    model.bytes_on_disk = sum(p.stat().st_size for f in folders for p in f.glob("*.safetensors"))
+    return model
+
+
+def _load_member(folder: Path, spec: EnsembleSpec, index: int, device: str, dtype: Any) -> Any:
+    from surgery.evaluate.loading import LOADERS
+
+    member = spec.members[index]
+    if member.path is not None:
+        path = Path(member.path)
+        _check_unchanged(path, member.sha256)
+        for recognise, load in LOADERS:
+            if recognise(path):
+                return load(path, device, dtype)
+        raise SurgeryError(f"ensemble member {path} is not a model surgery can load")
+    return _load_copied(folder, spec, index, device, dtype)
+
+
+def _load_copied(folder: Path, spec: EnsembleSpec, index: int, device: str, dtype: Any) -> Any:
+    from safetensors import safe_open
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    from surgery.checkpoint.reader import Checkpoint
+
+    checkpoint = Checkpoint.open(folder)
+    prefix = member_name(index, "")
+    wanted = {n.removeprefix(prefix): n for n in checkpoint.tensors if n.startswith(prefix)}
+    wanted |= {alias.removeprefix(prefix): stored for alias, stored in spec.aliases.items() if alias.startswith(prefix)}
+    state = {}
+    for name, stored in wanted.items():
+        info = checkpoint.tensors[stored]
+        with safe_open(info.file, framework="pt") as f:
+            state[name] = f.get_tensor(stored)
+    config = AutoConfig.for_model(**spec.members[index].config)
+    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    return model.to(device).eval()
+
+
+def _check_unchanged(path: Path, sha256: dict[str, str]) -> None:
+    from huggingface_hub.utils.sha import sha_fileobj
+
+    for name, digest in sha256.items():
+        file = path / name
+        if not file.is_file():
+            raise SurgeryError(f"ensemble member {path} lacks {name}; was it moved? re-run the ensemble plan")
+        with open(file, "rb") as f:
+            if sha_fileobj(f).hex() != digest:
+                raise SurgeryError(f"ensemble member {path} changed since the ensemble was made ({name} has another "
+                                   "sha256); re-run the ensemble plan")
+
+
+@dataclass
+class EnsembleOutput:
+    logits: Any
+
+
+class EnsembleModel(torch.nn.Module):
+    """Weighted mean of the members' logits (combine: logits), or the log of the weighted mean of their
+    probabilities (combine: probs), so that softmax of the output is the mixture."""
+
+    def __init__(self, members: list[Any], weights: list[float], combine: str) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.weights = [w / sum(weights) for w in weights]
+        self.combine = combine
+        self.config = min((m.config for m in members), key=_context)  # scoring reads the context length here
+
+    def get_output_embeddings(self) -> Any:
+        return self.members[0].get_output_embeddings()
+
+    def forward(self, input_ids: Any, logits_to_keep: int = 0, **kwargs: Any) -> EnsembleOutput:
+        outputs = []
+        for member in self.members:
+            device = next(member.parameters()).device
+            extra = {"logits_to_keep": logits_to_keep} if _accepts(member, "logits_to_keep") else {}
+            logits = member(input_ids=input_ids.to(device), use_cache=False, **extra).logits
+            if logits_to_keep and not extra:
+                logits = logits[:, -logits_to_keep:]
+            outputs.append(logits.float().to(input_ids.device))
+        return EnsembleOutput(self.combined(outputs))
+
+    def combined(self, logits: list[Any]) -> Any:
+        if self.combine == "logits":
+            return sum(w * l for w, l in zip(self.weights, logits))
+        mixed = [math.log(w) + torch.log_softmax(l, dim=-1) for w, l in zip(self.weights, logits) if w > 0]
+        return torch.logsumexp(torch.stack(mixed), dim=0)
+
+    def generate(self, input_ids: Any, max_new_tokens: int = 20, **kwargs: Any) -> Any:
+        """Greedy decoding: each member keeps its own KV cache; the next token is the argmax of the
+        combined logits."""
+        tokens, caches, step = input_ids, [None] * len(self.members), input_ids
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                logits = []
+                for i, member in enumerate(self.members):
+                    device = next(member.parameters()).device
+                    key = "cache" if _accepts(member, "cache") else "past_key_values"  # transformers 5 renamed it
+                    out = member(input_ids=step.to(device), use_cache=True, **{key: caches[i]})
+                    caches[i] = out[key]
+                    logits.append(out.logits[:, -1:].float().to(input_ids.device))
+                step = self.combined(logits)[:, -1].argmax(-1, keepdim=True)
+                tokens = torch.cat([tokens, step], dim=1)
+        return tokens
+
+
+def _accepts(module: Any, argument: str) -> bool:
+    return argument in inspect.signature(module.forward).parameters
+
+
+def _context(config: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return 1 << 30

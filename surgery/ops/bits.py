@@ -1,0 +1,253 @@
+"""`bits`: layer-wise bit assignment (Dumitru et al. 2024, "Layer-Wise Quantization").
+
+Layers are ranked by a measured importance score (LIM, ZD or BI, from surgery/importance.py),
+and the least important get the low width. The per-layer map, the scores and the average bits
+go to surgery.json. Each layer's matrices are then quantized by RTN with per-group scales:
+- `dense`: dequantized back to the source dtype, an exact simulation for scoring;
+- `compressed-tensors`: packed integers and a `quantization_config` that transformers (with the
+  compressed-tensors package) and vLLM load.
+Beside either, `llama-tensor-types.txt` gives llama-quantize the same assignment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from surgery.checkpoint.blocks import torch_dtype
+from surgery.checkpoint.reader import FLOAT_DTYPES
+from surgery.errors import SurgeryError
+from surgery.ops.context import OpContext
+from surgery.plan.schema import BitAssignment, BitsStep
+from surgery.quant.packed import PACKED_BITS, pack, quantization_config
+from surgery.quant.rtn import quantize
+from surgery.view import Layer, ModelView, StoredView, TensorRecipe
+
+if TYPE_CHECKING:
+    import torch
+
+TENSOR_TYPES_FILE = "llama-tensor-types.txt"
+KEEP_BITS = 16  # a layer given 16 bits (a manual override) stays in the source dtype
+GGUF_TYPES = {8: "q8_0", 7: "q8_0", 6: "q6_k", 5: "q5_k", 4: "q4_k", 3: "q3_k", 2: "q2_k"}
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down", "qkv_proj": "attn_qkv",
+              "gate_up_proj": "ffn_up", "c_attn": "attn_qkv", "attn.c_proj": "attn_output", "c_fc": "ffn_up",
+              "mlp.c_proj": "ffn_down", "query_key_value": "attn_qkv", "attention.dense": "attn_output",
+              "dense_h_to_4h": "ffn_up", "dense_4h_to_h": "ffn_down"}
+Part = Literal["dense", "packed", "scale", "zero"]
+
+
+@dataclass(frozen=True)
+class Rtn:
+    """RTN of a whole matrix; outputs the dequantized weight or one part of the packed format."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    dtype: str
+    part: Part = "dense"
+    elementwise = False
+
+    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Rtn:
+        return self
+
+    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        quantized = quantize(inputs[0], self.bits, self.group_size, self.symmetric, torch_dtype(self.dtype))
+        if self.part == "dense":
+            return quantized.dequantized()
+        if self.part == "packed":
+            return pack(quantized.values, self.bits, dim=1)
+        if self.part == "zero":
+            return pack(quantized.zero, self.bits, dim=0)
+        return quantized.scale
+
+    def describe(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"RTN {self.bits}-bit {kind}, groups of {self.group_size}, {self.part}"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The `weight_shape` the packed format stores: a constant, computed from no data."""
+
+    shape: tuple[int, ...]
+    elementwise = False
+
+    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Shape:
+        return self
+
+    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        return torch.tensor(self.shape, dtype=torch.int64)
+
+    def describe(self) -> str:
+        return f"shape {list(self.shape)}"
+
+
+def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
+    _check_unedited(view)
+    depths = len(view.layers)
+    scores = layer_scores(step, view, context)
+    widths = assign_bits(step.assign, scores, depths, step.manual or {})
+    targets = quantized_tensors(view.layers[0], step.keep)
+    _check_supported(step, view, targets, widths)
+    average = sum(widths) / depths
+    context.fits.append({"score": step.score, "scores": scores, "bits": widths, "average_bits": average})
+    context.log(f"bits: {', '.join(f'{i}:{b}' for i, b in enumerate(widths))} (average {average:.3g})")
+    q = step.quantizer
+    layers = []
+    for depth, (layer, width) in enumerate(zip(view.layers, widths)):
+        tensors = dict(layer.tensors)
+        for suffix in targets if width < KEEP_BITS else []:
+            recipe = tensors[suffix]
+            tensors[suffix] = TensorRecipe(recipe.dtype, recipe.shape, recipe.inputs,
+                                           Rtn(width, q.group_size, q.symmetric, recipe.dtype))
+        origin = replace(layer.origin, edits=(*layer.origin.edits, f"{width}-bit"))
+        layers.append(Layer(tensors=tensors, config=layer.config, origin=origin))
+    files = {TENSOR_TYPES_FILE: tensor_types_file(targets, widths)}
+    dense = ModelView(view.source, view.layout, view.outside, layers, view.label, extra_files=files)
+    if step.format == "dense":
+        return dense
+    stored: dict[str, TensorRecipe] = dict(view.outside)
+    groups: dict[int, list[str]] = {}
+    for depth, (layer, width) in enumerate(zip(view.layers, widths)):
+        for suffix, recipe in layer.tensors.items():
+            name = view.layout.layer_name(depth, suffix)
+            if suffix not in targets or width >= KEEP_BITS:
+                stored[name] = recipe
+                continue
+            module = name.removesuffix(".weight")
+            groups.setdefault(width, []).append(module)
+            out, columns = recipe.shape
+            rtn = Rtn(width, q.group_size, q.symmetric, recipe.dtype)
+            stored[f"{module}.weight_packed"] = TensorRecipe("I32", (out, columns * width // 32), recipe.inputs,
+                                                             _part(rtn, "packed"))
+            stored[f"{module}.weight_scale"] = TensorRecipe(recipe.dtype, (out, columns // q.group_size), recipe.inputs,
+                                                            _part(rtn, "scale"))
+            if not q.symmetric:
+                stored[f"{module}.weight_zero_point"] = TensorRecipe(
+                    "I32", (out * width // 32, columns // q.group_size), recipe.inputs, _part(rtn, "zero"))
+            stored[f"{module}.weight_shape"] = TensorRecipe("I64", (2,), (), Shape((out, columns)))
+    ignore = [name.removesuffix(".weight") for name, r in view.recipes().items()
+              if len(r.shape) == 2 and name.removesuffix(".weight") not in {m for ms in groups.values() for m in ms}]
+    config = dense.config() | {"quantization_config": quantization_config(groups, q.group_size, q.symmetric, ignore)}
+    return StoredView(view.source, view.layout, view.outside, layers, view.label, extra_files=files,
+                      stored=stored, stored_config=config)
+
+
+def _part(rtn: Rtn, part: Part) -> Rtn:
+    return Rtn(rtn.bits, rtn.group_size, rtn.symmetric, rtn.dtype, part)
+
+
+def layer_scores(step: BitsStep, view: ModelView, context: OpContext) -> list[float] | None:
+    """Importance per layer (higher: more important), measured as the step says; None when manual."""
+    from surgery import importance
+
+    if step.score == "manual":
+        return None
+    if step.score == "zd":
+        import torch
+
+        from surgery.checkpoint.reader import Checkpoint
+
+        checkpoint = Checkpoint.open(view.source.path)
+        scores = []
+        for layer in view.layers:
+            matrices = [r.inputs[0] for r in layer.tensors.values() if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES]
+            scores.append(sum(importance.outlier_fraction(checkpoint.load(i.name).to(torch.float64))
+                              for i in matrices) / len(matrices))
+        return scores
+    cosines = _cosines(step, view, context)
+    return importance.lim(cosines) if step.score == "lim" else importance.block_influence(cosines)
+
+
+def _cosines(step: BitsStep, view: ModelView, context: OpContext) -> list[float]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from surgery.devices import resolve_device
+    from surgery.evaluate.data import load_text
+    from surgery.evaluate.loading import layer_modules, quiet_transformers
+    from surgery.importance import calibration_batches, layer_cosines
+
+    calibration = step.calibration
+    device = resolve_device(context.device)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(view.source.path, dtype=torch.float32).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(view.source.path)
+    batches = calibration_batches(tokenizer, load_text(calibration.data).text, calibration.samples,
+                                  calibration.seq_len, "bits.calibration")
+    context.log(f"bits: scoring {len(view.layers)} layers on {batches.numel()} calibration tokens ({device})")
+    return layer_cosines(model, layer_modules(model, view.layout.prefix, len(view.layers)), batches)
+
+
+def assign_bits(assign: BitAssignment | None, scores: list[float] | None, depths: int, manual: dict[int, int]) -> list[int]:
+    """Least important layers first get the low width, until `low_fraction` of the layers (or the target
+    average) is reached; `manual` entries override."""
+    for layer in manual:
+        if not 0 <= layer < depths:
+            raise SurgeryError(f"bits.manual: layer {layer} does not exist (the model has {depths}: 0-{depths - 1})")
+    if assign is None or scores is None:
+        missing = sorted(set(range(depths)) - set(manual))
+        if missing:
+            raise SurgeryError(f"bits.manual: layer {missing[0]} has no width; with score: manual give every layer")
+        return [manual[i] for i in range(depths)]
+    order = sorted(range(depths), key=lambda i: (scores[i], i))  # least important first
+    if assign.low_fraction is not None:
+        assert assign.high is not None and assign.low is not None
+        widths = [assign.high] * depths
+        for layer in order[: round(assign.low_fraction * depths)]:
+            widths[layer] = assign.low
+    else:
+        assert assign.choices is not None and assign.target_bits is not None
+        choices = sorted(set(assign.choices))
+        if choices[0] > assign.target_bits:
+            raise SurgeryError(f"bits.assign: target_bits {assign.target_bits:g} is below the smallest choice "
+                               f"{choices[0]}; no assignment of {choices} reaches it")
+        widths = [choices[-1]] * depths
+        for layer in order:
+            while sum(widths) / depths > assign.target_bits and widths[layer] > choices[0]:
+                widths[layer] = choices[choices.index(widths[layer]) - 1]
+    return [manual.get(i, w) for i, w in enumerate(widths)]
+
+
+def quantized_tensors(layer: Layer, keep: list[str]) -> list[str]:
+    """The layer's matrices not kept by name (`norms` keeps every 1-D tensor, which is never quantized anyway)."""
+    return [s for s, r in layer.tensors.items()
+            if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES and not any(k in s for k in keep if k != "norms")]
+
+
+def tensor_types_file(targets: list[str], widths: list[int]) -> str:
+    """One `regex=type` line per layer for llama-quantize --tensor-type-file (GGUF tensor names)."""
+    names = sorted({GGUF_NAMES[key] for suffix in targets for key in GGUF_NAMES
+                    if suffix.removesuffix(".weight").endswith(key)})
+    if not names:
+        return ""
+    group = "|".join(names)
+    return "".join(f"blk\\.{i}\\.({group})\\.weight={GGUF_TYPES.get(w, 'f16')}\n" for i, w in enumerate(widths))
+
+
+def _check_unedited(view: ModelView) -> None:
+    for index, layer in enumerate(view.layers):
+        if layer.origin.index != index or layer.origin.edits or any(r.compute is not None for r in layer.tensors.values()):
+            raise SurgeryError("bits measures and quantizes the model as stored: put it first, or apply the earlier "
+                               "steps to a checkpoint and quantize that")
+
+
+def _check_supported(step: BitsStep, view: ModelView, targets: list[str], widths: list[int]) -> None:
+    supported = PACKED_BITS if step.format == "compressed-tensors" else tuple(range(2, 9))
+    for layer, width in enumerate(widths):
+        if width not in supported and width < KEEP_BITS:
+            raise SurgeryError(f"bits: layer {layer} gets {width} bits but format {step.format} supports "
+                               f"{', '.join(map(str, supported))}" + (" (use format: dense to simulate others)"
+                                                                       if step.format != "dense" else ""))
+    group = step.quantizer.group_size
+    for suffix in targets:
+        out, columns = view.layers[0].tensors[suffix].shape
+        if columns % group:
+            raise SurgeryError(f"bits.quantizer: group_size {group} does not divide the input dimension {columns} "
+                               f"of {suffix}; use a divisor of {columns}")
+        if step.format == "compressed-tensors" and (out % 16 or columns % 16):
+            raise SurgeryError(f"bits: {suffix} of shape {[out, columns]} cannot be packed (dimensions must be multiples of 16)")

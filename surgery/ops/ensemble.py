@@ -1,0 +1,78 @@
+"""`ensemble`: models sharing a tokenizer, composed into one whose logits are the weighted mean of
+theirs (`combine: logits`, the paper) or whose distribution is their mixture (`combine: probs`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from surgery.checkpoint.reader import SINGLE_NAME
+from surgery.diff.bytes import ByteComparer
+from surgery.diff.workers import Workers
+from surgery.ensemble import EnsembleSpec, Member, check_same_tokenizer, ensemble_config, member_name, vocab_size
+from surgery.errors import SurgeryError
+from surgery.evaluate.loading import require_causal_lm
+from surgery.ops.context import OpContext
+from surgery.plan.schema import EnsembleStep
+from surgery.view import ModelView, StoredView, TensorRecipe
+
+
+def ensemble(step: EnsembleStep, view: ModelView, context: OpContext) -> ModelView:
+    members = [context.open_model(ref) for ref in step.members]
+    folders = [m.source.path for m in members]
+    for member in members:
+        require_causal_lm(member.config(), member.label)
+    check_same_tokenizer(folders, step.members)
+    sizes = [vocab_size(m.config()) for m in members]
+    if len(set(sizes)) > 1:
+        raise SurgeryError(f"ensemble: vocab sizes differ ({', '.join(f'{r}: {s}' for r, s in zip(step.members, sizes))}); "
+                           "members must share one vocabulary")
+    weights = step.weights or [1.0] * len(members)
+    stored: dict[str, TensorRecipe] = {}
+    aliases: dict[str, str] = {}
+    if step.layout == "copy":
+        stored, aliases = _copied(members)
+        entries = [Member(m.config()) for m in members]
+    else:
+        entries = [Member(m.config(), str(f.resolve()), _file_hashes(f)) for m, f in zip(members, folders)]
+    spec = EnsembleSpec(entries, [w / sum(weights) for w in weights], step.combine, step.layout, aliases)
+    description = (f"ensemble of {len(members)} ({step.combine}, {step.layout}): "
+                   + ", ".join(f"{ref} x{w:.3g}" for ref, w in zip(step.members, spec.weights)))
+    return StoredView(source=members[0].source, layout=members[0].layout, outside={}, layers=[], label="ensemble",
+                      stored=stored, stored_config=ensemble_config(spec, sizes[0] or 0), description=description)
+
+
+def _copied(members: list[ModelView]) -> tuple[dict[str, TensorRecipe], dict[str, str]]:
+    """Every member's tensors under `members.{i}.`; one byte-identical to an earlier member's same-named
+    tensor is stored once."""
+    stored: dict[str, TensorRecipe] = {}
+    aliases: dict[str, str] = {}
+    with Workers() as workers:
+        comparer = ByteComparer(workers)
+        for index, member in enumerate(members):
+            for name, recipe in member.recipes().items():
+                twin = next((j for j in range(index) if _same_bytes(comparer, members[j].recipes().get(name), recipe)), None)
+                if twin is None:
+                    stored[member_name(index, name)] = recipe
+                else:
+                    aliases[member_name(index, name)] = aliases.get(member_name(twin, name), member_name(twin, name))
+    return stored, aliases
+
+
+def _same_bytes(comparer: ByteComparer, earlier: TensorRecipe | None, recipe: TensorRecipe) -> bool:
+    if earlier is None or earlier.compute is not None or recipe.compute is not None:
+        return False
+    return comparer.identical(earlier.inputs[0], recipe.inputs[0])
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of the member's config and weights: an ensemble by reference notices a member that changed."""
+    from huggingface_hub.utils.sha import sha_fileobj
+
+    names = ["config.json"] + sorted(p.name for p in folder.glob("*.safetensors"))
+    if not any(name.endswith(".safetensors") for name in names):
+        raise SurgeryError(f"ensemble: {folder} has no {SINGLE_NAME} or shards")
+    hashes = {}
+    for name in names:
+        with open(folder / name, "rb") as f:
+            hashes[name] = sha_fileobj(f).hex()
+    return hashes

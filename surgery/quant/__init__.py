@@ -1,0 +1,1 @@
+"""Quantizers and packed formats for the `bits` op."""
