@@ -55,6 +55,20 @@ def write_plan(folder: Path, text: str, name: str = "plan.yaml") -> Path:
     return path
 
 
+def outputs_on_devices(cli, tmp_path: Path, body: str) -> dict[str, dict]:
+    """Apply one plan (`body`: everything but `output:`) with --device cpu and --device cuda; each output's tensors."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        plan = write_plan(tmp_path, f"output: {out}\n{body}", f"{device}.yaml")
+        result = cli("apply", plan, "--device", device)
+        assert result.code == 0, result.err
+        tensors[device] = load_file(out / "model.safetensors")
+    return tensors
+
+
 def listing(folder: Path) -> list[str]:
     """Everything under a folder (names relative to it), to assert that nothing was written."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []

@@ -125,3 +125,13 @@ def test_model_key_is_refused(cli, tmp_path):
                       f"    members: [{demo_model('prose')}]\n")
     result = cli("apply", plan)
     assert result.code == 2 and "leave 'model:' out" in result.err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ensemble_on_cuda_equals_cpu(cli, tmp_path):
+    out = _ensemble(cli, tmp_path, [demo_model("prose"), demo_model("code")], "    combine: probs\n")
+    model = load_for_eval(out, device="cuda", dtype="float32").model
+    with torch.no_grad():
+        on_gpu = model(input_ids=IDS.cuda()).logits.cpu()
+    assert (on_gpu - _logits(out)).abs().max() <= 1e-3
+    assert torch.equal(model.generate(IDS[:, :5].cuda(), max_new_tokens=6).cpu()[:, :5], IDS[:, :5])

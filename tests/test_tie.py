@@ -13,7 +13,7 @@ from surgery.evaluate.loading import load_for_eval
 from surgery.fixtures.demo import demo_model
 from surgery.ops.tie import init_sources, slot_groups
 from surgery.plan.schema import TieStep
-from tests.conftest import listing, write_plan
+from tests.conftest import listing, outputs_on_devices, write_plan
 from tests.reference import load, outputs, tie_in_memory
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200, 7, 3, 11, 250, 42, 8, 90, 31]])
@@ -170,12 +170,7 @@ def test_tie_on_cuda_equals_cpu(cli, tmp_path):
     """SVDs on the GPU may flip signs of singular vectors, so B A (not B and A) is compared."""
     base = demo_model("base")
     step = "    loops: 2\n    relax: {rank: 8}\n    format: materialized\n"
-    outs = {}
-    for device in ("cpu", "cuda"):
-        out = tmp_path / device
-        plan = write_plan(tmp_path, f"model: {base}\noutput: {out}\nsteps:\n  - op: tie\n{step}", f"{device}.yaml")
-        assert cli("apply", plan, "--device", device).code == 0
-        outs[device] = load_file(out / "model.safetensors")
+    outs = outputs_on_devices(cli, tmp_path, f"model: {base}\nsteps:\n  - op: tie\n{step}")
     for name, tensor in outs["cpu"].items():
         torch.testing.assert_close(outs["cuda"][name], tensor, rtol=1e-3, atol=1e-4)
     compact = _tie(cli, tmp_path, base, "    loops: 2\n    relax: {rank: 8}\n", "compact")

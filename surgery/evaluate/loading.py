@@ -8,6 +8,7 @@ every kind with the same code.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -89,7 +90,11 @@ def layer_modules(model: Any, prefix: str, count: int) -> Any:
 def _load_standard(folder: Path, device: str, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
-    require_causal_lm(json.loads((folder / "config.json").read_text()), folder)
+    config = json.loads((folder / "config.json").read_text())
+    require_causal_lm(config, folder)
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method == "compressed-tensors" and importlib.util.find_spec("compressed_tensors") is None:
+        raise SurgeryError(f"{folder} holds packed compressed-tensors weights; pip install 'surgery[quant]' to load them")
     try:
         model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     except ValueError as e:

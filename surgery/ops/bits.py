@@ -5,7 +5,7 @@ and the least important get the low width. The per-layer map, the scores and the
 go to surgery.json. Each layer's matrices are then quantized by RTN with per-group scales:
 - `dense`: dequantized back to the source dtype, an exact simulation for scoring;
 - `compressed-tensors`: packed integers and a `quantization_config` that transformers (with the
-  compressed-tensors package) and vLLM load.
+  compressed-tensors package) and vLLM load; symmetric only, see `_check_supported`.
 Beside either, `llama-tensor-types.txt` gives llama-quantize the same assignment.
 """
 
@@ -35,7 +35,7 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
               "gate_up_proj": "ffn_up", "c_attn": "attn_qkv", "attn.c_proj": "attn_output", "c_fc": "ffn_up",
               "mlp.c_proj": "ffn_down", "query_key_value": "attn_qkv", "attention.dense": "attn_output",
               "dense_h_to_4h": "ffn_up", "dense_4h_to_h": "ffn_down"}
-Part = Literal["dense", "packed", "scale", "zero"]
+Part = Literal["dense", "packed", "scale"]
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,7 @@ class Rtn:
         if self.part == "dense":
             return quantized.dequantized()
         if self.part == "packed":
-            return pack(quantized.values, self.bits, dim=1)
-        if self.part == "zero":
-            return pack(quantized.zero, self.bits, dim=0)
+            return pack(quantized.values, self.bits)
         return quantized.scale
 
     def describe(self) -> str:
@@ -89,10 +87,11 @@ class Shape:
 def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
     _check_unedited(view)
     depths = len(view.layers)
+    targets = quantized_tensors(view.layers[0], step.keep)
+    _check_quantizer(step, view, targets)
     scores = layer_scores(step, view, context)
     widths = assign_bits(step.assign, scores, depths, step.manual or {})
-    targets = quantized_tensors(view.layers[0], step.keep)
-    _check_supported(step, view, targets, widths)
+    _check_widths(step, widths)
     average = sum(widths) / depths
     context.fits.append({"score": step.score, "scores": scores, "bits": widths, "average_bits": average})
     context.log(f"bits: {', '.join(f'{i}:{b}' for i, b in enumerate(widths))} (average {average:.3g})")
@@ -126,9 +125,6 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
                                                              _part(rtn, "packed"))
             stored[f"{module}.weight_scale"] = TensorRecipe(recipe.dtype, (out, columns // q.group_size), recipe.inputs,
                                                             _part(rtn, "scale"))
-            if not q.symmetric:
-                stored[f"{module}.weight_zero_point"] = TensorRecipe(
-                    "I32", (out * width // 32, columns // q.group_size), recipe.inputs, _part(rtn, "zero"))
             stored[f"{module}.weight_shape"] = TensorRecipe("I64", (2,), (), Shape((out, columns)))
     ignore = [name.removesuffix(".weight") for name, r in view.recipes().items()
               if len(r.shape) == 2 and name.removesuffix(".weight") not in {m for ms in groups.values() for m in ms}]
@@ -236,18 +232,25 @@ def _check_unedited(view: ModelView) -> None:
                                "steps to a checkpoint and quantize that")
 
 
-def _check_supported(step: BitsStep, view: ModelView, targets: list[str], widths: list[int]) -> None:
+def _check_widths(step: BitsStep, widths: list[int]) -> None:
     supported = PACKED_BITS if step.format == "compressed-tensors" else tuple(range(2, 9))
     for layer, width in enumerate(widths):
         if width not in supported and width < KEEP_BITS:
             raise SurgeryError(f"bits: layer {layer} gets {width} bits but format {step.format} supports "
                                f"{', '.join(map(str, supported))}" + (" (use format: dense to simulate others)"
                                                                        if step.format != "dense" else ""))
+
+
+def _check_quantizer(step: BitsStep, view: ModelView, targets: list[str]) -> None:
+    if step.format == "compressed-tensors" and not step.quantizer.symmetric:
+        raise SurgeryError("bits: format compressed-tensors needs quantizer.symmetric: true (asymmetric packed zero "
+                           "points do not load in transformers 5 with compressed-tensors 0.20); use format: dense "
+                           "to simulate asymmetric quantization")
     group = step.quantizer.group_size
     for suffix in targets:
         out, columns = view.layers[0].tensors[suffix].shape
         if columns % group:
             raise SurgeryError(f"bits.quantizer: group_size {group} does not divide the input dimension {columns} "
                                f"of {suffix}; use a divisor of {columns}")
-        if step.format == "compressed-tensors" and (out % 16 or columns % 16):
-            raise SurgeryError(f"bits: {suffix} of shape {[out, columns]} cannot be packed (dimensions must be multiples of 16)")
+        if step.format == "compressed-tensors" and columns % 16:
+            raise SurgeryError(f"bits: {suffix} has {columns} input columns; packing needs a multiple of 16")

@@ -1,6 +1,6 @@
 """compressed-tensors' `pack-quantized` format: signed b-bit integers offset to unsigned and packed
-little-end first into int32 words (32 / b per word), weights along the input dimension and zero
-points along the output dimension; a `quantization_config` names the modules of each bit width.
+little-end first into int32 words (32 / b per word) along the input dimension; a
+`quantization_config` names the modules of each bit width.
 
 Widths 2, 4 and 8 divide a word, so every version of the format reads them alike.
 """
@@ -15,17 +15,15 @@ if TYPE_CHECKING:
 PACKED_BITS = (2, 4, 8)
 
 
-def pack(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
-    """int8 values of `bits` bits packed into int32 along `dim` (its length a multiple of 32 / bits)."""
+def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 values of `bits` bits packed into int32 along the rows (their length a multiple of 32 / bits)."""
     import torch
 
     per_word = 32 // bits
-    rows = values if dim == 1 else values.T
-    unsigned = (rows.to(torch.int64) + (1 << (bits - 1))).reshape(rows.shape[0], -1, per_word)
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    unsigned = (values.to(torch.int64) + (1 << (bits - 1))).reshape(values.shape[0], -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int64, device=values.device) * bits
     words = (unsigned << shifts).sum(-1)
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # the same 32 bits, signed
-    return words if dim == 1 else words.T.contiguous()
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # the same 32 bits, signed
 
 
 def quantization_config(groups: dict[int, list[str]], group_size: int, symmetric: bool, ignore: list[str]) -> dict[str, Any]:
