@@ -59,12 +59,19 @@ def apply(
     fsync: Annotated[
         bool, typer.Option("--fsync/--no-fsync", help="Flush the output to disk before it appears (survives power loss).")
     ] = True,
+    push_to: Annotated[str | None, typer.Option("--push", metavar="REPO_ID",
+                                                help="Push the output to this Hub repo after it is written (and scored).")] = None,
 ) -> None:
     """Validate a plan against the real checkpoints, then stream the edit into the output folder."""
     from surgery.execute import execute
     from surgery.planner import resolve
 
     recipe = resolve(plan, out, device)
+    push_repo = push_to or (recipe.plan.push.repo if recipe.plan.push else None)
+    if push_repo is not None:
+        from surgery.hub import ready_to_push
+
+        ready_to_push(push_repo)  # before the work, not after it
     start = time.perf_counter()
     with _byte_progress(recipe.total_bytes, f"writing {recipe.output}") as advance:
         written = execute(
@@ -77,6 +84,42 @@ def apply(
         from surgery.evaluate.plan import evaluate_output
 
         print_eval(evaluate_output(recipe, device))
+    if push_repo is not None:
+        section = recipe.plan.push
+        _push(written, push_repo, private=bool(section and section.private), revision=section.revision if section else None)
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="An output folder of `surgery apply`.")],
+    repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="OWNER/NAME on the Hub (created if needed).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", metavar="BRANCH", help="Push to this branch (created if needed).")] = None,
+    commit_message: Annotated[str | None, typer.Option("--commit-message", metavar="TEXT")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go up, show the card, send nothing.")] = False,
+) -> None:
+    """Upload an output folder (weights, config, tokenizer, surgery.json, model card) to the Hugging Face Hub."""
+    if dry_run:
+        from surgery.card import CARD_NAME
+        from surgery.hub import upload_list
+
+        files = upload_list(folder)
+        table = Table("file", "bytes", title=f"would upload to {repo_id}")
+        for name, size in files:
+            table.add_row(name, human_bytes(size))
+        console.print(table)
+        console.print(f"{len(files)} files, {human_bytes(sum(s for _, s in files))}; nothing sent. The card:")
+        console.print((folder / CARD_NAME).read_text(), markup=False, highlight=False)
+        return
+    _push(folder, repo_id, private=private, revision=revision, commit_message=commit_message, create_pr=create_pr)
+
+
+def _push(folder: Path, repo_id: str, **options: Any) -> None:
+    from surgery.hub import push as push_folder
+
+    result = push_folder(folder, repo_id, **options)
+    console.print(f"[green]pushed[/] {result.files} files ({human_bytes(result.bytes)}) to {repo_id}: {result.url}")
 
 
 @app.command()
@@ -262,6 +305,68 @@ def diff_(
         print_diff(report, console, top)
     if exit_code and report.differs:
         raise typer.Exit(1)
+
+
+@app.command()
+def analyze(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="A model folder.")],
+    data: Annotated[list[str], typer.Option("--data", help="builtin, builtin:NAME or a .txt/.jsonl file; repeatable.")] = ["builtin"],  # noqa: B006
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration rows measured (a quarter more are held out for --suggest).")] = 32,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per row.")] = 256,
+    device: Device = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Depth profiles and the i/i+n distance heat map.")] = None,
+    suggest: Annotated[str | None, typer.Option("--suggest", metavar="drop=N|bits=AVG|tie=B", help="Write a plan from the measurements.")] = None,
+    candidates: Annotated[int, typer.Option("--candidates", min=1, help="drop: layers (lowest BI) scored at each step.")] = 8,
+    write_plan: Annotated[Path | None, typer.Option("--write-plan", metavar="FILE.yaml", help="Where the suggested plan goes.")] = None,
+) -> None:
+    """Per-layer importance (BI, LIM, ZD, residual contributions), redundancy between layers, and plans
+    suggested from them."""
+    from surgery.analyze import analyze as measure, plot_analysis
+    from surgery.devices import resolve_device
+    from surgery import suggest as suggestions
+
+    spec = suggestions.parse_spec(suggest) if suggest else None
+    resolved = resolve_device(device)
+    session = measure(str(model), data, samples, seq_len, resolved)
+    analysis = session.analysis
+    if plot is not None:
+        plot_analysis(analysis, str(plot))
+    log = (lambda line: err_console.print(line, markup=False)) if as_json else (lambda line: console.print(line, markup=False))
+    suggestion = None
+    if spec is not None:
+        kind, value = spec
+        if kind == "drop":
+            suggestion = suggestions.suggest_drop(session.model, session.prefix, analysis, session.held_out, int(value),
+                                                  candidates, str(model), log)
+        elif kind == "bits":
+            suggestion = suggestions.suggest_bits(analysis, value, suggestions.group_size_for(session.input_dims),
+                                                  str(model), data[0])
+        else:
+            suggestion = suggestions.suggest_tie(model, int(value), session.held_out, str(model), resolved, log)
+        if write_plan is not None:
+            write_plan.write_text(suggestion.plan)
+    if as_json:
+        out = analysis.to_dict()
+        if suggestion is not None:
+            out["suggestion"] = {"kind": suggestion.kind, "plan": suggestion.plan, "trials": suggestion.trials}
+        console.print_json(json.dumps(out))
+        return
+    ranks = {m.index: r + 1 for r, m in enumerate(sorted(analysis.layers, key=lambda m: -m.bi))}
+    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    table = Table("layer", "rank (BI)", "bi", "lim", "zd", "attn/h", "mlp/h", "layer/h",
+                  title=f"{model}: {analysis.tokens:,} calibration tokens")
+    for m in analysis.layers:
+        table.add_row(str(m.index), str(ranks[m.index]), fmt(m.bi), fmt(m.lim), fmt(m.zd), fmt(m.attn), fmt(m.mlp), fmt(m.layer))
+    console.print(table)
+    for n, start in analysis.best_blocks.items():
+        console.print(f"most redundant block of {n}: layers {start}-{start + n - 1} "
+                      f"(angular distance {analysis.distances[n][start]:.4f})")
+    if suggestion is not None:
+        console.print(f"suggested plan ({suggestion.kind}):")
+        console.print(suggestion.plan, markup=False, highlight=False)
+        if write_plan is not None:
+            console.print(f"written to {write_plan}")
 
 
 @app.command()

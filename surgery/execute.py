@@ -17,6 +17,7 @@ from surgery.checkpoint.writer import write_index, write_shard
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
 from surgery.planner import Recipe
+from surgery.card import write_card
 from surgery.provenance import PROVENANCE_NAME, write_json
 from surgery.streaming import RecipeStreamer
 
@@ -64,6 +65,7 @@ def execute(
             (staging / name).write_text(text)
         provenance = recipe.provenance() | {"output_shards": [s.filename for s in shards]}
         write_json(staging / PROVENANCE_NAME, provenance)
+        write_card(staging, out.name)
         if fsync:
             _fsync_dir(staging)
         _replace(staging, out)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+# huggingface_hub reads this once, at import, so before anything imports it: the fake Hub of
+# test_hub.py speaks the LFS upload protocol, not Xet.
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,4 +78,4 @@ def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # for the subprocesses tests start

@@ -10,6 +10,7 @@ from surgery.errors import SurgeryError
 from surgery.evaluate.data import load_text
 from surgery.evaluate.loading import DTYPES, require_causal_lm
 from surgery.plan.schema import EvaluateSection, Plan
+from surgery.card import write_card
 from surgery.provenance import PROVENANCE_NAME, read_provenance, write_json
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ def record(output: Path, report: EvalReport) -> None:
     data = read_provenance(output) or {}
     data["evaluation"] = report.to_dict()
     write_json(output / PROVENANCE_NAME, data)
+    write_card(output)  # the card shows the scores too
 
 
 def evaluate_output(recipe: Recipe, device: str = "auto") -> EvalReport:

@@ -345,6 +345,14 @@ class EvaluateSection(_Strict):
         return [value] if isinstance(value, str) else value
 
 
+class PushSection(_Strict):
+    """Push the output to the Hugging Face Hub after a successful apply (and evaluation)."""
+
+    repo: str = Field(description="OWNER/NAME on the Hub.")
+    private: bool = False
+    revision: str | None = Field(default=None, description="Branch to push to (created if needed).")
+
+
 class Plan(_Strict):
     """A whole plan: the source model, where to write, and the steps applied in one streaming pass."""
 
@@ -353,6 +361,7 @@ class Plan(_Strict):
     output: str | None = Field(default=None, description="Output folder; `--out` overrides it.")
     steps: list[Step] = Field(min_length=1)
     evaluate: EvaluateSection | None = None
+    push: PushSection | None = None
 
     @field_validator("steps", mode="before")
     @classmethod

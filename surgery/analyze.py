@@ -1,0 +1,207 @@
+"""`surgery analyze`: per-layer importance and redundancy, measured on calibration text in one pass.
+
+Per layer, averaged over tokens (hooks on the transformers model):
+- `bi` (ShortGPT) = 1 - cos(h_in, h_out) and `lim` = -cos(h_in, h_out), as in surgery/importance.py;
+- `zd`: the fraction of weights with |z| > 1, averaged over the layer's matrices;
+- Csordas et al. 2025's residual contributions: `attn` = ||attn_out|| / ||h||, `mlp` = ||mlp_out|| /
+  ||h + attn_out||, `layer` = ||h_out - h|| / ||h|| (None where the layer has no attention/MLP child).
+Redundancy (PruneMe): the angular distance arccos(cos(h_i, h_{i+n})) / pi between the hidden states
+entering layer i and layer i+n, for n = 1..4; the block of n layers whose removal changes least.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from surgery import importance
+
+MAX_BLOCK = 4
+
+
+@dataclass
+class LayerMetrics:
+    index: int
+    bi: float
+    lim: float
+    zd: float
+    attn: float | None
+    mlp: float | None
+    layer: float
+
+
+@dataclass
+class Analysis:
+    model: str
+    tokens: int
+    layers: list[LayerMetrics]
+    distances: dict[int, list[float]]  # n -> angular distance from layer i's input to layer i+n's, for each i
+    best_blocks: dict[int, int] = field(default_factory=dict)  # n -> first layer of the best block to remove
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "tokens": self.tokens, "layers": [asdict(m) for m in self.layers],
+                "distances": {str(n): d for n, d in self.distances.items()},
+                "best_blocks": {str(n): {"start": i, "layers": list(range(i, i + n)), "distance": self.distances[n][i]}
+                                for n, i in self.best_blocks.items()}}
+
+
+class _Accumulator:
+    """Sums of per-token ratios and cosines, kept per layer and per distance, over all batches."""
+
+    def __init__(self, depth: int) -> None:
+        self.cos = [0.0] * depth
+        self.attn = [0.0] * depth
+        self.mlp = [0.0] * depth
+        self.layer = [0.0] * depth
+        self.distance = {n: [0.0] * (depth - n + 1) for n in range(1, min(MAX_BLOCK, depth) + 1)}
+        self.tokens = 0
+
+
+def analyze_model(model: Any, layers: Any, batches: Any, weights: list[list[Any]], label: str) -> Analysis:
+    """Metrics of a loaded model whose layer modules are `layers`, on token batches (rows)."""
+    import torch
+
+    depth = len(layers)
+    sums = _Accumulator(depth)
+    states: dict[int, Any] = {}  # layer index -> hidden state entering it (and depth -> leaving the last)
+    parts: dict[tuple[int, str], Any] = {}
+
+    def ratio(numerator: Any, denominator: Any) -> float:
+        return float((numerator.float().norm(dim=-1) / denominator.float().norm(dim=-1).clamp_min(1e-12)).sum())
+
+    def on_layer(index: int) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            entering = args[0] if args else kwargs["hidden_states"]
+            leaving = output[0] if isinstance(output, tuple) else output
+            states[index], states[index + 1] = entering, leaving
+            cosine = torch.nn.functional.cosine_similarity(entering.float(), leaving.float(), dim=-1)
+            sums.cos[index] += float(cosine.sum())
+            sums.layer[index] += ratio(leaving - entering, entering)
+            attn, mlp = parts.pop((index, "attn"), None), parts.pop((index, "mlp"), None)
+            if attn is not None:
+                sums.attn[index] += ratio(attn, entering)
+            if mlp is not None:
+                sums.mlp[index] += ratio(mlp, entering + (attn if attn is not None else 0))
+        return hook
+
+    def on_part(index: int, kind: str) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
+            parts[(index, kind)] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = []
+    has_parts = {"attn": True, "mlp": True}
+    for index, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(on_layer(index), with_kwargs=True))
+        for kind in ("attn", "mlp"):
+            child = _child(layer, kind)
+            has_parts[kind] &= child is not None
+            if child is not None:
+                handles.append(child.register_forward_hook(on_part(index, kind)))
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for row in batches:
+                states.clear()
+                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+                sums.tokens += row.numel()
+                for n, totals in sums.distance.items():
+                    for i in range(len(totals)):
+                        cosine = torch.nn.functional.cosine_similarity(states[i].float(), states[i + n].float(), dim=-1)
+                        totals[i] += float((cosine.clamp(-1, 1).acos() / math.pi).sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    count = sums.tokens
+    cosines = [c / count for c in sums.cos]
+    zd = [sum(importance.outlier_fraction(w) for w in matrices) / len(matrices) for matrices in weights]
+    metrics = [LayerMetrics(i, importance.block_influence(cosines)[i], importance.lim(cosines)[i], zd[i],
+                            sums.attn[i] / count if has_parts["attn"] else None,
+                            sums.mlp[i] / count if has_parts["mlp"] else None, sums.layer[i] / count)
+               for i in range(depth)]
+    distances = {n: [t / count for t in totals] for n, totals in sums.distance.items()}
+    best = {n: min(range(len(d)), key=lambda i: (d[i], i)) for n, d in distances.items()}
+    return Analysis(label, count, metrics, distances, best)
+
+
+def _child(layer: Any, kind: str) -> Any:
+    """The layer's attention (`attn`) or feed-forward (`mlp`) submodule, found by name."""
+    names = ("self_attn", "attn", "attention", "self_attention") if kind == "attn" else ("mlp", "feed_forward", "ffn")
+    for name in names:
+        child = getattr(layer, name, None)
+        if child is not None:
+            return child
+    return None
+
+
+@dataclass
+class Session:
+    """A loaded model with its measurements: what `--suggest` works from."""
+
+    analysis: Analysis
+    model: Any
+    prefix: str
+    held_out: Any  # calibration rows not used for the metrics, for scoring candidate plans
+    input_dims: list[int]
+
+
+def analyze(path: str, data: list[str], samples: int, seq_len: int, device: str) -> Session:
+    """Load a standard checkpoint and measure it on `samples` rows of `seq_len` tokens of the data; a
+    further quarter of rows (at least 2) is held out for `--suggest`."""
+    import torch
+
+    from surgery.checkpoint.layout import find_layout
+    from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint
+    from surgery.errors import SurgeryError
+    from surgery.evaluate.data import load_text
+    from surgery.evaluate.loading import layer_modules, load_for_eval
+
+    checkpoint = Checkpoint.open(path)
+    layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path))
+    loaded = load_for_eval(path, device=device, dtype="float32")
+    text = "\n\n".join(load_text(spec).text for spec in data)
+    held = max(2, samples // 4)
+    rows = importance.calibration_batches(loaded.tokenizer, text, samples + held, seq_len, "analyze --data")
+    if len(rows) < 3:
+        raise SurgeryError(f"analyze: the data gives {len(rows)} rows of {seq_len} tokens; give more text or a "
+                           "smaller --seq-len")
+    held = min(held, len(rows) // 3)
+    _, by_layer = layout.group(checkpoint.tensors)
+    matrices = [[n for n in sorted(layer) if len(layer[n].shape) == 2 and layer[n].dtype in FLOAT_DTYPES]
+                for layer in by_layer]
+    weights = [[checkpoint.load(layer[n].name).to(torch.float64) for n in names] for layer, names in zip(by_layer, matrices)]
+    layers = layer_modules(loaded.model, layout.prefix, layout.num_layers)
+    analysis = analyze_model(loaded.model, layers, rows[:-held], weights, str(path))
+    input_dims = [layer[n].shape[1] for layer, names in zip(by_layer, matrices) for n in names]
+    return Session(analysis, loaded.model, layout.prefix, rows[-held:], input_dims)
+
+
+def plot_analysis(analysis: Analysis, path: str) -> None:
+    """Depth profiles of every metric, and the i -> i+n distance heat map."""
+    try:
+        import matplotlib
+    except ImportError:
+        from surgery.errors import SurgeryError
+
+        raise SurgeryError("--plot needs matplotlib: pip install 'surgery[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (profiles, heat) = plt.subplots(1, 2, figsize=(12, 4.5))
+    depth = range(len(analysis.layers))
+    for metric in ("bi", "zd", "attn", "mlp", "layer"):
+        values = [getattr(m, metric) for m in analysis.layers]
+        if all(v is not None for v in values):
+            profiles.plot(depth, values, marker="o", label=metric)
+    profiles.set(title="per-layer metrics", xlabel="layer", yscale="log")
+    profiles.legend()
+    rows = sorted(analysis.distances)
+    width = len(analysis.layers)
+    grid = [[analysis.distances[n][i] if i < len(analysis.distances[n]) else float("nan") for i in range(width)]
+            for n in rows]
+    image = heat.imshow(grid, aspect="auto", cmap="viridis")
+    heat.set(title="angular distance, layer i to i+n", xlabel="i", ylabel="n", yticks=range(len(rows)), yticklabels=rows)
+    figure.colorbar(image, ax=heat)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)

@@ -1,0 +1,123 @@
+"""README.md, the model card every output folder carries: written at apply time from surgery.json
+and config.json alone, rewritten when an evaluation is recorded, so the card is in the folder
+before anything is pushed and always says what the folder holds."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from surgery.checkpoint.reader import read_config
+from surgery.provenance import read_provenance
+
+CARD_NAME = "README.md"
+# A folder that huggingface_hub downloaded: .../models--ORG--NAME/snapshots/REVISION
+_HUB_CACHE = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/")
+_OWN_FORMATS = {"surgery_recursive": "compact recursive", "surgery_ensemble": "ensemble"}
+
+
+def write_card(folder: Path, name: str | None = None) -> None:
+    """`name`: the title, when `folder` is the staging folder of the output that will bear it."""
+    (folder / CARD_NAME).write_text(model_card(folder, name or folder.name))
+
+
+def model_card(folder: Path, name: str) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    provenance = read_provenance(folder) or {}
+    config = read_config(folder)
+    plan = provenance.get("plan", {})
+    steps = plan.get("steps", [])
+    ops = sorted({step["op"] for step in steps})
+    sources = [source_id(s["path"]) for s in provenance.get("sources", {}).values()]
+    own_format = _OWN_FORMATS.get(config.get("model_type", ""))
+    data = ModelCardData(
+        base_model=sources or None,
+        base_model_relation=_relation(ops, sources),
+        tags=["surgery", *ops],
+        library_name=None if own_format else "transformers",
+    )
+    body = [f"# {name}", "", f"Made with surgery {provenance.get('surgery_version', '')} from "
+            + ", ".join(f"`{s}`" for s in sources) + ".", "", "## What was done", ""]
+    body += [f"{i + 1}. {describe_step(step)}" for i, step in enumerate(steps)]
+    body += ["", "## Plan", "", "```yaml", yaml.safe_dump(plan, sort_keys=False).rstrip(), "```", ""]
+    evaluation = provenance.get("evaluation")
+    if evaluation:
+        body += ["## Evaluation", "", *_evaluation_table(evaluation), ""]
+    body += ["## How to load", "", *_how_to_load(own_format, config), ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content
+
+
+def source_id(path: str) -> str:
+    """A source's Hub id where its folder is a huggingface_hub download, else its path."""
+    match = _HUB_CACHE.search(path.replace("\\", "/"))
+    return f"{match['org']}/{match['name']}" if match else path
+
+
+def _relation(ops: list[str], sources: list[str]) -> str | None:
+    if "bits" in ops:
+        return "quantized"
+    return "merge" if len(sources) > 1 else None
+
+
+def describe_step(step: dict[str, Any]) -> str:
+    """One plain sentence per step."""
+    op = step["op"]
+    if op == "chain":
+        entries = [f"{', '.join(map(str, e['layers']))}" + (f" of {e['model']}" if e.get("model") else "")
+                   + (f" (scaled {e['scale']})" if e.get("scale") else "") for e in step["layers"]]
+        return "Layers rearranged (`chain`): the new layers are source layers " + "; ".join(entries) + "."
+    if op in ("task_arithmetic", "ties", "atlas"):
+        models = ", ".join(f"{m['model']} (weight {m.get('weight', 1)})" for m in step["models"])
+        extra = f", density {step.get('density', 0.2)}, lambda {step.get('lambda', 1)}" if op == "ties" else ""
+        return f"Task vectors of {models} added to the base (`{op}`{extra})."
+    if op == "lines":
+        settings = ", ".join(f"{k} {step[k]}" for k in ("alpha", "beta") if step.get(k) is not None) or "defaults"
+        return f"The update scaled by depth (`lines`, LiNeS): {settings}."
+    if op == "tie":
+        slots = f"{step['loops']} loops ({step.get('strategy', 'cycle')})" if step.get("loops") else "explicit slots"
+        relax = step.get("relax")
+        relaxed = f", relaxed by per-depth LoRA of rank {relax.get('rank', 16)}" if relax else ""
+        return (f"Layers tied into shared ones looped {slots}, initialised by `{step.get('init', 'average')}`"
+                f"{relaxed}, written `{step.get('format', 'compact')}` (`tie`).")
+    if op == "ensemble":
+        return (f"An ensemble of {', '.join(step['members'])} combining {step.get('combine', 'logits')} "
+                f"(`ensemble`, members by {step.get('layout', 'reference')}).")
+    if op == "bits":
+        quantizer = step.get("quantizer", {})
+        return (f"Layer-wise quantization (`bits`): layers ranked by {step.get('score', 'lim')}, RTN in groups of "
+                f"{quantizer.get('group_size', 128)}, written {step.get('format', 'dense')}.")
+    if op == "materialize":
+        return "A compact recursive model written as a standard checkpoint (`materialize`)."
+    return f"`{op}`."
+
+
+def _evaluation_table(evaluation: dict[str, Any]) -> list[str]:
+    rows = ["| data | tokens | perplexity | reference | delta |", "|---|---|---|---|---|"]
+    for score in evaluation.get("datasets", []):
+        reference = score.get("base_perplexity")
+        rows.append(f"| {score['data']} | {score['tokens']} | {score['perplexity']:.3f} | "
+                    + ("" if reference is None else f"{reference:.3f}") + " | "
+                    + ("" if score.get("delta") is None else f"{score['delta']:+.3f}") + " |")
+    reference = evaluation.get("base")
+    rows += ["", f"Reference: `{reference}`. " if reference else "",
+             f"Window {evaluation.get('window')}, stride {evaluation.get('stride')}, {evaluation.get('dtype')} on "
+             f"{evaluation.get('device')}."]
+    return rows
+
+
+def _how_to_load(own_format: str | None, config: dict[str, Any]) -> list[str]:
+    if own_format:
+        return [f"This folder is a surgery {own_format} model: plain transformers refuses it by its model type.",
+                "", "```python", "from surgery.evaluate.loading import load_for_eval",
+                "loaded = load_for_eval(\"PATH\")  # .model maps input_ids to logits; .tokenizer", "```",
+                "", "or `surgery eval PATH`. `surgery materialize` turns a compact model into a standard one."]
+    quantized = (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
+    return (["Packed compressed-tensors weights: `pip install compressed-tensors` first (vLLM loads it too).", ""]
+            if quantized else []) + [
+        "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(\"PATH\")",
+        "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")", "```"]

@@ -1,0 +1,43 @@
+"""The model card (README.md) every output folder carries."""
+
+from __future__ import annotations
+
+from huggingface_hub import ModelCard
+
+from surgery.card import source_id
+from surgery.fixtures.demo import demo_model
+from tests.conftest import write_plan
+
+
+def _card(cli, tmp_path, body: str, name: str) -> ModelCard:
+    out = tmp_path / name
+    result = cli("apply", write_plan(tmp_path, f"output: {out}\n{body}", f"{name}.yaml"))
+    assert result.code == 0, result.err
+    return ModelCard.load(out / "README.md")
+
+
+def test_hub_downloads_are_named_by_their_repo_id():
+    cache = "/home/me/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B/snapshots/0e9e39f249a1/"
+    assert source_id(cache) == "meta-llama/Llama-3.1-8B"
+    assert source_id("/data/my-model") == "/data/my-model"
+
+
+def test_cards_describe_each_kind_of_output(cli, tmp_path, tiny):
+    base, prose, code, llama = demo_model("base"), demo_model("prose"), demo_model("code"), tiny("llama")
+    chain = _card(cli, tmp_path, f"model: {llama}\nsteps:\n  - op: chain\n    layers: [0, 0, 1]\n", "chain")
+    assert chain.data.base_model == [str(llama)] and chain.data.library_name == "transformers"
+    assert chain.data.get("base_model_relation") is None and chain.data.tags == ["surgery", "chain"]
+    assert "source layers 0, 0, 1" in chain.text and "AutoModelForCausalLM" in chain.text and "op: chain" in chain.text
+
+    ties = _card(cli, tmp_path, f"base: {base}\nsteps:\n  - op: ties\n    models: [{prose}, {code}]\n", "ties")
+    assert ties.data.base_model_relation == "merge" and len(ties.data.base_model) == 3
+
+    compact = _card(cli, tmp_path, f"model: {base}\nsteps:\n  - op: tie\n    loops: 2\n", "tie")
+    assert compact.data.library_name is None and "load_for_eval" in compact.text and "surgery materialize" in compact.text
+
+    ensemble = _card(cli, tmp_path, f"steps:\n  - op: ensemble\n    members: [{prose}, {code}]\n", "ensemble")
+    assert ensemble.data.base_model_relation == "merge" and "combining logits" in ensemble.text
+
+    bits = _card(cli, tmp_path, f"model: {base}\nsteps:\n  - op: bits\n    score: zd\n"
+                 "    assign: {high: 8, low: 4, low_fraction: 0.5}\n    quantizer: {group_size: 64}\n", "bits")
+    assert bits.data.base_model_relation == "quantized" and "ranked by zd" in bits.text
