@@ -9,7 +9,7 @@ import pytest
 from surgery import __version__
 from tests.conftest import ARCHS, listing, write_plan
 
-COMMANDS = ["apply", "check", "inspect", "demo", "materialize", "diff", "eval", "push"]
+COMMANDS = ["apply", "check", "inspect", "demo", "materialize", "diff", "eval", "push", "analyze"]
 
 
 def test_version(cli):
