@@ -319,6 +319,9 @@ def analyze(
     suggest: Annotated[str | None, typer.Option("--suggest", metavar="drop=N|bits=AVG|tie=B", help="Write a plan from the measurements.")] = None,
     candidates: Annotated[int, typer.Option("--candidates", min=1, help="drop: layers (lowest BI) scored at each step.")] = 8,
     write_plan: Annotated[Path | None, typer.Option("--write-plan", metavar="FILE.yaml", help="Where the suggested plan goes.")] = None,
+    search_chain: Annotated[bool, typer.Option("--search-chain", help="Search chains with skips and repeats (CoLa).")] = False,
+    budget: Annotated[float, typer.Option("--budget", min=0.0, help="--search-chain: seconds to spend.")] = 60.0,
+    length_penalty: Annotated[float, typer.Option("--length-penalty", min=0.0, help="--search-chain: added to the mean loss per 1x of the original depth.")] = 0.05,
 ) -> None:
     """Per-layer importance (BI, LIM, ZD, residual contributions), redundancy between layers, and plans
     suggested from them."""
@@ -327,6 +330,8 @@ def analyze(
     from surgery import suggest as suggestions
 
     spec = suggestions.parse_spec(suggest) if suggest else None
+    if spec is not None and search_chain:
+        raise SurgeryError("give --suggest or --search-chain, not both: each writes one plan")
     resolved = resolve_device(device)
     session = measure(str(model), data, samples, seq_len, resolved)
     analysis = session.analysis
@@ -344,8 +349,15 @@ def analyze(
                                                   str(model), data[0])
         else:
             suggestion = suggestions.suggest_tie(model, int(value), session.held_out, str(model), resolved, log)
-        if write_plan is not None:
-            write_plan.write_text(suggestion.plan)
+    if search_chain:
+        with Progress(TextColumn("searching chains"), BarColumn(), TimeRemainingColumn(), console=err_console,
+                      disable=not err_console.is_terminal) as bar:
+            task = bar.add_task("search", total=1.0)
+            suggestion = suggestions.search_chain(session.model, session.prefix, session.held_out, len(analysis.layers),
+                                                  budget, length_penalty, str(model),
+                                                  lambda done: bar.update(task, completed=done), log)
+    if suggestion is not None and write_plan is not None:
+        write_plan.write_text(suggestion.plan)
     if as_json:
         out = analysis.to_dict()
         if suggestion is not None:

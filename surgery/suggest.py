@@ -2,7 +2,8 @@
 held-out calibration rows, not by a proxy alone:
 - `drop=N`: greedy, one layer at a time, among the remaining layers with the lowest Block Influence;
 - `bits=AVG`: a `bits` plan ranking layers by LIM, with a target average over [2, 3, 4, 8];
-- `tie=B`: a `tie` plan whose init (average, stepwise, lower) scored best, tied in memory.
+- `tie=B`: a `tie` plan whose init (average, stepwise, lower) scored best, tied in memory;
+- `search_chain`: CoLa's chain-of-layers search (skips and repeats), bounded in time.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def group_size_for(input_dims: list[int]) -> int:
 
 
 def _ranges(indices: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '[0-2, 5, 7-8]'."""
+    """[0, 1, 2, 5, 7, 8, 7] -> '[0-2, 5, 7-8, 7]': runs of consecutive layers as ranges."""
     parts, start = [], None
     for position, index in enumerate(indices):
         if start is None:
@@ -141,3 +142,53 @@ def _ranges(indices: list[int]) -> str:
             parts.append(str(start) if start == index else f"{start}-{index}")
             start = None
     return "[" + ", ".join(parts) + "]"
+
+
+def search_chain(model: Any, prefix: str, rows: Any, depth: int, budget: float, penalty: float, model_ref: str,
+                 progress: Callable[[float], None], log: Callable[[str], None]) -> Suggestion:
+    """CoLa-style search over chains of layers: from the original order, hill-climb on moves that skip
+    or repeat a block of 1-4 consecutive positions, keeping the move that lowers
+    mean loss + penalty * (length / L) the most, until none does or `budget` seconds are spent.
+    Chains run in memory with the layer list replaced (cache off, so a repeated layer is safe)."""
+    import time
+
+    start = time.perf_counter()
+
+    def cost(chain: list[int]) -> tuple[float, float]:
+        perplexity = with_layers(model, prefix, chain, lambda: held_out_perplexity(model, rows))
+        return math.log(perplexity) + penalty * len(chain) / depth, perplexity
+
+    chain = list(range(depth))
+    best_cost, best_perplexity = cost(chain)
+    trials = [{"chain": chain, "perplexity": best_perplexity, "cost": best_cost}]
+    log(f"original order: perplexity {best_perplexity:.2f}")
+    improved = True
+    while improved and time.perf_counter() - start < budget:
+        improved = False
+        candidate_best = None
+        for move in _moves(chain):
+            if time.perf_counter() - start >= budget:
+                break
+            progress(min(1.0, (time.perf_counter() - start) / budget))
+            value, perplexity = cost(move)
+            if value < best_cost - 1e-9 and (candidate_best is None or value < candidate_best[0]):
+                candidate_best = (value, perplexity, move)
+        if candidate_best is not None:
+            best_cost, best_perplexity, chain = candidate_best
+            improved = True
+            trials.append({"chain": chain, "perplexity": best_perplexity, "cost": best_cost})
+            log(f"chain {_ranges(chain)}: perplexity {best_perplexity:.2f}")
+    progress(1.0)
+    plan = f"model: {model_ref}\noutput: {model_ref}-chain\nsteps:\n  - op: chain\n    layers: {_ranges(chain)}\n"
+    return Suggestion("chain", plan, trials)
+
+
+def _moves(chain: list[int]) -> list[list[int]]:
+    """Every chain one skip or one repeat of a block (1-4 positions) away, shortest first."""
+    moves = []
+    for size in range(1, 5):
+        for at in range(0, len(chain) - size + 1):
+            if len(chain) > size:
+                moves.append(chain[:at] + chain[at + size:])
+            moves.append(chain[: at + size] + chain[at: at + size] + chain[at + size:])
+    return moves

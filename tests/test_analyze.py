@@ -81,3 +81,27 @@ def test_other_suggestions_are_valid_plans(spec, op, cli, tmp_path):
 def test_bad_analyze_input(args, message, cli):
     result = cli("analyze", demo_model("base"), "--data", "builtin:mixed-dev", "--samples", "4", "--device", "cpu", *args)
     assert result.code == 2 and message in result.err, result.err
+
+
+def test_chain_moves_skip_or_repeat_one_block():
+    from surgery.suggest import _moves
+
+    moves = _moves([0, 1, 2])
+    assert [1, 2] in moves and [0, 2] in moves and [0] in moves and [0, 0, 1, 2] in moves
+    assert [0, 1, 0, 1, 2] in moves and [0, 1, 2, 0, 1, 2] in moves
+    assert [] not in moves  # never skip everything
+    # blocks of 1-3 positions here: 3 + 2 + 1 skips (less the one that empties the chain) and as many repeats
+    assert len(moves) == 5 + 6 and len({tuple(m) for m in moves}) == len(moves)
+
+
+def test_chain_search_only_accepts_improvements(cli, tmp_path):
+    plan = tmp_path / "chain.yaml"
+    result = cli("analyze", demo_model("base"), "--data", "builtin:mixed-dev", "--samples", "4", "--seq-len", "64",
+                 "--device", "cpu", "--search-chain", "--budget", "20", "--json", "--write-plan", plan)
+    assert result.code == 0, result.err
+    trials = json.loads(result.out)["suggestion"]["trials"]
+    assert trials[0]["chain"] == list(range(8))
+    costs = [t["cost"] for t in trials]
+    assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)  # each step strictly better
+    assert cli("check", plan, "--out", tmp_path / "out").code == 0
+    assert cli("analyze", demo_model("base"), "--suggest", "drop=1", "--search-chain").code == 2
