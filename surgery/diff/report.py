@@ -8,7 +8,6 @@ a fine-tune reads as changes to the same layers.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
