@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from surgery.ensemble import EnsembleSpec, is_ensemble, member_name, read_spec
+from surgery.evaluate.loading import context_length
 from surgery.errors import SurgeryError
 
 
@@ -96,7 +97,8 @@ class EnsembleModel(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
         self.weights = [w / sum(weights) for w in weights]
         self.combine = combine
-        self.config = min((m.config for m in members), key=_context)  # scoring reads the context length here
+        # scoring reads the context length here: the shortest member's
+        self.config = min((m.config for m in members), key=lambda c: context_length(c) or 1 << 30)
 
     def get_output_embeddings(self) -> Any:
         return self.members[0].get_output_embeddings()
@@ -138,11 +140,3 @@ class EnsembleModel(torch.nn.Module):
 
 def _accepts(module: Any, argument: str) -> bool:
     return argument in inspect.signature(module.forward).parameters
-
-
-def _context(config: Any) -> int:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return 1 << 30

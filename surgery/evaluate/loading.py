@@ -74,6 +74,15 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+def context_length(config: Any) -> int | None:
+    """The longest sequence a model's config allows, where it says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
 def layer_modules(model: Any, prefix: str, count: int) -> Any:
     """The ModuleList of a loaded model's layers: at the checkpoint's prefix, else the one of that length."""
     import torch

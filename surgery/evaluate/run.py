@@ -11,7 +11,7 @@ from typing import Any
 from surgery.errors import SurgeryError
 from surgery.evaluate.data import EvalText, load_text
 from surgery.evaluate.harness import check_tasks, run_tasks
-from surgery.evaluate.loading import LoadedModel, load_for_eval
+from surgery.evaluate.loading import LoadedModel, context_length, load_for_eval
 from surgery.evaluate.perplexity import PerplexityResult, perplexity
 from surgery.provenance import read_provenance
 
@@ -74,7 +74,7 @@ def evaluate(model_path: str | Path, settings: EvalSettings, compare: str | Path
     if settings.tasks:
         check_tasks(list(settings.tasks))
     loaded = load_for_eval(model_path, settings.device, settings.dtype)
-    window = settings.window or min(DEFAULT_WINDOW, _context_length(loaded.model))
+    window = settings.window or min(DEFAULT_WINDOW, context_length(loaded.model.config) or DEFAULT_WINDOW)
     stride = settings.stride or max(1, window // 2)
     token_ids = [_tokenize(loaded, text, settings.max_tokens) for text in texts]
     scores, report_tasks = _score(loaded, token_ids, window, stride, settings)
@@ -150,15 +150,6 @@ def _tokenize(loaded: LoadedModel, text: EvalText, max_tokens: int) -> Any:
 
 def _same_tokens(reference: LoadedModel, text: EvalText, ids: Any, max_tokens: int) -> bool:
     return reference.tokenizer(text.text)["input_ids"][:max_tokens] == ids.tolist()
-
-
-def _context_length(model: Any) -> int:
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return DEFAULT_WINDOW
 
 
 def _release(loaded: LoadedModel) -> None:
