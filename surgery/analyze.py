@@ -115,7 +115,7 @@ def analyze_model(model: Any, layers: Any, batches: Any, weights: list[list[Any]
             handle.remove()
     count = sums.tokens
     cosines = [c / count for c in sums.cos]
-    zd = [sum(importance.outlier_fraction(w) for w in matrices) / len(matrices) for matrices in weights]
+    zd = [importance.zero_deviation(matrices) for matrices in weights]
     metrics = [LayerMetrics(i, importance.block_influence(cosines)[i], importance.lim(cosines)[i], zd[i],
                             sums.attn[i] / count if has_parts["attn"] else None,
                             sums.mlp[i] / count if has_parts["mlp"] else None, sums.layer[i] / count)
@@ -149,7 +149,6 @@ class Session:
 def analyze(path: str, data: list[str], samples: int, seq_len: int, device: str) -> Session:
     """Load a standard checkpoint and measure it on `samples` rows of `seq_len` tokens of the data; a
     further quarter of rows (at least 2) is held out for `--suggest`."""
-    import torch
 
     from surgery.checkpoint.layout import find_layout
     from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint
@@ -170,7 +169,7 @@ def analyze(path: str, data: list[str], samples: int, seq_len: int, device: str)
     _, by_layer = layout.group(checkpoint.tensors)
     matrices = [[n for n in sorted(layer) if len(layer[n].shape) == 2 and layer[n].dtype in FLOAT_DTYPES]
                 for layer in by_layer]
-    weights = [[checkpoint.load(layer[n].name).to(torch.float64) for n in names] for layer, names in zip(by_layer, matrices)]
+    weights = [[checkpoint.load(layer[n].name) for n in names] for layer, names in zip(by_layer, matrices)]
     layers = layer_modules(loaded.model, layout.prefix, layout.num_layers)
     analysis = analyze_model(loaded.model, layers, rows[:-held], weights, str(path))
     input_dims = [layer[n].shape[1] for layer, names in zip(by_layer, matrices) for n in names]

@@ -60,6 +60,11 @@ def outlier_fraction(weight: torch.Tensor) -> float:
     return 0.0 if std == 0 else float(((values - values.mean()).abs() > std).double().mean())
 
 
+def zero_deviation(matrices: list[torch.Tensor]) -> float:
+    """ZD of a layer: the mean over its matrices of their outlier fractions."""
+    return sum(outlier_fraction(w) for w in matrices) / len(matrices)
+
+
 def calibration_batches(tokenizer: Any, text: str, samples: int, seq_len: int, where: str) -> torch.Tensor:
     """The first samples x seq_len tokens of the text, as `samples` rows (fewer when the text is short)."""
     import torch

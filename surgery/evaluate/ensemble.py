@@ -37,16 +37,13 @@ def load_ensemble(folder: Path, device: str, dtype: Any) -> Any:
 
 
 def _load_member(folder: Path, spec: EnsembleSpec, index: int, device: str, dtype: Any) -> Any:
-    from surgery.evaluate.loading import LOADERS
+    from surgery.evaluate.loading import load_model
 
     member = spec.members[index]
     if member.path is not None:
         path = Path(member.path)
         _check_unchanged(path, member.sha256)
-        for recognise, load in LOADERS:
-            if recognise(path):
-                return load(path, device, dtype)
-        raise SurgeryError(f"ensemble member {path} is not a model surgery can load")
+        return load_model(path, device, dtype)
     return _load_copied(folder, spec, index, device, dtype)
 
 

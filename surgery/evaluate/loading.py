@@ -144,6 +144,14 @@ LOADERS: list[tuple[Callable[[Path], bool], Callable[[Path, str, Any], Any]]] = 
 ]
 
 
+def load_model(folder: Path, device: str, dtype: Any) -> Any:
+    """The module of any model kind surgery writes, by the first loader in `LOADERS` that recognises it."""
+    for recognise, load in LOADERS:
+        if recognise(folder):
+            return load(folder, device, dtype)
+    raise SurgeryError(f"{folder}: not a model surgery can load (no config.json)")
+
+
 def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """The model and tokenizer in `path`, on `device`, ready for `perplexity`."""
     from transformers import AutoTokenizer
@@ -156,12 +164,7 @@ def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved_device)
     with quiet_transformers():
-        for recognise, load in LOADERS:
-            if recognise(folder):
-                model = load(folder, resolved_device, torch_dtype)
-                break
-        else:
-            raise SurgeryError(f"{folder}: not a model surgery can load (no config.json)")
+        model = load_model(folder, resolved_device, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     parameters = sum(p.numel() for p in model.parameters())
     on_disk = getattr(model, "bytes_on_disk", None) or sum(p.stat().st_size for p in folder.glob("*.safetensors"))

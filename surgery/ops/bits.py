@@ -143,18 +143,10 @@ def layer_scores(step: BitsStep, view: ModelView, context: OpContext) -> list[fl
 
     if step.score == "manual":
         return None
-    if step.score == "zd":
-        import torch
-
-        from surgery.checkpoint.reader import Checkpoint
-
-        checkpoint = Checkpoint.open(view.source.path)
-        scores = []
-        for layer in view.layers:
-            matrices = [r.inputs[0] for r in layer.tensors.values() if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES]
-            scores.append(sum(importance.outlier_fraction(checkpoint.load(i.name).to(torch.float64))
-                              for i in matrices) / len(matrices))
-        return scores
+    if step.score == "zd":  # the view is the stored model (_check_unedited): its source holds every input
+        return [importance.zero_deviation([view.source.load(r.inputs[0].name) for r in layer.tensors.values()
+                                           if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES])
+                for layer in view.layers]
     cosines = _cosines(step, view, context)
     return importance.lim(cosines) if step.score == "lim" else importance.block_influence(cosines)
 
