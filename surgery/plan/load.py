@@ -12,28 +12,19 @@ from surgery.errors import SurgeryError
 from surgery.plan.schema import OPS, Plan
 
 MAX_PLAN_BYTES = 1024 * 1024
+# A plan is a page of YAML. These bound what a hostile one can cost: nesting (the composer and
+# pydantic recurse), and nodes after alias expansion ("billion laughs": a few lines of anchors
+# that expand to 10^9 values when validated).
+MAX_DEPTH = 64
+MAX_NODES = 100_000
 
 
 def load_plan(path: str | Path) -> Plan:
     """Parse and validate a plan; any problem is one SurgeryError naming file, line and field."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SurgeryError(f"plan {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SurgeryError(f"plan {path}: cannot read as text ({e})") from e
-    if len(text) > MAX_PLAN_BYTES:
-        raise SurgeryError(f"plan {path}: larger than {MAX_PLAN_BYTES} bytes; a plan is a short YAML file")
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        raise SurgeryError(f"{path}{line}: malformed YAML: {e.problem or e.context}") from None
-    except yaml.YAMLError as e:
-        raise SurgeryError(f"{path}: malformed YAML: {e}") from None
+    data, root = _read_yaml(path)
+    if data is None:
+        raise SurgeryError(f"{path}: the plan is empty; a plan is a YAML mapping with 'model', 'output' and 'steps'")
     if not isinstance(data, dict):
         raise SurgeryError(f"{path}: a plan is a YAML mapping with 'model', 'output' and 'steps'")
     try:
@@ -41,7 +32,129 @@ def load_plan(path: str | Path) -> Plan:
     except ValidationError as e:
         first = e.errors()[0]
         loc = tuple(first["loc"])
-        raise SurgeryError(f"{path}:{_line_of(root, loc)}: {_where(loc)}{_message(first)}") from None
+        raise SurgeryError(_one_line(f"{path}:{_line_of(root, loc)}: {_where(loc)}{_message(first)}")) from None
+
+
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """Bounded, safe YAML: size, encoding, depth, alias expansion and tags are checked on the
+    composed node graph before any Python object is built from it."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PLAN_BYTES + 1)
+    except FileNotFoundError:
+        raise SurgeryError(f"plan {path} does not exist") from None
+    except OSError as e:
+        raise SurgeryError(f"plan {path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_PLAN_BYTES:
+        raise SurgeryError(f"plan {path}: larger than {MAX_PLAN_BYTES} bytes; a plan is a short YAML file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SurgeryError(f"plan {path}: not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8") from None
+    loader = None
+    try:
+        loader = _BoundedLoader(text, path)  # checks the characters first
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _check_graph(root, path)
+        return loader.construct_document(root), root
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        what = " ".join(part for part in (e.context, e.problem) if part)
+        raise SurgeryError(_one_line(f"{path}{line}: malformed YAML: {what}")) from None
+    except yaml.reader.ReaderError as e:
+        raise SurgeryError(
+            f"{path}: malformed YAML: character #x{e.character:04x} at offset {e.position} is not allowed in YAML"
+        ) from None
+    except yaml.YAMLError as e:
+        raise SurgeryError(_one_line(f"{path}: malformed YAML: {e}")) from None
+    except RecursionError:  # a backstop: the depth limit stops nesting well before this
+        raise SurgeryError(f"{path}: malformed YAML: nested too deeply") from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+        # PyYAML's constructors fail this way on explicit tags with bad values (`!!int abc`,
+        # `!!timestamp x`) and on integers of more than 4300 digits.
+        detail = f" ({e})" if isinstance(e, ValueError) else ""
+        raise SurgeryError(_one_line(f"{path}: malformed YAML: a value cannot be read{detail}; check explicit "
+                                     "!!tags and numbers")) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses nesting deeper than MAX_DEPTH, before Python's stack runs out."""
+
+    def __init__(self, text: str, path: Path) -> None:
+        super().__init__(text)
+        self.plan_path = path
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise SurgeryError(f"{self.plan_path}:{line}: malformed YAML: nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self.depth -= 1
+
+
+# What SafeLoader builds, plus the merge key `<<` (resolved by the constructor, not a constructor of its own).
+_SAFE_TAGS = frozenset(tag for tag in yaml.SafeLoader.yaml_constructors if tag) | {"tag:yaml.org,2002:merge"}
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_graph(root: yaml.Node, path: Path) -> None:
+    """Refuse recursive aliases, expansions past MAX_NODES or MAX_DEPTH, and tags SafeLoader has no
+    constructor for (`!!python/object...`), in one iterative walk over distinct nodes: an alias is
+    the same node object, so its expanded size is memoised and the walk is linear, not exponential."""
+    done: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded nodes, expanded depth)
+    open_: set[int] = set()  # nodes on the current path: meeting one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        line = node.start_mark.line + 1
+        if finished:
+            children = [done[id(c)] for c in _children(node)]
+            size = 1 + sum(s for s, _ in children)
+            depth = 1 + max((d for _, d in children), default=0)
+            if size > MAX_NODES:
+                raise SurgeryError(
+                    f"{path}:{line}: plan too large: more than {MAX_NODES} YAML values once aliases are expanded"
+                )
+            if depth > MAX_DEPTH:
+                raise SurgeryError(f"{path}:{line}: malformed YAML: nested deeper than {MAX_DEPTH} levels (aliases expanded)")
+            done[key] = (size, depth)
+            open_.discard(key)
+            continue
+        if key in done:
+            continue
+        if key in open_:
+            raise SurgeryError(f"{path}:{line}: malformed YAML: an alias refers to its own anchor (recursive structure)")
+        if node.tag not in _SAFE_TAGS:
+            raise SurgeryError(
+                _one_line(f"{path}:{line}: malformed YAML: tag {node.tag!r} is not allowed; a plan is plain YAML "
+                          "(no Python objects or custom tags)")
+            )
+        open_.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in done)
+
+
+def _one_line(text: str) -> str:
+    """Messages quote the user's keys and values; a newline in one must not split the error line."""
+    return " ".join(part.strip() for part in text.splitlines())
 
 
 def _message(error: Any) -> str:
