@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -53,7 +56,8 @@ def _main(
 def apply(
     plan: Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="The plan YAML file.")],
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the plan's `output`).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder (or discard an interrupted run's).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run: its finished shards are re-hashed and kept.")] = False,
     device: Device = "auto",
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     fsync: Annotated[
@@ -73,9 +77,10 @@ def apply(
 
         ready_to_push(push_repo)  # before the work, not after it
     start = time.perf_counter()
-    with _byte_progress(recipe.total_bytes, f"writing {recipe.output}") as advance:
+    with _byte_progress(recipe.total_bytes, f"writing {recipe.output}") as advance, _terminate_as_interrupt():
         written = execute(
-            recipe, force=force, max_shard_size=_shard_size(shard_size), device=device, fsync=fsync, on_bytes=advance
+            recipe, force=force, resume=resume, max_shard_size=_shard_size(shard_size), device=device, fsync=fsync,
+            on_bytes=advance, log=lambda line: err_console.print(line, markup=False, highlight=False),
         )
     elapsed = time.perf_counter() - start
     _print_recipe(recipe, shard_size)
@@ -87,6 +92,31 @@ def apply(
     if push_repo is not None:
         section = recipe.plan.push
         _push(written, push_repo, private=bool(section and section.private), revision=section.revision if section else None)
+
+
+@app.command()
+def verify(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="An output folder of `surgery apply`, or any model folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
+) -> None:
+    """Re-open every shard and check headers, offsets, index, sizes and the hashes recorded in surgery.json;
+    exit 0 only when all hold (1 when one does not)."""
+    from surgery.verify import verify as verify_folder
+
+    checks = verify_folder(folder)
+    failed = [c for c in checks if not c.ok]
+    if as_json:
+        print(json.dumps({"ok": not failed, "checks": [vars(c) for c in checks]}, indent=2))
+    else:
+        table = Table(title=f"verify {folder}")
+        for column in ("", "what", "found"):
+            table.add_column(column, overflow="fold")
+        for check in checks:
+            table.add_row("[green]ok[/]" if check.ok else "[red]FAIL[/]", check.subject, check.detail)
+        console.print(table)
+        console.print(f"[red]{len(failed)} check(s) failed[/]" if failed else f"[green]all {len(checks)} checks hold[/]")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -427,6 +457,20 @@ class _byte_progress:
         self.progress.__exit__(*exc)  # type: ignore[arg-type]
 
 
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops a run the way Ctrl-C does: the finished shards are kept for --resume."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and exit code 2 (tracebacks only with --debug)."""
     try:
@@ -435,4 +479,4 @@ def main() -> None:
         if _state["debug"]:
             raise
         err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)

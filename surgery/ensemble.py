@@ -107,3 +107,17 @@ def _vocabulary(folder: Path) -> dict[str, Any]:
             else:
                 found[name] = path.read_bytes()
     return found
+
+
+def check_member_unchanged(path: Path, sha256: dict[str, str]) -> None:
+    """A member by reference must still be the bytes the ensemble was made from."""
+    from huggingface_hub.utils.sha import sha_fileobj
+
+    for name, digest in sha256.items():
+        file = path / name
+        if not file.is_file():
+            raise SurgeryError(f"ensemble member {path} lacks {name}; was it moved? re-run the ensemble plan")
+        with open(file, "rb") as f:
+            if sha_fileobj(f).hex() != digest:
+                raise SurgeryError(f"ensemble member {path} changed since the ensemble was made ({name} has another "
+                                   "sha256); re-run the ensemble plan")

@@ -2,4 +2,7 @@
 
 
 class SurgeryError(Exception):
-    """Bad input (plan, checkpoint, arguments). The CLI prints it as one line and exits 2."""
+    """Bad input (plan, checkpoint, arguments). The CLI prints it as one line and exits with
+    `exit_code`: 2 for bad input; subclasses for failures that are not the input's fault."""
+
+    exit_code = 2

@@ -1,92 +1,216 @@
 """Run a recipe into an output folder, streaming, with bounded memory, appearing atomically.
 
-Everything is written under a hidden sibling folder, fsynced, and renamed into place last, so an
-interrupted run never leaves a folder under the output name that looks complete.
+Everything is written under a hidden sibling folder (surgery/partial.py), fsynced, and renamed into
+place last, so an interrupted run never leaves a folder under the output name that looks complete;
+the shards it finished are journaled with their hashes, and `--resume` continues from them.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from surgery.checkpoint.reader import INDEX_NAME
-from surgery.checkpoint.writer import write_index, write_shard
+from surgery.checkpoint.writer import ShardPlan, shard_header, write_index, write_shard
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
+from surgery.partial import PartialOutput, ShardRecord, finish_shard, journaled_bytes, partial_folder
 from surgery.planner import Recipe
 from surgery.card import write_card
-from surgery.provenance import PROVENANCE_NAME, write_json
+from surgery.provenance import PROVENANCE_NAME, read_provenance, write_json
 from surgery.streaming import RecipeStreamer
 
 # Files of a source folder that describe its own weights or card, and so are not carried over.
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 NOT_COPIED_NAMES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", PROVENANCE_NAME, "README.md"}
+# Room asked for beyond the shards and side files: config, index, surgery.json, card, journal.
+FREE_SPACE_MARGIN = 16 << 20
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class WriteFailed(SurgeryError):
+    """The output could not be written (disk full, I/O error); its partial files are gone."""
+
+    exit_code = 1
+
+
+class Interrupted(SurgeryError):
+    """The run was stopped (Ctrl-C, SIGTERM); its finished shards are kept for --resume."""
+
+    exit_code = 130
 
 
 def execute(
     recipe: Recipe,
     *,
     force: bool = False,
+    resume: bool = False,
     max_shard_size: int | str = "5GB",
     device: str = "auto",
     fsync: bool = True,
     on_bytes: Callable[[int], None] = lambda n: None,
+    log: Callable[[str], None] = lambda line: None,
 ) -> Path:
     """Write the recipe's output folder and return its path.
 
     With `fsync` every file and the folder reach the disk before the rename, so the output survives
-    power loss too; without it the output is still atomic for a killed or crashed process.
+    power loss too; without it the output is still atomic for a killed or crashed process. With
+    `resume`, the shards an interrupted run of the same recipe finished are re-hashed and kept.
     """
     out = recipe.output
-    if out.exists() and not force:
-        raise SurgeryError(f"output {out} already exists; pass --force to replace it")
     tensors = recipe.tensors
     shards = recipe.shards(max_shard_size)
     needs_compute = any(r.compute is not None for r in tensors.values())
     compute_device = resolve_device(device) if needs_compute or device != "auto" else "cpu"
+    fingerprint = recipe_fingerprint(recipe, shards, compute_device)
+    if out.exists() or out.is_symlink():
+        if resume and not partial_folder(out).exists() and (read_provenance(out) or {}).get("fingerprint") == fingerprint:
+            log(f"{out} is already complete")
+            return out
+        if not force:
+            raise SurgeryError(f"output {out} already exists; pass --force to replace it")
+    shard_bytes = {shard.filename: _shard_size(recipe, shard) for shard in shards}
+    done = journaled_bytes(partial_folder(out), fingerprint) if resume else 0
+    _check_free_space(out, sum(shard_bytes.values()) - done + _side_file_bytes(recipe.view.source.path))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.surgery-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    partial = PartialOutput.open(out, fingerprint, resume=resume, force=force, fsync=fsync)
+    staging = partial.folder
     try:
-        streamer = RecipeStreamer(compute_device)
-        try:
-            for shard in shards:
-                write_shard(staging / shard.filename, tensors, shard.names, streamer.encoded, on_bytes, fsync=fsync)
-        finally:
-            streamer.close()
+        _write_shards(recipe, shards, partial, compute_device, on_bytes, log)
         write_index(staging, shards, tensors)
         write_json(staging / "config.json", recipe.config)
         _copy_side_files(recipe.view.source.path, staging)
         for name, text in recipe.view.extra_files.items():
             (staging / name).write_text(text)
-        provenance = recipe.provenance() | {"output_shards": [s.filename for s in shards]}
+        provenance = recipe.provenance() | {
+            "output_shards": [s.filename for s in shards],
+            "output_sha256": {name: record.sha256 for name, record in sorted(partial.shards.items())},
+            "fingerprint": fingerprint,
+        }
         write_json(staging / PROVENANCE_NAME, provenance)
         write_card(staging, out.name)
         if fsync:
             _fsync_dir(staging)
+        partial.seal()  # the last moment: a run killed before it resumes from its journal
+        if fsync:
+            _fsync_entries(staging)
         _replace(staging, out)
+        partial.release()
         if fsync:
             _fsync_entries(out.parent)  # the rename itself
+    except KeyboardInterrupt:
+        partial.release()
+        raise Interrupted(
+            f"interrupted; the {len(partial.shards)} finished shard(s) are kept in {staging}: "
+            "run the same command with --resume to continue"
+        ) from None
+    except OSError as e:
+        partial.discard()
+        what = "no space left on the device" if e.errno in _DISK_FULL else e.strerror or str(e)
+        raise WriteFailed(
+            f"cannot write {out}: {what} ({e.filename or staging}); the partial output was removed"
+            + ("; free some space or choose another --out" if e.errno in _DISK_FULL else "")
+        ) from e
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        partial.discard()
         raise
     return out
 
 
-def _copy_side_files(source: Path, dest: Path) -> None:
+def recipe_fingerprint(recipe: Recipe, shards: list[ShardPlan], device: str) -> str:
+    """What must match for a resumed run to finish the same bytes: the resolved plan, the sources'
+    headers, the fits, the tool version, every shard header, and the compute device."""
+    provenance = recipe.provenance()
+    provenance.pop("plan_file", None)  # the same plan named from another folder is the same plan
+    headers = {shard.filename: hashlib.sha256(shard_header(recipe.tensors, shard.names)).hexdigest() for shard in shards}
+    text = json.dumps({"recipe": provenance, "shards": headers, "device": device}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_shards(
+    recipe: Recipe,
+    shards: list[ShardPlan],
+    partial: PartialOutput,
+    device: str,
+    on_bytes: Callable[[int], None],
+    log: Callable[[str], None],
+) -> None:
+    """Write each shard not already verified; hash and sync a finished shard on a second thread while
+    the next one is written, and journal it once both are done."""
+    kept = [shard for shard in shards if partial.verified(shard.filename)]
+    if kept:
+        log(f"resuming: {len(kept)} of {len(shards)} shards verified and kept")
+        for shard in kept:
+            on_bytes(sum(recipe.tensors[name].nbytes for name in shard.names))
+    pending: list[tuple[str, Future[ShardRecord]]] = []
+    streamer = RecipeStreamer(device) if len(kept) < len(shards) else None
+    with ThreadPoolExecutor(1, thread_name_prefix="surgery-finish") as finisher:
+        try:
+            for shard in shards:
+                if shard in kept:
+                    continue
+                path = partial.folder / shard.filename
+                write_shard(path, recipe.tensors, shard.names, streamer.encoded, on_bytes, fsync=False)
+                pending.append((shard.filename, finisher.submit(finish_shard, path, partial.fsync)))
+                while pending and pending[0][1].done():
+                    filename, future = pending.pop(0)
+                    partial.record(filename, future.result())
+            for filename, future in pending:
+                partial.record(filename, future.result())
+        finally:
+            for _, future in pending:
+                future.cancel()
+            if streamer is not None:
+                streamer.close()
+
+
+def _shard_size(recipe: Recipe, shard: ShardPlan) -> int:
+    return len(shard_header(recipe.tensors, shard.names)) + sum(recipe.tensors[n].nbytes for n in shard.names)
+
+
+def _check_free_space(out: Path, needed: int) -> None:
+    """Refuse before writing anything when the output's filesystem cannot hold it."""
+    folder = out.parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed + FREE_SPACE_MARGIN:
+        from surgery.formatting import human_bytes
+
+        raise SurgeryError(
+            f"not enough free space for {out}: it needs {human_bytes(needed + FREE_SPACE_MARGIN)} and "
+            f"{folder} has {human_bytes(free)} free; free some space or choose another --out"
+        )
+
+
+def _side_file_bytes(source: Path) -> int:
+    return sum(item.stat().st_size for item in _side_files(source))
+
+
+def _side_files(source: Path) -> list[Path]:
     """Tokenizer, generation config, chat template, sentence-transformers modules...: every file of the
     source folder that is not weights (nor its card, config or index), subfolders included."""
+    files = []
     for item in sorted(source.rglob("*")):
         relative = item.relative_to(source)
         if any(part.startswith(".") for part in relative.parts) or not item.is_file():
             continue
         if (relative.name in NOT_COPIED_NAMES and len(relative.parts) == 1) or item.suffix in NOT_COPIED_SUFFIXES:
             continue
-        target = dest / relative
+        files.append(item)
+    return files
+
+
+def _copy_side_files(source: Path, dest: Path) -> None:
+    for item in _side_files(source):
+        target = dest / item.relative_to(source)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(item, target)
 
@@ -112,13 +236,12 @@ def _fsync_entries(folder: Path) -> None:
 
 def _replace(staging: Path, out: Path) -> None:
     """Rename the finished folder into place; an existing one (with --force) is moved aside first."""
-    old = None
     if out.exists() or out.is_symlink():
-        old = out.parent / f".{out.name}.surgery-old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
+        out.rename(out.parent / f".{out.name}.surgery-old-{uuid.uuid4().hex[:8]}")
     staging.rename(out)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
+    leftovers = [item for item in out.parent.iterdir() if item.name.startswith(f".{out.name}.surgery-old-")]
+    for leftover in leftovers:  # the replaced folder, and any a run killed at this point left
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
         else:
-            old.unlink()
+            leftover.unlink(missing_ok=True)

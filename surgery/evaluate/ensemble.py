@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from surgery.ensemble import EnsembleSpec, is_ensemble, member_name, read_spec
+from surgery.ensemble import EnsembleSpec, check_member_unchanged, is_ensemble, member_name, read_spec
 from surgery.evaluate.loading import context_length
 from surgery.errors import SurgeryError
 
@@ -42,7 +42,7 @@ def _load_member(folder: Path, spec: EnsembleSpec, index: int, device: str, dtyp
     member = spec.members[index]
     if member.path is not None:
         path = Path(member.path)
-        _check_unchanged(path, member.sha256)
+        check_member_unchanged(path, member.sha256)
         return load_model(path, device, dtype)
     return _load_copied(folder, spec, index, device, dtype)
 
@@ -65,19 +65,6 @@ def _load_copied(folder: Path, spec: EnsembleSpec, index: int, device: str, dtyp
     config = AutoConfig.for_model(**spec.members[index].config)
     model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=config, state_dict=state, dtype=dtype)
     return model.to(device).eval()
-
-
-def _check_unchanged(path: Path, sha256: dict[str, str]) -> None:
-    from huggingface_hub.utils.sha import sha_fileobj
-
-    for name, digest in sha256.items():
-        file = path / name
-        if not file.is_file():
-            raise SurgeryError(f"ensemble member {path} lacks {name}; was it moved? re-run the ensemble plan")
-        with open(file, "rb") as f:
-            if sha_fileobj(f).hex() != digest:
-                raise SurgeryError(f"ensemble member {path} changed since the ensemble was made ({name} has another "
-                                   "sha256); re-run the ensemble plan")
 
 
 @dataclass

@@ -1,0 +1,171 @@
+"""The partial output of a run: a hidden sibling of the output folder, locked while it is written,
+with a journal of the shards finished so far, so `apply --resume` continues an interrupted run.
+
+A shard enters the journal only once it is whole: its bytes hashed (sha256, read back from the
+file) and, with fsync, on the disk. Resuming re-hashes every journaled shard before trusting it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub.utils.sha import sha_fileobj
+
+from surgery.errors import SurgeryError
+
+PARTIAL_TAG = ".surgery-partial"
+JOURNAL_NAME = ".surgery-journal.json"
+LOCK_NAME = ".surgery-lock"
+
+
+def partial_folder(out: Path) -> Path:
+    """Where the run writing `out` keeps its work until the rename (same filesystem, so the rename is atomic)."""
+    return out.parent / f".{out.name}{PARTIAL_TAG}"
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """A finished shard: what `verify` and `--resume` check it against."""
+
+    sha256: str
+    bytes: int
+
+
+def finish_shard(path: Path, fsync: bool) -> ShardRecord:
+    """Hash a written shard from the file itself and, with fsync, put it on the disk."""
+    with open(path, "rb") as f:
+        digest = sha_fileobj(f).hex()
+        if fsync:
+            os.fsync(f.fileno())
+    return ShardRecord(digest, path.stat().st_size)
+
+
+def read_journal(folder: Path) -> dict[str, object]:
+    """The journal of a partial folder, or an empty one when there is none (or it is unreadable)."""
+    try:
+        journal = json.loads((folder / JOURNAL_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return journal if isinstance(journal, dict) else {}
+
+
+def journaled_bytes(folder: Path, fingerprint: str) -> int:
+    """Bytes an earlier run of the same recipe already finished there (0 for another recipe)."""
+    journal = read_journal(folder)
+    if journal.get("fingerprint") != fingerprint:
+        return 0
+    return sum(int(entry.get("bytes", 0)) for entry in dict(journal.get("shards", {})).values())
+
+
+@dataclass
+class PartialOutput:
+    """A locked partial folder for one recipe (named by its fingerprint) and its finished shards."""
+
+    folder: Path
+    fingerprint: str
+    fsync: bool
+    shards: dict[str, ShardRecord] = field(default_factory=dict)
+    _lock_fd: int | None = None
+
+    @classmethod
+    def open(cls, out: Path, fingerprint: str, *, resume: bool, force: bool, fsync: bool) -> PartialOutput:
+        """Create or take over the partial folder of `out`.
+
+        Another live run holding it is an error; an interrupted run's is continued with `resume`,
+        discarded with `force`, and otherwise an error that names both choices.
+        """
+        folder = partial_folder(out)
+        existed = folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = cls(folder, fingerprint, fsync)
+        partial._lock()
+        journal = read_journal(folder)
+        if existed and not resume and not force:
+            partial.release()
+            raise SurgeryError(
+                f"an interrupted run left partial output in {folder}; pass --resume to continue it, "
+                "or --force to start over"
+            )
+        if resume and journal and journal.get("fingerprint") != fingerprint:
+            partial.release()
+            raise SurgeryError(
+                f"the partial output in {folder} was made by another plan, inputs, version or device; "
+                "pass --force instead of --resume to start over"
+            )
+        if resume:
+            partial.shards = {
+                name: ShardRecord(str(entry["sha256"]), int(entry["bytes"]))
+                for name, entry in dict(journal.get("shards", {})).items()
+            }
+        partial._clear(keep=set(partial.shards))
+        return partial
+
+    def verified(self, filename: str) -> bool:
+        """True when a journaled shard is still on disk with the recorded size and content hash."""
+        record = self.shards.get(filename)
+        path = self.folder / filename
+        if record is None or not path.is_file() or path.stat().st_size != record.bytes:
+            self.shards.pop(filename, None)
+            return False
+        if finish_shard(path, fsync=False) != record:
+            self.shards.pop(filename, None)
+            return False
+        return True
+
+    def record(self, filename: str, shard: ShardRecord) -> None:
+        """Journal a finished shard (written to a temporary file and renamed, then synced)."""
+        self.shards[filename] = shard
+        journal = {
+            "fingerprint": self.fingerprint,
+            "shards": {name: {"sha256": r.sha256, "bytes": r.bytes} for name, r in sorted(self.shards.items())},
+        }
+        staging = self.folder / (JOURNAL_NAME + ".tmp")
+        with open(staging, "w") as f:
+            f.write(json.dumps(journal, indent=1))
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(staging, self.folder / JOURNAL_NAME)
+
+    def seal(self) -> None:
+        """Remove the journal and lock file: what is left is exactly the output folder."""
+        for name in (JOURNAL_NAME, LOCK_NAME):
+            (self.folder / name).unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Let go of the lock (the folder stays, for --resume)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def discard(self) -> None:
+        """Remove the partial folder and everything in it."""
+        self.release()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _lock(self) -> None:
+        fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SurgeryError(f"another surgery run is writing {self.folder} right now; wait for it to finish") from None
+        self._lock_fd = fd
+
+    def _clear(self, keep: set[str]) -> None:
+        """Everything but the lock, the journal and the journaled shards goes: leftovers of a killed
+        run (a half-written shard, a temporary file) must never reach the output."""
+        for item in self.folder.iterdir():
+            if item.name in keep | {LOCK_NAME, JOURNAL_NAME}:
+                continue
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+        if not keep:
+            (self.folder / JOURNAL_NAME).unlink(missing_ok=True)
