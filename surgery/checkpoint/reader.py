@@ -118,8 +118,8 @@ def _is_text(value: object) -> bool:
 
 
 def _is_count(value: object) -> bool:
-    """A JSON integer >= 0 (bools are ints in Python; floats like 2.0 are not counts)."""
-    return type(value) is int and value >= 0
+    """A JSON integer that fits safetensors' usize (bools are ints in Python; 2.0 is not a count)."""
+    return type(value) is int and 0 <= value < 2**64
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
@@ -307,7 +307,7 @@ def _read_index(index_path: Path) -> dict[str, str]:
             raise SurgeryError(f"{index_path}: weight_map entry {_short(name)}: {_short(file)} is not string -> string")
         if file in ("", ".", "..") or "/" in file or "\\" in file or not file.isprintable():
             raise SurgeryError(
-                f"{index_path}: shard {_short(file)} (for tensor {_short(name)}) is not a plain file name in the "
+                f"{index_path}: shard {_short(file, 200)} (for tensor {_short(name)}) is not a plain file name in the "
                 "model folder; an index may only name files next to it"
             )
     return weight_map

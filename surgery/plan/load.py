@@ -62,7 +62,7 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""
-        what = " ".join(part for part in (e.context, e.problem) if part)
+        what = ", ".join(part for part in (e.context, e.problem) if part)
         raise SurgeryError(_one_line(f"{path}{line}: malformed YAML: {what}")) from None
     except yaml.reader.ReaderError as e:
         raise SurgeryError(
@@ -72,9 +72,9 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         raise SurgeryError(_one_line(f"{path}: malformed YAML: {e}")) from None
     except RecursionError:  # a backstop: the depth limit stops nesting well before this
         raise SurgeryError(f"{path}: malformed YAML: nested too deeply") from None
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+    except (ValueError, TypeError, LookupError, AttributeError, OverflowError) as e:
         # PyYAML's constructors fail this way on explicit tags with bad values (`!!int abc`,
-        # `!!timestamp x`) and on integers of more than 4300 digits.
+        # `!!timestamp x`, an empty `!!int`) and on integers of more than 4300 digits.
         detail = f" ({e})" if isinstance(e, ValueError) else ""
         raise SurgeryError(_one_line(f"{path}: malformed YAML: a value cannot be read{detail}; check explicit "
                                      "!!tags and numbers")) from None
