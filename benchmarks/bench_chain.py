@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("bench-data"))
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="mergekit-yaml to compare with")
+    parser.add_argument("--baseline", type=Path, help="another checkout of surgery (e.g. a `git worktree` of an older "
+                        "commit) to time beside this one, with the same Python")
     args = parser.parse_args()
     model = generate(args.data.resolve() / "tinyllama-1.1b-random")
     work = Path(tempfile.mkdtemp(dir=args.data.resolve()))
@@ -63,6 +65,12 @@ def main() -> None:
         plan.write_text(f"model: {model}\noutput: {work / 'out'}\nsteps:\n  - op: chain\n    layers: {layers}\n")
         commands[f"surgery {label}"] = (surgery + [str(plan)], work / "out", "cp -r; sync")
         commands[f"surgery {label} --no-fsync"] = (surgery + [str(plan), "--no-fsync"], work / "out", "cp -r")
+        if args.baseline:
+            # sys.path[0], ahead of the current folder and the installed surgery
+            start = f"import sys; sys.path.insert(0, {str(args.baseline.resolve())!r}); from surgery.cli import main; main()"
+            baseline = [sys.executable, "-c", start, "apply", str(plan)]
+            commands[f"baseline {label}"] = (baseline, work / "out", "cp -r; sync")
+            commands[f"baseline {label} --no-fsync"] = (baseline + ["--no-fsync"], work / "out", "cp -r")
         if args.mergekit:
             mk = work / f"mk{len(commands)}.yaml"
             ranges = [r.split("-") for r in layers.strip("[]").split(", ")]
@@ -94,6 +102,9 @@ def main() -> None:
         ratio = medians[name] / (medians[floor] * nbytes / in_bytes)
         print(f"| {name} | {medians[name]:.2f} | {rss:.0f} | {nbytes / 1e9:.2f} | {floor} | {ratio:.2f} |")
     for label in edits:
+        if f"baseline {label}" in medians:
+            print(f"\nsurgery / baseline, {label}: {medians[f'surgery {label}'] / medians[f'baseline {label}']:.2f} (fsync), "
+                  f"{medians[f'surgery {label} --no-fsync'] / medians[f'baseline {label} --no-fsync']:.2f} (--no-fsync)", end="")
         if f"mergekit {label}" in medians:
             speedup = medians[f"mergekit {label}"] / medians[f"surgery {label} --no-fsync"]
             durable = medians[f"mergekit {label}"] / medians[f"surgery {label}"]

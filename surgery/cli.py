@@ -80,7 +80,7 @@ def apply(
     with _byte_progress(recipe.total_bytes, f"writing {recipe.output}") as advance, _terminate_as_interrupt():
         written = execute(
             recipe, force=force, resume=resume, max_shard_size=_shard_size(shard_size), device=device, fsync=fsync,
-            on_bytes=advance, log=lambda line: err_console.print(line, markup=False, highlight=False),
+            on_bytes=advance, log=_log,
         )
     elapsed = time.perf_counter() - start
     _print_recipe(recipe, shard_size)
@@ -156,7 +156,8 @@ def _push(folder: Path, repo_id: str, **options: Any) -> None:
 def materialize(
     compact: Annotated[Path, typer.Argument(metavar="COMPACT", help="A compact recursive model (written by `tie`).")],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Where the standard checkpoint goes.")],
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder (or discard an interrupted run's).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run: its finished shards are re-hashed and kept.")] = False,
     device: Device = "auto",
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
 ) -> None:
@@ -172,8 +173,9 @@ def materialize(
         raise SurgeryError(f"{compact} is not a compact recursive model (its config.json has no surgery_recursive)")
     plan = Plan(model=str(compact.resolve()), steps=[MaterializeStep(op="materialize")])
     recipe = resolve_plan(plan, Path.cwd() / "materialize", out, device)
-    with _byte_progress(recipe.total_bytes, f"writing {recipe.output}") as advance:
-        written = execute(recipe, force=force, max_shard_size=_shard_size(shard_size), device=device, on_bytes=advance)
+    with _byte_progress(recipe.total_bytes, f"writing {recipe.output}") as advance, _terminate_as_interrupt():
+        written = execute(recipe, force=force, resume=resume, max_shard_size=_shard_size(shard_size), device=device,
+                          on_bytes=advance, log=_log)
     console.print(f"[green]wrote[/] {written}")
 
 
@@ -455,6 +457,10 @@ class _byte_progress:
 
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+
+def _log(line: str) -> None:
+    err_console.print(line, markup=False, highlight=False)
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from surgery.checkpoint.reader import INDEX_NAME
 from surgery.checkpoint.writer import ShardPlan, shard_header, write_index, write_shard
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
-from surgery.partial import PartialOutput, ShardRecord, finish_shard, journaled_bytes, partial_folder
+from surgery.partial import PartialOutput, ShardRecord, TrailingHash, journaled_bytes, partial_folder
 from surgery.planner import Recipe
 from surgery.card import write_card
 from surgery.provenance import PROVENANCE_NAME, read_provenance, write_json
@@ -76,9 +76,9 @@ def execute(
             return out
         if not force:
             raise SurgeryError(f"output {out} already exists; pass --force to replace it")
-    shard_bytes = {shard.filename: _shard_size(recipe, shard) for shard in shards}
     done = journaled_bytes(partial_folder(out), fingerprint) if resume else 0
-    _check_free_space(out, sum(shard_bytes.values()) - done + _side_file_bytes(recipe.view.source.path))
+    needed = sum(_shard_size(recipe, shard) for shard in shards) - done + _side_file_bytes(recipe.view.source.path)
+    _check_free_space(out, needed)
 
     partial = PartialOutput.open(out, fingerprint, resume=resume, force=force, fsync=fsync)
     staging = partial.folder
@@ -88,7 +88,7 @@ def execute(
         write_json(staging / "config.json", recipe.config)
         _copy_side_files(recipe.view.source.path, staging)
         for name, text in recipe.view.extra_files.items():
-            (staging / name).write_text(text)
+            _inside(staging, name).write_text(text)
         provenance = recipe.provenance() | {
             "output_shards": [s.filename for s in shards],
             "output_sha256": {name: record.sha256 for name, record in sorted(partial.shards.items())},
@@ -142,23 +142,28 @@ def _write_shards(
     on_bytes: Callable[[int], None],
     log: Callable[[str], None],
 ) -> None:
-    """Write each shard not already verified; hash and sync a finished shard on a second thread while
-    the next one is written, and journal it once both are done."""
+    """Write each shard not already verified, hashing it as it is written; sync a finished shard on a
+    second thread while the next one is written, and journal it once both are done."""
     kept = [shard for shard in shards if partial.verified(shard.filename)]
     if kept:
         log(f"resuming: {len(kept)} of {len(shards)} shards verified and kept")
         for shard in kept:
             on_bytes(sum(recipe.tensors[name].nbytes for name in shard.names))
     pending: list[tuple[str, Future[ShardRecord]]] = []
-    streamer = RecipeStreamer(device) if len(kept) < len(shards) else None
+    streamer = RecipeStreamer(device)
     with ThreadPoolExecutor(1, thread_name_prefix="surgery-finish") as finisher:
         try:
             for shard in shards:
                 if shard in kept:
                     continue
                 path = partial.folder / shard.filename
-                write_shard(path, recipe.tensors, shard.names, streamer.encoded, on_bytes, fsync=False)
-                pending.append((shard.filename, finisher.submit(finish_shard, path, partial.fsync)))
+                digest = TrailingHash(path, len(shard_header(recipe.tensors, shard.names)))
+                try:
+                    write_shard(path, recipe.tensors, shard.names, streamer.encoded, _both(digest.advance, on_bytes))
+                except BaseException:
+                    digest.close()
+                    raise
+                pending.append((shard.filename, finisher.submit(digest.finish, partial.fsync)))
                 while pending and pending[0][1].done():
                     filename, future = pending.pop(0)
                     partial.record(filename, future.result())
@@ -167,8 +172,15 @@ def _write_shards(
         finally:
             for _, future in pending:
                 future.cancel()
-            if streamer is not None:
-                streamer.close()
+            streamer.close()
+
+
+def _both(first: Callable[[int], None], second: Callable[[int], None]) -> Callable[[int], None]:
+    def both(n: int) -> None:
+        first(n)
+        second(n)
+
+    return both
 
 
 def _shard_size(recipe: Recipe, shard: ShardPlan) -> int:
@@ -192,6 +204,14 @@ def _check_free_space(out: Path, needed: int) -> None:
 
 def _side_file_bytes(source: Path) -> int:
     return sum(item.stat().st_size for item in _side_files(source))
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """`folder / name`, refused when the name would land anywhere else (absolute, `..`, a subfolder)."""
+    target = folder / name
+    if Path(name).name != name or name in ("", ".", "..") or target.parent != folder:
+        raise SurgeryError(f"refusing to write {name!r}: output file names must be plain names inside the output folder")
+    return target
 
 
 def _side_files(source: Path) -> list[Path]:

@@ -8,9 +8,11 @@ file) and, with fsync, on the disk. Resuming re-hashes every journaled shard bef
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,70 @@ def finish_shard(path: Path, fsync: bool) -> ShardRecord:
         if fsync:
             os.fsync(f.fileno())
     return ShardRecord(digest, path.stat().st_size)
+
+
+class TrailingHash:
+    """sha256 of a shard computed while it is written: a thread reads the file (from the page cache)
+    up to the bytes the writer reports done, so hashing overlaps the write instead of following it."""
+
+    CHUNK = 8 << 20
+
+    def __init__(self, path: Path, header_bytes: int) -> None:
+        self.path = path
+        self._ready = header_bytes  # the header is on file before the first tensor is reported
+        self._reported = False
+        self._closed = False
+        self._hash = hashlib.sha256()
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._follow, name="surgery-hash", daemon=True)
+        self._thread.start()
+
+    def advance(self, nbytes: int) -> None:
+        """The writer finished `nbytes` more bytes (flushed to the file)."""
+        with self._changed:
+            self._ready += nbytes
+            self._reported = True
+            self._changed.notify()
+
+    def finish(self, fsync: bool) -> ShardRecord:
+        """The digest once the writer is done and the thread has caught up; then, with fsync, sync."""
+        self.close()
+        if self._error is not None:
+            raise self._error
+        if fsync:
+            with open(self.path, "rb") as f:
+                os.fsync(f.fileno())
+        return ShardRecord(self._hash.hexdigest(), self.path.stat().st_size)
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join()
+
+    def _follow(self) -> None:
+        try:
+            done = 0
+            with self._changed:
+                self._changed.wait_for(lambda: self._reported or self._closed)
+                if not self._reported:
+                    return
+            with open(self.path, "rb") as f:
+                while True:
+                    with self._changed:
+                        self._changed.wait_for(lambda: self._ready > done or self._closed)
+                        target = self._ready
+                    if done >= target:
+                        return
+                    while done < target:
+                        chunk = f.read(min(self.CHUNK, target - done))
+                        if not chunk:
+                            raise OSError(f"{self.path}: shorter than the bytes written to it")
+                        self._hash.update(chunk)
+                        done += len(chunk)
+        except BaseException as e:  # handed to finish(), on the writer's thread
+            self._error = e
 
 
 def read_journal(folder: Path) -> dict[str, object]:

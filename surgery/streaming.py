@@ -31,11 +31,14 @@ class RecipeStreamer:
         self.reader = BlockReader()
         self.block = CPU_BLOCK_ELEMENTS if device == "cpu" else GPU_BLOCK_ELEMENTS
         self._out: dict[tuple[str, int], torch.Tensor] = {}
-        self._threads = 0
-        if device == "cpu":
+        self._threads = 0  # torch's thread count before the first compute, restored at close
+
+    def _pin_threads(self) -> None:
+        """One compute thread on CPU: blocks this small gain nothing from two, and the writer needs a
+        core. Done at the first compute, so a run that only copies never imports torch."""
+        if self.device == "cpu" and not self._threads:
             import torch
 
-            # one compute thread: blocks this small gain nothing from two, and the writer needs a core
             self._threads = torch.get_num_threads()
             torch.set_num_threads(1)
 
@@ -73,6 +76,7 @@ class RecipeStreamer:
         """(input blocks, output block) pairs; the compute may have overwritten the inputs."""
         import torch
 
+        self._pin_threads()
         compute = self.prepared(recipe)
         whole = bool(self._threads) and not compute.elementwise  # one big op (an SVD): every core helps
         if whole:

@@ -7,8 +7,10 @@ run, so each run costs its own work and not Python's start-up. The parent never 
 torch, so a forked child starts with a clean thread pool.
 
 An "event" is a call of a builtin (open, write, copy_file_range, fsync, rename, sha256 update...)
-made from surgery's own code once `execute` has started: every effect the run has on the disk is
-one, so the process can die before or after each of them.
+made from surgery's own code on the main thread once `execute` has started: every effect the run
+has on the disk is one, so the process can die before or after each of them. (The hashing and
+syncing threads run meanwhile; their own calls are not counted, because their number varies with
+timing and the points must be the same in every run.)
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -53,13 +54,11 @@ def _install_killer(kill_at: int | None, count_file: Path | None, sig: int) -> N
                 os.kill(os.getpid(), sig)
 
     def counted(*args: Any, **kwargs: Any) -> Any:
-        threading.setprofile(hook)
         sys.setprofile(hook)
         try:
             return original(*args, **kwargs)
         finally:
             sys.setprofile(None)
-            threading.setprofile(None)  # type: ignore[arg-type]
             if count_file is not None:
                 count_file.write_text(str(count))
 

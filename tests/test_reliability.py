@@ -232,3 +232,28 @@ def _verify(cli, folder: Path):
 
 def _shards(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def test_models_that_need_their_own_code_are_refused(cli, tmp_path):
+    model = tmp_path / "remote"
+    shutil.copytree(demo_model("tiny-llama"), model)
+    config = json.loads((model / "config.json").read_text())
+    config |= {"model_type": "evil_arch", "auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    result = cli("eval", model, "--max-tokens", "64")
+    assert result.code == 2 and "never runs remote code" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+
+
+def test_output_file_names_cannot_leave_the_output_folder(plan, tmp_path, monkeypatch):
+    from surgery.errors import SurgeryError
+    from surgery.execute import execute
+    from surgery.planner import resolve
+
+    recipe = resolve(plan, tmp_path / "out")
+    monkeypatch.setattr(recipe.view, "extra_files", {"../escaped.txt": "x"})
+    with pytest.raises(SurgeryError, match="plain names inside the output folder"):
+        execute(recipe, fsync=False)
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out").exists()
+    assert not partial_folder(tmp_path / "out").exists()

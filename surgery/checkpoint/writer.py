@@ -75,10 +75,9 @@ def write_shard(
     names: list[str],
     compute: Callable[[TensorRecipe], Iterable[memoryview]],
     on_tensor: Callable[[int], None] = lambda n: None,
-    fsync: bool = True,
 ) -> None:
-    """Stream one shard: header, then each tensor's bytes in header order; fsync before returning
-    (so a renamed output folder survives power loss, not only a killed process)."""
+    """Stream one shard: header, then each tensor's bytes in header order. `on_tensor` hears of each
+    tensor once its bytes are in the file (a reader of the file sees them); syncing is the caller's."""
     with ExitStack() as stack, open(path, "wb") as out, ThreadPoolExecutor(1) as writer:
         sources: dict[Path, BinaryIO] = {}
         out.write(shard_header(recipes, names))
@@ -95,9 +94,6 @@ def write_shard(
                 if written != recipe.nbytes:
                     raise RuntimeError(f"{name}: computed {written} bytes, expected {recipe.nbytes}")
             on_tensor(recipe.nbytes)
-        out.flush()
-        if fsync:
-            os.fsync(out.fileno())
 
 
 def _write_overlapped(out: BinaryIO, blocks: Iterable[memoryview], writer: ThreadPoolExecutor) -> int:

@@ -13,7 +13,6 @@ import torch
 
 from surgery.ensemble import EnsembleSpec, check_member_unchanged, is_ensemble, member_name, read_spec
 from surgery.evaluate.loading import context_length
-from surgery.errors import SurgeryError
 
 
 def is_ensemble_folder(folder: Path) -> bool:

@@ -100,18 +100,33 @@ def _load_standard(folder: Path, device: str, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     config = json.loads((folder / "config.json").read_text())
+    refuse_remote_code(config, folder)
     require_causal_lm(config, folder)
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method == "compressed-tensors" and importlib.util.find_spec("compressed_tensors") is None:
         raise SurgeryError(f"{folder} holds packed compressed-tensors weights; pip install 'surgery[quant]' to load them")
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, output_loading_info=True, trust_remote_code=False
+        )
     except ValueError as e:
         raise SurgeryError(f"{folder}: transformers cannot load it as a causal LM ({e})") from None
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise SurgeryError(f"{folder} lacks weights the causal LM needs ({', '.join(missing[:3])}); is it a causal LM?")
     return model.to(device).eval()
+
+
+def refuse_remote_code(config: dict[str, Any], folder: Path) -> None:
+    """A model whose architecture exists only as code shipped beside it (config `auto_map`) is refused:
+    surgery never runs a checkpoint's own code."""
+    from transformers import CONFIG_MAPPING
+
+    if config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING:
+        raise SurgeryError(
+            f"{folder}: its architecture ({config.get('model_type')!r}) is defined by code shipped with the model "
+            "(config.json auto_map); surgery never runs remote code: use a transformers-native architecture"
+        )
 
 
 def _is_compact(folder: Path) -> bool:
@@ -165,7 +180,7 @@ def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -
     torch_dtype = resolve_dtype(dtype, resolved_device)
     with quiet_transformers():
         model = load_model(folder, resolved_device, torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     parameters = sum(p.numel() for p in model.parameters())
     on_disk = getattr(model, "bytes_on_disk", None) or sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     return LoadedModel(model, tokenizer, resolved_device, str(torch_dtype).removeprefix("torch."), parameters, on_disk)
