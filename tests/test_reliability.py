@@ -257,3 +257,20 @@ def test_output_file_names_cannot_leave_the_output_folder(plan, tmp_path, monkey
         execute(recipe, fsync=False)
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out").exists()
     assert not partial_folder(tmp_path / "out").exists()
+
+
+def test_eval_never_loads_pickle_weights(cli, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "pickled"
+    shutil.copytree(demo_model("tiny-llama"), model)
+    state = {}
+    for shard in sorted(model.glob("*.safetensors")):
+        state |= load_file(shard)
+        shard.unlink()
+    (model / "model.safetensors.index.json").unlink()
+    torch.save(state, model / "pytorch_model.bin")
+    result = cli("eval", model, "--max-tokens", "64")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert "pickle" in result.err or "safetensors" in result.err

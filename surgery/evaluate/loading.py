@@ -102,12 +102,16 @@ def _load_standard(folder: Path, device: str, dtype: Any) -> Any:
     config = json.loads((folder / "config.json").read_text())
     refuse_remote_code(config, folder)
     require_causal_lm(config, folder)
+    if not any(folder.glob("*.safetensors")):
+        from surgery.checkpoint.reader import Checkpoint
+
+        Checkpoint.open(folder)  # raises the reason in one line: pickle weights only, or none
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method == "compressed-tensors" and importlib.util.find_spec("compressed_tensors") is None:
         raise SurgeryError(f"{folder} holds packed compressed-tensors weights; pip install 'surgery[quant]' to load them")
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, output_loading_info=True, trust_remote_code=False
+            folder, dtype=dtype, output_loading_info=True, trust_remote_code=False, use_safetensors=True
         )
     except ValueError as e:
         raise SurgeryError(f"{folder}: transformers cannot load it as a causal LM ({e})") from None
