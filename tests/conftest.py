@@ -73,6 +73,16 @@ def outputs_on_devices(cli, tmp_path: Path, body: str) -> dict[str, dict]:
     return tensors
 
 
+def assert_plan_refused(cli, folder: Path, text: str, message: str) -> None:
+    """`surgery apply` of this plan fails as bad input should: exit 2, one line naming `message`,
+    nothing written beside the plan."""
+    plan = write_plan(folder, text)
+    result = cli("apply", plan)
+    assert result.code == 2 and message in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1, result.err
+    assert listing(folder) == [plan.name]
+
+
 def listing(folder: Path) -> list[str]:
     """Everything under a folder (names relative to it), to assert that nothing was written."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []

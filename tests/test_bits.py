@@ -13,7 +13,7 @@ from surgery.fixtures.demo import demo_model
 from surgery.ops.bits import assign_bits
 from surgery.plan.schema import BitAssignment
 from surgery.quant.rtn import quantize
-from tests.conftest import listing, outputs_on_devices, write_plan
+from tests.conftest import assert_plan_refused, outputs_on_devices, write_plan
 from tests.reference import load, outputs
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200, 7, 3, 11, 250, 42, 8, 90, 31]])
@@ -157,12 +157,8 @@ def test_packed_output_loads_through_transformers_and_equals_the_dense_simulatio
     ("    score: lim\n", "add one, e.g. {high: 8, low: 4, low_fraction: 0.5}"),
 ])
 def test_bad_bits_plans(step, message, cli, tmp_path):
-    out = tmp_path / "out"
-    plan = write_plan(tmp_path, f"model: {demo_model('base')}\noutput: {out}\nsteps:\n  - op: bits\n{step}")
-    result = cli("apply", plan)
-    assert result.code == 2 and message in result.err, result.err
-    assert len(result.err.strip().splitlines()) == 1
-    assert listing(tmp_path) == ["plan.yaml"]
+    plan = f"model: {demo_model('base')}\noutput: {tmp_path / 'out'}\nsteps:\n  - op: bits\n{step}"
+    assert_plan_refused(cli, tmp_path, plan, message)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

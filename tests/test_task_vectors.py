@@ -16,7 +16,7 @@ from surgery.evaluate.run import EvalSettings, evaluate
 from surgery.fixtures.demo import demo_model
 from surgery.ops.lines import depth_scales
 from surgery.ops.updates import TiesUpdate, WeightedUpdate
-from tests.conftest import listing, write_plan
+from tests.conftest import assert_plan_refused, write_plan
 
 # ---------------------------------------------------------------- independent implementations
 
@@ -262,13 +262,7 @@ def test_atlas_learned_beats_the_best_uniform_task_arithmetic(demo, cli, tmp_pat
 )
 def test_bad_task_vector_plans(demo, tiny, cli, tmp_path, body, message):
     names = {k: str(v) for k, v in demo.items()} | {"tiny": str(tiny("llama"))}
-    out = tmp_path / "out"
-    plan = write_plan(tmp_path, f"output: {out}\n" + body.format(**names))
-    result = cli("apply", plan)
-    assert result.code == 2, result.err
-    assert message in result.err
-    assert len(result.err.strip().splitlines()) == 1, result.err
-    assert listing(tmp_path) == ["plan.yaml"]
+    assert_plan_refused(cli, tmp_path, f"output: {tmp_path / 'out'}\n" + body.format(**names), message)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
