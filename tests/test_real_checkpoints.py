@@ -105,3 +105,17 @@ def test_tie_on_minilm_full_rank_and_strict_equal_in_memory(cli, tmp_path):
     assert cli("inspect", outs["strict", "compact"]).code == 0
     result = cli("eval", outs["strict", "compact"], "--max-tokens", "64")
     assert result.code == 2 and "no language-model head" in result.err
+
+
+def test_verify_and_kills_on_minilm(cli, tmp_path):
+    """Someone else's checkpoint passes every structural check, and an edit of it killed at 10 points
+    is never left broken and resumes to the uninterrupted run's bytes."""
+    from tests.test_reliability import faults
+
+    assert cli("verify", MINILM).code == 0
+    plan = write_plan(tmp_path, f"model: {MINILM}\nsteps:\n  - op: chain\n    layers: [0-2, 1-5]\n")
+    result = faults("kill", plan, "--out", tmp_path / "out", "--points", 10, "--summary", "--shard-size", "20MB")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["shards"] > 1 and report["killed"] == 10 and report["states"]["BROKEN"] == 0
+    assert report["resumed_identical"] == 10 and report["resumed_with_kept_shards"] > 0
