@@ -164,15 +164,19 @@ def _write_shards(
                     digest.close()
                     raise
                 pending.append((shard.filename, finisher.submit(digest.finish, partial.fsync)))
-                while pending and pending[0][1].done():
-                    filename, future = pending.pop(0)
-                    partial.record(filename, future.result())
-            for filename, future in pending:
-                partial.record(filename, future.result())
+                _journal_finished(partial, pending, wait=False)
+            _journal_finished(partial, pending, wait=True)
         finally:
             for _, future in pending:
                 future.cancel()
             streamer.close()
+
+
+def _journal_finished(partial: PartialOutput, pending: list[tuple[str, Future[ShardRecord]]], wait: bool) -> None:
+    """Journal the finished shards in order (all of them with `wait`), taking them off `pending`."""
+    while pending and (wait or pending[0][1].done()):
+        filename, future = pending.pop(0)
+        partial.record(filename, future.result())
 
 
 def _both(first: Callable[[int], None], second: Callable[[int], None]) -> Callable[[int], None]:
