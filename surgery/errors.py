@@ -6,3 +6,8 @@ class SurgeryError(Exception):
     `exit_code`: 2 for bad input; subclasses for failures that are not the input's fault."""
 
     exit_code = 2
+
+
+def one_line(text: str) -> str:
+    """Messages quote users' files, keys and parser output; a newline in one must not split the error line."""
+    return " ".join(part.strip() for part in text.splitlines())

@@ -69,7 +69,8 @@ def execute(
     shards = recipe.shards(max_shard_size)
     needs_compute = any(r.compute is not None for r in tensors.values())
     compute_device = resolve_device(device) if needs_compute or device != "auto" else "cpu"
-    fingerprint = recipe_fingerprint(recipe, shards, compute_device)
+    headers = {shard.filename: shard_header(tensors, shard.names) for shard in shards}
+    fingerprint = recipe_fingerprint(recipe, headers, compute_device)
     if out.exists() or out.is_symlink():
         if resume and not partial_folder(out).exists() and (read_provenance(out) or {}).get("fingerprint") == fingerprint:
             log(f"{out} is already complete")
@@ -77,13 +78,14 @@ def execute(
         if not force:
             raise SurgeryError(f"output {out} already exists; pass --force to replace it")
     done = journaled_bytes(partial_folder(out), fingerprint) if resume else 0
-    needed = sum(_shard_size(recipe, shard) for shard in shards) - done + _side_file_bytes(recipe.view.source.path)
+    shard_bytes = sum(len(headers[s.filename]) + sum(tensors[n].nbytes for n in s.names) for s in shards)
+    needed = shard_bytes - done + _side_file_bytes(recipe.view.source.path)
     _check_free_space(out, needed)
 
     partial = PartialOutput.open(out, fingerprint, resume=resume, force=force, fsync=fsync)
     staging = partial.folder
     try:
-        _write_shards(recipe, shards, partial, compute_device, on_bytes, log)
+        _write_shards(recipe, shards, headers, partial, compute_device, on_bytes, log)
         write_index(staging, shards, tensors)
         write_json(staging / "config.json", recipe.config)
         _copy_side_files(recipe.view.source.path, staging)
@@ -124,19 +126,20 @@ def execute(
     return out
 
 
-def recipe_fingerprint(recipe: Recipe, shards: list[ShardPlan], device: str) -> str:
+def recipe_fingerprint(recipe: Recipe, headers: dict[str, bytes], device: str) -> str:
     """What must match for a resumed run to finish the same bytes: the resolved plan, the sources'
     headers, the fits, the tool version, every shard header, and the compute device."""
     provenance = recipe.provenance()
     provenance.pop("plan_file", None)  # the same plan named from another folder is the same plan
-    headers = {shard.filename: hashlib.sha256(shard_header(recipe.tensors, shard.names)).hexdigest() for shard in shards}
-    text = json.dumps({"recipe": provenance, "shards": headers, "device": device}, sort_keys=True, default=str)
+    digests = {filename: hashlib.sha256(header).hexdigest() for filename, header in headers.items()}
+    text = json.dumps({"recipe": provenance, "shards": digests, "device": device}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _write_shards(
     recipe: Recipe,
     shards: list[ShardPlan],
+    headers: dict[str, bytes],
     partial: PartialOutput,
     device: str,
     on_bytes: Callable[[int], None],
@@ -157,7 +160,7 @@ def _write_shards(
                 if shard in kept:
                     continue
                 path = partial.folder / shard.filename
-                digest = TrailingHash(path, len(shard_header(recipe.tensors, shard.names)))
+                digest = TrailingHash(path, len(headers[shard.filename]))
                 try:
                     write_shard(path, recipe.tensors, shard.names, streamer.encoded, _both(digest.advance, on_bytes))
                 except BaseException:
@@ -185,10 +188,6 @@ def _both(first: Callable[[int], None], second: Callable[[int], None]) -> Callab
         second(n)
 
     return both
-
-
-def _shard_size(recipe: Recipe, shard: ShardPlan) -> int:
-    return len(shard_header(recipe.tensors, shard.names)) + sum(recipe.tensors[n].nbytes for n in shard.names)
 
 
 def _check_free_space(out: Path, needed: int) -> None:

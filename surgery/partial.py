@@ -38,13 +38,10 @@ class ShardRecord:
     bytes: int
 
 
-def finish_shard(path: Path, fsync: bool) -> ShardRecord:
-    """Hash a written shard from the file itself and, with fsync, put it on the disk."""
+def hash_shard(path: Path) -> ShardRecord:
+    """A shard on disk, hashed from the file itself: what a journaled or recorded shard is checked against."""
     with open(path, "rb") as f:
-        digest = sha_fileobj(f).hex()
-        if fsync:
-            os.fsync(f.fileno())
-    return ShardRecord(digest, path.stat().st_size)
+        return ShardRecord(sha_fileobj(f).hex(), os.fstat(f.fileno()).st_size)
 
 
 class TrailingHash:
@@ -178,7 +175,7 @@ class PartialOutput:
         if record is None or not path.is_file() or path.stat().st_size != record.bytes:
             self.shards.pop(filename, None)
             return False
-        if finish_shard(path, fsync=False) != record:
+        if hash_shard(path) != record:
             self.shards.pop(filename, None)
             return False
         return True

@@ -16,7 +16,7 @@ from typing import Any
 from surgery.checkpoint.reader import INDEX_NAME, Checkpoint, read_config, read_shard_header
 from surgery.ensemble import check_member_unchanged, is_ensemble, read_spec
 from surgery.errors import SurgeryError
-from surgery.partial import finish_shard
+from surgery.partial import hash_shard
 from surgery.provenance import PROVENANCE_NAME, read_provenance
 
 
@@ -94,7 +94,7 @@ def _check_hashes(folder: Path, recorded: dict[str, str]) -> list[Check]:
         path = folder / name
         if not path.is_file():
             return Check(f"{name} sha256", False, "missing")
-        digest = finish_shard(path, fsync=False).sha256
+        digest = hash_shard(path).sha256
         if digest != recorded[name]:
             return Check(f"{name} sha256", False, f"content changed: {digest[:16]}..., recorded {recorded[name][:16]}...")
         return Check(f"{name} sha256", True, f"{digest[:16]}... as recorded")

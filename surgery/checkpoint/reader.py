@@ -15,7 +15,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -206,11 +206,8 @@ def _parse_json(raw: bytes, what: str, fix: str) -> object:
     except RecursionError:
         raise SurgeryError(f"{what} (JSON nested too deeply; {fix})") from None
     except ValueError as e:  # JSONDecodeError, or an integer with too many digits
-        raise SurgeryError(f"{what} (not valid JSON: {_one_line(str(e))}; {fix})") from None
+        raise SurgeryError(f"{what} (not valid JSON: {one_line(str(e))}; {fix})") from None
 
-
-def _one_line(text: str) -> str:
-    return " ".join(part.strip() for part in text.splitlines())
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, one_line
 from surgery.plan.schema import OPS, Plan
 
 MAX_PLAN_BYTES = 1024 * 1024
@@ -32,7 +32,7 @@ def load_plan(path: str | Path) -> Plan:
     except ValidationError as e:
         first = e.errors()[0]
         loc = tuple(first["loc"])
-        raise SurgeryError(_one_line(f"{path}:{_line_of(root, loc)}: {_where(loc)}{_message(first)}")) from None
+        raise SurgeryError(one_line(f"{path}:{_line_of(root, loc)}: {_where(loc)}{_message(first)}")) from None
 
 
 def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
@@ -63,20 +63,20 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""
         what = ", ".join(part for part in (e.context, e.problem) if part)
-        raise SurgeryError(_one_line(f"{path}{line}: malformed YAML: {what}")) from None
+        raise SurgeryError(one_line(f"{path}{line}: malformed YAML: {what}")) from None
     except yaml.reader.ReaderError as e:
         raise SurgeryError(
             f"{path}: malformed YAML: character #x{e.character:04x} at offset {e.position} is not allowed in YAML"
         ) from None
     except yaml.YAMLError as e:
-        raise SurgeryError(_one_line(f"{path}: malformed YAML: {e}")) from None
+        raise SurgeryError(one_line(f"{path}: malformed YAML: {e}")) from None
     except RecursionError:  # a backstop: the depth limit stops nesting well before this
         raise SurgeryError(f"{path}: malformed YAML: nested too deeply") from None
     except (ValueError, TypeError, LookupError, AttributeError, OverflowError) as e:
         # PyYAML's constructors fail this way on explicit tags with bad values (`!!int abc`,
         # `!!timestamp x`, an empty `!!int`) and on integers of more than 4300 digits.
         detail = f" ({e})" if isinstance(e, ValueError) else ""
-        raise SurgeryError(_one_line(f"{path}: malformed YAML: a value cannot be read{detail}; check explicit "
+        raise SurgeryError(one_line(f"{path}: malformed YAML: a value cannot be read{detail}; check explicit "
                                      "!!tags and numbers")) from None
     finally:
         if loader is not None:
@@ -144,17 +144,13 @@ def _check_graph(root: yaml.Node, path: Path) -> None:
             raise SurgeryError(f"{path}:{line}: malformed YAML: an alias refers to its own anchor (recursive structure)")
         if node.tag not in _SAFE_TAGS:
             raise SurgeryError(
-                _one_line(f"{path}:{line}: malformed YAML: tag {node.tag!r} is not allowed; a plan is plain YAML "
+                one_line(f"{path}:{line}: malformed YAML: tag {node.tag!r} is not allowed; a plan is plain YAML "
                           "(no Python objects or custom tags)")
             )
         open_.add(key)
         stack.append((node, True))
         stack.extend((c, False) for c in _children(node) if id(c) not in done)
 
-
-def _one_line(text: str) -> str:
-    """Messages quote the user's keys and values; a newline in one must not split the error line."""
-    return " ".join(part.strip() for part in text.splitlines())
 
 
 def _message(error: Any) -> str:
