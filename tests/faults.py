@@ -95,6 +95,9 @@ def run_child(
             os.environ["COLUMNS"] = "200"
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
             os.dup2(os.open(stderr or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+            # As in an interactive terminal: a shell starting background jobs (CI, nohup) makes them
+            # ignore SIGINT, and Python then leaves it ignored.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             _install_killer(kill_at, count_file, sig)
             sys.argv = ["surgery", *argv]
             try:
