@@ -5,6 +5,9 @@
 A is the 1.1B random TinyLlama-shaped checkpoint of make_checkpoint.py; B1 is a "fine-tune" of it
 (every tensor plus small noise: every tensor changed, statistics computed for all); B2 is the
 drop-layers-8-11 chain output (every tensor identical to one of A's: byte comparisons only).
+Besides the command, the same diff called from Python (`surgery.diff.report.diff`, interpreter
+start included), and the command's fixed start-up: `surgery diff` of the two 8-layer demo models.
+The package is byte-compiled first, as an installed one is.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import time
 from pathlib import Path
 
 from make_checkpoint import generate
+
+import surgery
+from surgery.fixtures.demo import demo_model
 
 
 def fine_tune(base: Path, folder: Path) -> Path:
@@ -64,6 +70,8 @@ def main() -> None:
         return measure_all(base, tuned, dropped, args.runs)
     generate(base)
     fine_tune(base, tuned)
+    demo_model("base"), demo_model("prose")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(surgery.__file__).parent)], check=True)
     if not dropped.exists():
         work = Path(tempfile.mkdtemp(dir=data))
         (work / "plan.yaml").write_text(f"model: {base}\noutput: {dropped}\nsteps:\n  - op: chain\n    layers: [0-7, 12-21]\n")
@@ -72,13 +80,17 @@ def main() -> None:
 
 
 def measure_all(base: Path, tuned: Path, dropped: Path, runs: int) -> None:
-    surgery = [sys.executable, "-m", "surgery", "diff", "--json"]
+    surgery_diff = [sys.executable, "-m", "surgery", "diff", "--json"]
+    library = "import json, sys; from surgery.diff.report import diff; json.dumps(diff(*sys.argv[1:]).to_dict())"
     shards = lambda folder: [str(p) for p in sorted(folder.glob("*.safetensors"))]  # noqa: E731
     commands = {
         "cat A B1 (read both once)": ["sh", "-c", f"cat {' '.join(shards(base) + shards(tuned))} > /dev/null"],
-        "surgery diff A B1 (fine-tune)": surgery + [str(base), str(tuned)],
+        "surgery diff A B1 (fine-tune)": surgery_diff + [str(base), str(tuned)],
+        "diff(A, B1) from Python": [sys.executable, "-c", library, str(base), str(tuned)],
         "cat A B2 (read both once)": ["sh", "-c", f"cat {' '.join(shards(base) + shards(dropped))} > /dev/null"],
-        "surgery diff A B2 (drop 8-11)": surgery + [str(base), str(dropped)],
+        "surgery diff A B2 (drop 8-11)": surgery_diff + [str(base), str(dropped)],
+        "diff(A, B2) from Python": [sys.executable, "-c", library, str(base), str(dropped)],
+        "surgery diff of the demo models (start-up)": surgery_diff + [str(demo_model("base")), str(demo_model("prose"))],
     }
     for cmd in commands.values():  # warm the page cache
         subprocess.run(cmd, check=True, capture_output=True)
@@ -92,9 +104,10 @@ def measure_all(base: Path, tuned: Path, dropped: Path, runs: int) -> None:
     floors = {"B1": "cat A B1 (read both once)", "B2": "cat A B2 (read both once)"}
     medians = {name: statistics.median(t for t, _ in runs) for name, runs in results.items()}
     for name, runs in results.items():
-        floor = floors["B1" if "B1" in name else "B2"]
+        floor = next((f for key, f in floors.items() if key in name), None)
+        ratio = f"{medians[name] / medians[floor]:.2f}" if floor else ""
         rss = statistics.median(r for _, r in runs) / 2**20
-        print(f"| {name} | {medians[name]:.2f} | {rss:.0f} | {medians[name] / medians[floor]:.2f} |")
+        print(f"| {name} | {medians[name]:.2f} | {rss:.0f} | {ratio} |")
 
 
 if __name__ == "__main__":

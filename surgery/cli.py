@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from surgery import __version__
@@ -106,7 +105,7 @@ def verify(
     checks = verify_folder(folder)
     failed = [c for c in checks if not c.ok]
     if as_json:
-        print(json.dumps({"ok": not failed, "checks": [vars(c) for c in checks]}, indent=2))
+        _print_json({"ok": not failed, "checks": [vars(c) for c in checks]})
     else:
         table = Table(title=f"verify {folder}")
         for column in ("", "what", "found"):
@@ -202,7 +201,7 @@ def check(
                 for name, r in recipe.tensors.items()
             ],
         }
-        console.print_json(json.dumps(summary))
+        _print_json(summary)
         return
     _print_recipe(recipe, shard_size)
     console.print("[green]plan is valid[/]")
@@ -219,7 +218,7 @@ def inspect(
 
     info = describe(Checkpoint.open(model))
     if as_json:
-        console.print_json(json.dumps(info))
+        _print_json(info)
         return
     console.print(f"[bold]{info['path']}[/]  {info['architecture']} ({info['model_type']})")
     console.print(
@@ -280,7 +279,7 @@ def eval_(
     reference = None if no_compare else compare or source_of(model)
     report = evaluate(model, settings, reference)
     if as_json:
-        console.print_json(json.dumps(report.to_dict()))
+        _print_json(report.to_dict())
     else:
         print_eval(report)
 
@@ -323,7 +322,6 @@ def diff_(
     exit_code: Annotated[bool, typer.Option("--exit-code", help="Exit 1 when the checkpoints differ.")] = False,
 ) -> None:
     """What changed between two checkpoints: config, tensors, and the layer of A each layer of B is."""
-    from surgery.diff.render import print_diff
     from surgery.diff.report import diff
 
     report = diff(a, b, include=include, exclude=exclude, atol=atol, rtol=rtol)
@@ -332,8 +330,10 @@ def diff_(
 
         heat_map(report, plot)
     if as_json:
-        console.print_json(json.dumps(report.to_dict(top), default=str))
+        _print_json(report.to_dict(top))
     else:
+        from surgery.diff.render import print_diff
+
         print_diff(report, console, top)
     if exit_code and report.differs:
         raise typer.Exit(1)
@@ -357,6 +357,8 @@ def analyze(
 ) -> None:
     """Per-layer importance (BI, LIM, ZD, residual contributions), redundancy between layers, and plans
     suggested from them."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
     from surgery.analyze import analyze as measure, plot_analysis
     from surgery.devices import resolve_device
     from surgery import suggest as suggestions
@@ -394,7 +396,7 @@ def analyze(
         out = analysis.to_dict()
         if suggestion is not None:
             out["suggestion"] = {"kind": suggestion.kind, "plan": suggestion.plan, "trials": suggestion.trials}
-        console.print_json(json.dumps(out))
+        _print_json(out)
         return
     ranks = {m.index: r + 1 for r, m in enumerate(sorted(analysis.layers, key=lambda m: -m.bi))}
     fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
@@ -445,6 +447,8 @@ class _byte_progress:
     """A rich progress bar over bytes written, shown only on a terminal."""
 
     def __init__(self, total: int, label: str) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
             TimeRemainingColumn(), console=err_console, disable=not err_console.is_terminal, transient=True,
@@ -457,6 +461,15 @@ class _byte_progress:
 
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+
+def _print_json(data: Any) -> None:
+    """`--json` output: highlighted on a terminal; plain, and without rich's highlighting pass, in a pipe."""
+    text = json.dumps(data, indent=2, default=str)
+    if console.is_terminal:
+        console.print_json(text)
+    else:
+        print(text)
 
 
 def _log(line: str) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from surgery.view import LayerOrigin
+if TYPE_CHECKING:  # the CLI imports this module at start-up: keep it free of the checkpoint machinery
+    from surgery.view import LayerOrigin
 
 
 def format_layer_map(origins: Sequence[LayerOrigin]) -> str:

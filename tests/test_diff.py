@@ -164,27 +164,49 @@ def test_bytes_equal_sees_a_difference_anywhere():
     assert not bytes_equal(memoryview(base), memoryview(base[:-1]))
 
 
-def test_statistics_split_across_many_parts_and_threads(monkeypatch):
+@pytest.mark.parametrize("kernel", ["fused", "numpy"])
+def test_statistics_split_across_many_parts_and_threads(kernel, monkeypatch):
     """Tiny blocks and parts on 3 threads: the sums must not depend on how a tensor is split."""
     from surgery.checkpoint.reader import Checkpoint
     from surgery.diff import bytes as byte_module, stats
     from surgery.diff.workers import Workers
     from surgery.fixtures.demo import demo_model
 
+    if kernel == "numpy":
+        monkeypatch.setattr(stats, "fused_measure", None)
+    elif stats.fused_measure is None:
+        pytest.skip("the C kernel was not built (no compiler at install)")
     base, tuned = Checkpoint.open(demo_model("base")), Checkpoint.open(demo_model("prose"))
     name = "model.embed_tokens.weight"
-    pair = [(base.tensors[name], tuned.tensors[name])]
+    a, b = base.tensors[name], tuned.tensors[name]
     with Workers(1) as workers:
-        whole = stats.measure_all(workers, pair, 0.0, 0.0)[0]
+        whole = stats.total(stats.measure(workers, a, b, 0.0, 0.0))
     monkeypatch.setattr(stats, "BLOCK_ELEMENTS", 1000)
     monkeypatch.setattr(stats, "PART_ELEMENTS", 3001)
     monkeypatch.setattr(byte_module, "CHUNK_BYTES", 999)
     monkeypatch.setattr(byte_module, "PART_BYTES", 4096)
     with Workers(3) as workers:
-        split = stats.measure_all(workers, pair, 0.0, 0.0)[0]
+        split = stats.total(stats.measure(workers, a, b, 0.0, 0.0))
         comparer = byte_module.ByteComparer(workers)
-        assert comparer.identical(base.tensors[name], base.tensors[name])
-        assert not comparer.identical(base.tensors[name], tuned.tensors[name])
+        assert comparer.identical(a, a)
+        assert not comparer.identical(a, b)
     assert split.max_abs == whole.max_abs
     for field in ("diff_sq", "a_sq", "b_sq", "dot"):
         assert getattr(split, field) == pytest.approx(getattr(whole, field), rel=1e-6)
+
+
+def test_numpy_fallback_reports_what_the_kernel_does(cli, monkeypatch):
+    """Installed without a C compiler, diff computes the same report in numpy."""
+    from surgery.diff import stats
+    from surgery.fixtures.demo import demo_model
+
+    if stats.fused_measure is None:
+        pytest.skip("the C kernel was not built (no compiler at install)")
+    fused = _diff(cli, demo_model("base"), demo_model("code"))
+    monkeypatch.setattr(stats, "fused_measure", None)
+    fallback = _diff(cli, demo_model("base"), demo_model("code"))
+    assert fallback["changed"] == fused["changed"] and fallback["layer_map"] == fused["layer_map"]
+    for mine, theirs in zip(fallback["layers"] + fallback["top"], fused["layers"] + fused["top"]):
+        for key in ("relative_change", "cosine", "max_abs_diff", "update_norm"):
+            if key in mine:
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-5), key

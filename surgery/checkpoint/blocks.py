@@ -1,14 +1,18 @@
 """Read element ranges of tensors straight from their files into reused float32 buffers.
 
-No memory map (its touched pages would count against the process) and no fresh allocation per
-block (page faults cost more than the arithmetic): a block costs one `preadv` and one decode.
-Shared by `diff` (comparing, in numpy: it must not pay torch's import) and the executor
-(computing tensors block by block, in torch).
+No memory map of whole files (its touched pages would count against the process) and no fresh
+allocation per block (page faults cost more than the arithmetic): a block costs one `preadv` and
+one decode. Shared by `diff` (comparing, in numpy: it must not pay torch's import) and the executor
+(computing tensors block by block, in torch). diff's C kernel, which needs no decoded copy, reads a
+short-lived memory map of just the range instead, saving the kernel's copy into a buffer.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +38,21 @@ def torch_dtype(dtype: str) -> torch.dtype:
     return getattr(torch, TORCH_DTYPES[dtype])
 
 
+def decode(raw: memoryview | np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """Raw little-endian elements of a safetensors dtype widened into the float32 array `out`."""
+    if dtype == "BF16":  # bfloat16 is the high half of a float32: widen, shift, reinterpret
+        bits = out.view(np.uint32)
+        np.copyto(bits, np.frombuffer(raw, dtype=np.uint16))
+        np.left_shift(bits, 16, out=bits)
+    elif dtype in NUMPY_DTYPES:
+        np.copyto(out, np.frombuffer(raw, dtype=NUMPY_DTYPES[dtype]), casting="unsafe")
+    elif out.size:  # float8: numpy has no such type
+        import torch
+
+        out[:] = torch.frombuffer(raw, dtype=torch_dtype(dtype)).float().numpy()
+    return out
+
+
 class BlockReader:
     """Numbered slots of reused buffers; a block read into a slot stays valid until that slot is reused."""
 
@@ -43,11 +62,15 @@ class BlockReader:
         self._floats: dict[int, torch.Tensor] = {}  # torch is imported only when something must be decoded
         self._arrays: dict[int, np.ndarray] = {}
 
+    def _fd(self, path: Path) -> int:
+        fd = self._files.get(path)
+        if fd is None:
+            fd = self._files[path] = os.open(path, os.O_RDONLY)
+        return fd
+
     def raw(self, slot: int, info: TensorInfo, start: int, stop: int) -> memoryview:
         """The bytes of elements [start, stop) of a tensor (flattened, row-major)."""
-        fd = self._files.get(info.file)
-        if fd is None:
-            fd = self._files[info.file] = os.open(info.file, os.O_RDONLY)
+        fd = self._fd(info.file)
         size = DTYPE_SIZES[info.dtype]
         count = (stop - start) * size
         if len(self._raw.get(slot, b"")) < count:
@@ -61,6 +84,21 @@ class BlockReader:
             done += n
         return view
 
+    @contextmanager
+    def mapped(self, info: TensorInfo, start: int, stop: int) -> Iterator[memoryview]:
+        """The bytes of elements [start, stop) (at least one), mapped from the file only while in use:
+        resident pages stay bounded by the range, not the model."""
+        size = DTYPE_SIZES[info.dtype]
+        offset = info.start + start * size
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            window = mmap.mmap(self._fd(info.file), offset + (stop - start) * size - base, access=mmap.ACCESS_READ,
+                               offset=base)
+        except ValueError:  # shorter than its header says: changed since it was opened
+            raise SurgeryError(f"{info.file}: unexpected end of file reading {info.name}") from None
+        with window, memoryview(window) as whole, whole[offset - base:] as view:
+            yield view
+
     def floats(self, slot: int, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of a tensor as float32 (the caller may overwrite them)."""
         import torch
@@ -73,19 +111,7 @@ class BlockReader:
 
     def array(self, slot: int, info: TensorInfo, start: int, stop: int) -> np.ndarray:
         """Elements [start, stop) of a tensor as a float32 numpy array (the caller may overwrite them)."""
-        raw = self.raw(slot, info, start, stop)
-        out = self.array_scratch(slot, stop - start)
-        if info.dtype == "BF16":  # bfloat16 is the high half of a float32: widen, shift, reinterpret
-            bits = out.view(np.uint32)
-            np.copyto(bits, np.frombuffer(raw, dtype=np.uint16))
-            np.left_shift(bits, 16, out=bits)
-        elif info.dtype in NUMPY_DTYPES:
-            np.copyto(out, np.frombuffer(raw, dtype=NUMPY_DTYPES[info.dtype]), casting="unsafe")
-        elif len(raw):  # float8: numpy has no such type
-            import torch
-
-            out[:] = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).float().numpy()
-        return out
+        return decode(self.raw(slot, info, start, stop), info.dtype, self.array_scratch(slot, stop - start))
 
     def array_scratch(self, slot: int, numel: int) -> np.ndarray:
         """Float32 numpy working buffer `slot` of `numel` elements."""

@@ -8,6 +8,8 @@ a fine-tune reads as changes to the same layers.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from surgery.checkpoint.layout import Layout, find_layout
 from surgery.checkpoint.reader import Checkpoint, TensorInfo
 from surgery.checkpoint.modules import module_kind
 from surgery.diff.bytes import ByteComparer
-from surgery.diff.stats import ZERO, Change, Sketches, measure_all
+from surgery.diff.stats import ZERO, Change, Sketches, measure, total
 from surgery.diff.workers import Workers
 from surgery.errors import SurgeryError
 
@@ -113,13 +115,14 @@ def diff(
             "tensors are paired by name only"
         )
         a_layout = b_layout = None
+    unpaired_a: set[str] = set()
+    unpaired_b: set[str] = set()
+    measuring: list[tuple[str, str, list[Future[Change]]]] = []
     with Workers() as workers:
         comparer = ByteComparer(workers)
-        pairs, unpaired_a, unpaired_b = _pair(a, b, a_layout, b_layout, comparer, Sketches(workers), report)
-        report.removed = sorted(n for n in unpaired_a if selected(n))
-        report.added = sorted(n for n in unpaired_b if selected(n))
-        to_measure: list[tuple[str, str]] = []
-        for b_name, a_name in pairs:
+        sketches = Sketches(workers.reader())
+        # each changed pair is measured on the workers as soon as it is known, while the layers are still being paired
+        for b_name, a_name in _pairs(a, b, a_layout, b_layout, comparer, sketches, report, unpaired_a, unpaired_b):
             if not (selected(b_name) or selected(a_name)):
                 continue
             ia, ib = a.tensors[a_name], b.tensors[b_name]
@@ -131,10 +134,12 @@ def diff(
             if comparer.identical(ia, ib):
                 report.unchanged.append(b_name)
             else:
-                to_measure.append((b_name, a_name))
-        changes = measure_all(workers, [(a.tensors[an], b.tensors[bn]) for bn, an in to_measure], atol, rtol)
+                measuring.append((b_name, a_name, measure(workers, ia, ib, atol, rtol)))
+        changes = [(b_name, a_name, total(parts)) for b_name, a_name, parts in measuring]
+    report.removed = sorted(n for n in unpaired_a if selected(n))
+    report.added = sorted(n for n in unpaired_b if selected(n))
     layer_of = {} if b_layout is None else {n: b_layout.split(n) for n in b.tensors}
-    for (b_name, a_name), change in zip(to_measure, changes):
+    for b_name, a_name, change in changes:
         if a.tensors[a_name].dtype == b.tensors[b_name].dtype and (atol or rtol) and change.within_tolerance:
             report.unchanged.append(b_name)
             continue
@@ -179,79 +184,92 @@ def _layout(checkpoint: Checkpoint, report: DiffReport) -> Layout | None:
         return None
 
 
-def _pair(
+def _pairs(
     a: Checkpoint, b: Checkpoint, a_layout: Layout | None, b_layout: Layout | None,
-    comparer: ByteComparer, sketches: Sketches, report: DiffReport,
-) -> tuple[list[tuple[str, str]], set[str], set[str]]:
-    """(B name, A name) pairs; A and B names left without a partner."""
+    comparer: ByteComparer, sketches: Sketches, report: DiffReport, unpaired_a: set[str], unpaired_b: set[str],
+) -> Iterator[tuple[str, str]]:
+    """(B name, A name) pairs, yielded as soon as each is decided (tensors outside the layers first,
+    then layer by layer); names left without a partner are added to the unpaired sets."""
     if a_layout is None or b_layout is None:
         common = [n for n in b.tensors if n in a.tensors]
-        return [(n, n) for n in common], set(a.tensors) - set(common), set(b.tensors) - set(common)
+        unpaired_a.update(set(a.tensors) - set(common))
+        unpaired_b.update(set(b.tensors) - set(common))
+        yield from ((n, n) for n in common)
+        return
     a_outside, a_layers = a_layout.group(a.tensors)
     b_outside, b_layers = b_layout.group(b.tensors)
-    pairs = [(n, n) for n in b_outside if n in a_outside]
-    unpaired_a = set(a_outside) - set(b_outside)
-    unpaired_b = set(b_outside) - set(a_outside)
+    unpaired_a.update(set(a_outside) - set(b_outside))
+    unpaired_b.update(set(b_outside) - set(a_outside))
+    yield from ((n, n) for n in b_outside if n in a_outside)
+    matcher = _LayerMatcher(a_layers, comparer, sketches)
     used: set[int] = set()
-    matches = [_identical_layer(j, layer, a_layers, comparer) for j, layer in enumerate(b_layers)]
-    changed = [layer for layer, match in zip(b_layers, matches) if match is None]
-    if changed:
-        sketches.prefetch(layer[s] for layer in changed + a_layers for s in _sketched(layer))
-    for j, (layer, match) in enumerate(zip(b_layers, matches)):
-        similarity: float | None = 1.0 if match is not None else None
-        closest = match
-        if match is None:
-            closest, similarity = _closest_layer(layer, a_layers, sketches)
-        report.layers.append(LayerReport(j, match, closest, similarity))
-        if closest is None:
+    for j, layer in enumerate(b_layers):
+        match = matcher.identical(j, layer)
+        source, similarity = (match, 1.0) if match is not None else matcher.closest(layer)
+        report.layers.append(LayerReport(j, match, source, similarity))
+        if source is None:
             unpaired_b.update(b_layout.layer_name(j, s) for s in layer)
             continue
-        used.add(closest)
+        used.add(source)
         for suffix in layer:
-            if suffix in a_layers[closest]:
-                pairs.append((b_layout.layer_name(j, suffix), a_layout.layer_name(closest, suffix)))
+            if suffix in a_layers[source]:
+                yield b_layout.layer_name(j, suffix), a_layout.layer_name(source, suffix)
             else:
                 unpaired_b.add(b_layout.layer_name(j, suffix))
-        unpaired_a.update(a_layout.layer_name(closest, s) for s in a_layers[closest] if s not in layer)
+        unpaired_a.update(a_layout.layer_name(source, s) for s in a_layers[source] if s not in layer)
     for i in set(range(len(a_layers))) - used:
         unpaired_a.update(a_layout.layer_name(i, s) for s in a_layers[i])
-    return pairs, unpaired_a, unpaired_b
 
 
-def _identical_layer(
-    j: int, layer: dict[str, TensorInfo], a_layers: list[dict[str, TensorInfo]], comparer: ByteComparer
-) -> int | None:
-    """The layer of A with the same bytes in every tensor (the same index first, when it qualifies)."""
-    order = ([j] if j < len(a_layers) else []) + [i for i in range(len(a_layers)) if i != j]
-    for i in order:
-        candidate = a_layers[i]
-        if set(candidate) != set(layer):
-            continue
-        if comparer.all_identical([(candidate[s], t) for s, t in layer.items()]):
-            return i
-    return None
+Signature = tuple[tuple[str, Any], ...]
+
+
+class _LayerMatcher:
+    """Which layer of A a layer of B is: the same bytes, else the most similar weights. Lookups on
+    fingerprints and one matrix product per shape group, so a model's layers are not compared all
+    against all."""
+
+    def __init__(self, a_layers: list[dict[str, TensorInfo]], comparer: ByteComparer, sketches: Sketches) -> None:
+        self.a_layers, self.comparer, self.sketches = a_layers, comparer, sketches
+        self._by_fingerprints: dict[Signature, list[int]] | None = None
+        self._by_shapes: dict[Signature, list[int]] = {}
+        for i, layer in enumerate(a_layers):
+            self._by_shapes.setdefault(_shapes(layer), []).append(i)
+        self._stacked: dict[Signature, np.ndarray] = {}
+
+    def identical(self, j: int, layer: dict[str, TensorInfo]) -> int | None:
+        """The layer of A with the same bytes in every tensor (index j first, when it qualifies)."""
+        if self._by_fingerprints is None:
+            self._by_fingerprints = {}
+            for i, a_layer in enumerate(self.a_layers):
+                self._by_fingerprints.setdefault(self._fingerprints(a_layer), []).append(i)
+        candidates = sorted(self._by_fingerprints.get(self._fingerprints(layer), []), key=lambda i: i != j)
+        return next((i for i in candidates if self.comparer.all_identical(
+            [(self.a_layers[i][suffix], info) for suffix, info in layer.items()])), None)
+
+    def closest(self, layer: dict[str, TensorInfo]) -> tuple[int | None, float | None]:
+        """The layer of A with the same tensor shapes whose weights point the same way (mean cosine
+        of row samples over the matrices), or none below SIMILAR_ENOUGH; and that score."""
+        shapes = _shapes(layer)
+        group = self._by_shapes.get(shapes)
+        if group is None:
+            return None, None
+        matrices = _sketched(layer)
+        if shapes not in self._stacked:
+            self._stacked[shapes] = np.stack([self.sketches(tuple(self.a_layers[i][s] for s in matrices)) for i in group])
+        scores = self._stacked[shapes] @ self.sketches(tuple(layer[s] for s in matrices))
+        best = int(np.argmax(scores))  # the first of equal scores, in A's order
+        score = float(scores[best])
+        return (group[best], score) if score >= SIMILAR_ENOUGH else (None, score)
+
+    def _fingerprints(self, layer: dict[str, TensorInfo]) -> Signature:
+        return tuple(sorted((suffix, self.comparer.fingerprint(info)) for suffix, info in layer.items()))
+
+
+def _shapes(layer: dict[str, TensorInfo]) -> Signature:
+    return tuple(sorted((suffix, info.shape) for suffix, info in layer.items()))
 
 
 def _sketched(layer: dict[str, TensorInfo]) -> list[str]:
     """The tensors whose rows stand for a layer in similarity: its matrices (all, when it has none)."""
     return sorted(s for s, t in layer.items() if len(t.shape) >= 2) or sorted(layer)
-
-
-def _closest_layer(
-    layer: dict[str, TensorInfo], a_layers: list[dict[str, TensorInfo]], sketches: Sketches
-) -> tuple[int | None, float | None]:
-    """The layer of A with the same tensor shapes whose weights point the same way (mean cosine of
-    row samples over the matrices), or none below SIMILAR_ENOUGH."""
-    signature = {s: t.shape for s, t in layer.items()}
-    matrices = _sketched(layer)
-    mine = sketches(tuple(layer[s] for s in matrices))
-    best, best_score = None, -1.0
-    for i, candidate in enumerate(a_layers):
-        if {s: t.shape for s, t in candidate.items()} != signature:
-            continue
-        score = float(np.dot(mine, sketches(tuple(candidate[s] for s in matrices))))
-        if score > best_score:
-            best, best_score = i, score
-    if best is None or best_score < SIMILAR_ENOUGH:
-        return None, None if best is None else best_score
-    return best, best_score

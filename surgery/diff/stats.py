@@ -1,20 +1,26 @@
-"""How much a tensor changed: norms, cosine, max difference, computed in float32 block by block so
-memory is bounded by a block, not by the tensor. numpy, not torch: importing torch alone costs
-several times reading a 1B model from the page cache."""
+"""How much a tensor changed: norms, cosine, max difference, computed block by block so memory is
+bounded by a block, not by the tensor. Not torch: importing it alone costs several times reading a
+1B model from the page cache. A small C kernel (`_measure.c`, built at install where a compiler
+is found) takes a block's raw bytes in one pass; numpy, with the same results, is the fallback."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 
-from surgery.checkpoint.blocks import BlockReader
+from surgery.checkpoint.blocks import BlockReader, decode
 from surgery.checkpoint.reader import TensorInfo, numel
 from surgery.diff.workers import Workers
 
+try:
+    from surgery.diff._measure import measure as fused_measure
+except ImportError:  # installed without a C compiler
+    fused_measure = None
+
+FUSED_DTYPES = {"BF16", "F32"}  # the kernel decodes these itself; others reach it widened to float32
 BLOCK_ELEMENTS = 1 << 18  # large enough that threads rarely contend for the GIL, small enough for L2/L3
 PART_ELEMENTS = 1 << 22  # one task of the pool
 
@@ -46,10 +52,20 @@ class Change:
     def update_norm(self) -> float:
         return math.sqrt(self.diff_sq)
 
+    @staticmethod
+    def from_sums(diff_sq: float, a_sq: float, dot_ad: float, max_abs: float, within: bool) -> Change:
+        """From the sums over D = B - A: ||B||^2 = ||A||^2 + 2<A,D> + ||D||^2, <A,B> = ||A||^2 + <A,D>."""
+        return Change(diff_sq, a_sq, a_sq + 2 * dot_ad + diff_sq, a_sq + dot_ad, max_abs, within)
+
     def __add__(self, other: Change) -> Change:
         return Change(self.diff_sq + other.diff_sq, self.a_sq + other.a_sq, self.b_sq + other.b_sq,
-                      self.dot + other.dot, max(self.max_abs, other.max_abs),
+                      self.dot + other.dot, _max_nan(self.max_abs, other.max_abs),
                       self.within_tolerance and other.within_tolerance)
+
+
+def _max_nan(x: float, y: float) -> float:
+    """max that keeps a NaN (a NaN difference is reported, not hidden behind a finite one)."""
+    return math.nan if math.isnan(x) or math.isnan(y) else max(x, y)
 
 
 ZERO = Change(0.0, 0.0, 0.0, 0.0, 0.0, True)
@@ -57,51 +73,78 @@ ZERO = Change(0.0, 0.0, 0.0, 0.0, 0.0, True)
 
 class Sketches:
     """A layer's fingerprint for similarity: a few evenly spaced rows of each of its matrices (the
-    whole tensor when small), thinned to at most `elements` values, each scaled to unit length in float64, concatenated and scaled by
-    1/sqrt(count), so that one dot product of two layers' sketches is the mean cosine over their
-    matrices. Enough to tell which layer of A a changed layer of B came from. Rows are read on the
-    workers, ahead of need when `prefetch` names them."""
+    whole tensor when small), thinned to at most `elements` values, each scaled to unit length in
+    float64, concatenated and scaled by 1/sqrt(count), so that one dot product of two layers'
+    sketches is the mean cosine over their matrices. Enough to tell which layer of A a changed layer
+    of B came from. Computed on the calling thread: the work is many small numpy calls, which
+    threads would only pass the GIL back and forth over."""
 
-    def __init__(self, workers: Workers, rows: int = 8, elements: int = 8192) -> None:
-        self.workers = workers
+    def __init__(self, reader: BlockReader, rows: int = 8, elements: int = 8192) -> None:
+        self.reader = reader
         self.rows = rows
         self.elements = elements  # bounds the cache: a 70B model's 80 layers x 2 stay under 100 MiB
-        self._rows: dict[TensorInfo, Future[np.ndarray]] = {}
         self._layers: dict[tuple[TensorInfo, ...], np.ndarray] = {}
-
-    def prefetch(self, tensors: Iterable[TensorInfo]) -> None:
-        for info in tensors:
-            if info not in self._rows:
-                self._rows[info] = self.workers.submit(lambda reader, info=info: self._unit_rows(reader, info))
 
     def __call__(self, tensors: tuple[TensorInfo, ...]) -> np.ndarray:
         if tensors not in self._layers:
-            self.prefetch(tensors)
-            parts = [self._rows[info].result() for info in tensors]
+            parts = [self.unit_rows(info) for info in tensors]
             self._layers[tensors] = np.concatenate(parts) / np.sqrt(len(parts))
         return self._layers[tensors]
 
-    def _unit_rows(self, reader: BlockReader, info: TensorInfo) -> np.ndarray:
-        count = info.shape[0] if info.shape else 1
-        per_row = numel(info.shape) // count if count else 0
-        picks = range(count) if len(info.shape) < 2 or count <= self.rows else \
-            np.linspace(0, count - 1, self.rows).round().astype(int).tolist()
-        rows = np.concatenate([reader.array(0, info, i * per_row, (i + 1) * per_row) for i in picks])
+    def unit_rows(self, info: TensorInfo) -> np.ndarray:
+        """The tensor's sampled rows, thinned, as one unit vector."""
+        total = numel(info.shape)
+        count = info.shape[0] if len(info.shape) >= 2 else 1  # a vector is one row
+        if total == 0:
+            return np.zeros(0)
+        per_row = total // count
+        picks = range(count) if count <= self.rows else np.linspace(0, count - 1, self.rows).round().astype(int)
+        with self.reader.mapped(info, 0, total) as data:  # only the picked rows' pages are read
+            picked = np.frombuffer(data, dtype=np.uint8).reshape(count, -1)[picks]
+        rows = decode(picked.reshape(-1), info.dtype, np.empty(len(picks) * per_row, dtype=np.float32))
         rows = rows[:: max(1, -(-rows.size // self.elements))].astype(np.float64)
         norm = float(np.linalg.norm(rows))
         return rows / norm if norm else rows  # a zero sketch has cosine 0 with anything
 
 
-def measure_all(workers: Workers, pairs: list[tuple[TensorInfo, TensorInfo]], atol: float, rtol: float) -> list[Change]:
-    """Change from A to B for each (A, B) pair of same-shape tensors: every pair's parts are queued
-    at once, so all cores stay busy across small and large tensors alike."""
-    queued = [workers.ranges(numel(a.shape), PART_ELEMENTS,
-                             lambda reader, start, stop, a=a, b=b: _measure_range(reader, a, b, start, stop, atol, rtol))
-              for a, b in pairs]
-    return [sum((part.result() for part in parts), ZERO) for parts in queued]
+def measure(workers: Workers, a: TensorInfo, b: TensorInfo, atol: float, rtol: float) -> list[Future[Change]]:
+    """The change from A to B (same shape), queued on the workers in parts; `total` adds them up.
+    Pairs are queued as they are found, so all cores stay busy across small and large tensors."""
+    measure_range = fused_range if fused_measure is not None else numpy_range
+    return workers.ranges(numel(a.shape), PART_ELEMENTS,
+                          lambda reader, start, stop: measure_range(reader, a, b, start, stop, atol, rtol))
 
 
-def _measure_range(
+def total(parts: list[Future[Change]]) -> Change:
+    return sum((part.result() for part in parts), ZERO)
+
+
+def fused_range(
+    reader: BlockReader, a: TensorInfo, b: TensorInfo, start: int, stop: int, atol: float, rtol: float
+) -> Change:
+    """Elements [start, stop) through the C kernel: straight from the mapped files when it decodes
+    both dtypes, else block by block, widened to float32 first."""
+    if start == stop:
+        return ZERO
+    if a.dtype in FUSED_DTYPES and b.dtype in FUSED_DTYPES:
+        with reader.mapped(a, start, stop) as bytes_a, reader.mapped(b, start, stop) as bytes_b:
+            return Change.from_sums(*fused_measure(bytes_a, a.dtype, bytes_b, b.dtype, atol, rtol))
+    total = ZERO
+    for first in range(start, stop, BLOCK_ELEMENTS):
+        last = min(stop, first + BLOCK_ELEMENTS)
+        block_a, dtype_a = _fused_input(reader, 0, a, first, last)
+        block_b, dtype_b = _fused_input(reader, 1, b, first, last)
+        total = total + Change.from_sums(*fused_measure(block_a, dtype_a, block_b, dtype_b, atol, rtol))
+    return total
+
+
+def _fused_input(reader: BlockReader, slot: int, info: TensorInfo, first: int, last: int) -> tuple[memoryview | np.ndarray, str]:
+    if info.dtype in FUSED_DTYPES:
+        return reader.raw(slot, info, first, last), info.dtype
+    return reader.array(slot, info, first, last), "F32"
+
+
+def numpy_range(
     reader: BlockReader, a: TensorInfo, b: TensorInfo, start: int, stop: int, atol: float, rtol: float
 ) -> Change:
     """Elements [start, stop) in float32 blocks that stay in cache; sums accumulate in float64 across
@@ -112,14 +155,14 @@ def _measure_range(
         last = min(stop, first + BLOCK_ELEMENTS)
         block_a, block_b = reader.array(0, a, first, last), reader.array(1, b, first, last)
         delta = np.subtract(block_b, block_a, out=reader.array_scratch(2, last - first))
-        # with B = A + D: ||B||^2 = ||A||^2 + 2<A,D> + ||D||^2 and <A,B> = ||A||^2 + <A,D>
         diff_sq += float(np.dot(delta, delta))
         a_sq += float(np.dot(block_a, block_a))
         dot_ad += float(np.dot(block_a, delta))
-        max_abs = max(max_abs, float(delta.max()), -float(delta.min()))
+        np.abs(delta, out=delta)
+        max_abs = _max_nan(max_abs, float(delta.max()))  # numpy's max returns NaN when there is one
         if atol or rtol:
             np.abs(block_a, out=block_a)
-            within = within and bool(np.all(np.abs(delta, out=delta) <= atol + rtol * block_a))
+            within = within and bool(np.all(delta <= atol + rtol * block_a))
         else:
             within = within and max_abs == 0.0
-    return Change(diff_sq, a_sq, a_sq + 2 * dot_ad + diff_sq, a_sq + dot_ad, max_abs, within)
+    return Change.from_sums(diff_sq, a_sq, dot_ad, max_abs, within)
