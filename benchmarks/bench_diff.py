@@ -6,7 +6,8 @@ A is the 1.1B random TinyLlama-shaped checkpoint of make_checkpoint.py; B1 is a 
 (every tensor plus small noise: every tensor changed, statistics computed for all); B2 is the
 drop-layers-8-11 chain output (every tensor identical to one of A's: byte comparisons only).
 Besides the command, the same diff called from Python (`surgery.diff.report.diff`, interpreter
-start included), and the command's fixed start-up: `surgery diff` of the two 8-layer demo models.
+start included; also with the numpy fallback an install without a C compiler gets), and the
+command's fixed start-up: `surgery diff` of the 6-layer test Llama with itself (1 MB).
 The package is byte-compiled first, as an installed one is.
 """
 
@@ -70,7 +71,7 @@ def main() -> None:
         return measure_all(base, tuned, dropped, args.runs)
     generate(base)
     fine_tune(base, tuned)
-    demo_model("base"), demo_model("prose")
+    demo_model("tiny-llama")
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(surgery.__file__).parent)], check=True)
     if not dropped.exists():
         work = Path(tempfile.mkdtemp(dir=data))
@@ -82,15 +83,17 @@ def main() -> None:
 def measure_all(base: Path, tuned: Path, dropped: Path, runs: int) -> None:
     surgery_diff = [sys.executable, "-m", "surgery", "diff", "--json"]
     library = "import json, sys; from surgery.diff.report import diff; json.dumps(diff(*sys.argv[1:]).to_dict())"
+    fallback = "import surgery.diff.stats as s; s.fused_measure = None; " + library  # as installed without a compiler
     shards = lambda folder: [str(p) for p in sorted(folder.glob("*.safetensors"))]  # noqa: E731
     commands = {
         "cat A B1 (read both once)": ["sh", "-c", f"cat {' '.join(shards(base) + shards(tuned))} > /dev/null"],
         "surgery diff A B1 (fine-tune)": surgery_diff + [str(base), str(tuned)],
         "diff(A, B1) from Python": [sys.executable, "-c", library, str(base), str(tuned)],
+        "diff(A, B1) from Python, numpy fallback": [sys.executable, "-c", fallback, str(base), str(tuned)],
         "cat A B2 (read both once)": ["sh", "-c", f"cat {' '.join(shards(base) + shards(dropped))} > /dev/null"],
         "surgery diff A B2 (drop 8-11)": surgery_diff + [str(base), str(dropped)],
         "diff(A, B2) from Python": [sys.executable, "-c", library, str(base), str(dropped)],
-        "surgery diff of the demo models (start-up)": surgery_diff + [str(demo_model("base")), str(demo_model("prose"))],
+        "surgery diff of a 1 MB model with itself (start-up)": surgery_diff + [str(demo_model("tiny-llama"))] * 2,
     }
     for cmd in commands.values():  # warm the page cache
         subprocess.run(cmd, check=True, capture_output=True)

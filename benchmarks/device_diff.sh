@@ -12,5 +12,8 @@ cd "$(dirname "$0")/.."
 out="${OUT:-bench-data/device-diff}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the working tree is not installed there: build diff's C kernel in place (numpy fallback if no compiler)
+python setup.py -q build_ext --inplace 2>&1 | tail -3 || true
+python -c "import surgery.diff._measure" && echo "kernel: built" || echo "kernel: numpy fallback"
 { nproc; lscpu | grep -E "Model name|^CPU\(s\)"; } | tee "$out/machine.txt"
 time python benchmarks/bench_diff.py --runs 5 | tee "$out/bench.txt"
