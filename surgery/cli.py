@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from surgery import __version__
 from surgery.errors import SurgeryError
@@ -30,8 +28,30 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-console = Console()
-err_console = Console(stderr=True)
+
+
+class _LazyConsole:
+    """rich's Console, imported at first use: a `--json` run into a pipe never needs rich, whose
+    import is a tenth of the CLI's start-up."""
+
+    def __init__(self, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Any = None
+
+    def instance(self) -> Any:
+        """The Console itself, for rich objects that take one."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.instance(), name)
+
+
+console: Any = _LazyConsole()
+err_console: Any = _LazyConsole(stderr=True)
 _state = {"debug": False}
 
 Device = Annotated[str, typer.Option(help="Where computed tensors are made: auto (CUDA when present), cpu, cuda.")]
@@ -107,6 +127,8 @@ def verify(
     if as_json:
         _print_json({"ok": not failed, "checks": [vars(c) for c in checks]})
     else:
+        from rich.table import Table
+
         table = Table(title=f"verify {folder}")
         for column in ("", "what", "found"):
             table.add_column(column, overflow="fold")
@@ -130,6 +152,8 @@ def push(
 ) -> None:
     """Upload an output folder (weights, config, tokenizer, surgery.json, model card) to the Hugging Face Hub."""
     if dry_run:
+        from rich.table import Table
+
         from surgery.card import CARD_NAME
         from surgery.hub import upload_list
 
@@ -213,6 +237,8 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Architecture, layers, per-layer tensor groups, dtypes, parameter count, bytes and shards."""
+    from rich.table import Table
+
     from surgery.checkpoint.reader import Checkpoint
     from surgery.describe import describe
 
@@ -286,6 +312,8 @@ def eval_(
 
 def print_eval(report: Any) -> None:
     """A table: one row per text, the model beside its reference."""
+    from rich.table import Table
+
     table = Table("data", "tokens", "perplexity", "reference", "delta", title=f"perplexity of {report.model}")
     for d in report.datasets:
         base = "" if d.base_perplexity is None else f"{d.base_perplexity:.3f}"
@@ -358,6 +386,7 @@ def analyze(
     """Per-layer importance (BI, LIM, ZD, residual contributions), redundancy between layers, and plans
     suggested from them."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
 
     from surgery.analyze import analyze as measure, plot_analysis
     from surgery.devices import resolve_device
@@ -384,7 +413,7 @@ def analyze(
         else:
             suggestion = suggestions.suggest_tie(model, int(value), session.held_out, str(model), resolved, log)
     if search_chain:
-        with Progress(TextColumn("searching chains"), BarColumn(), TimeRemainingColumn(), console=err_console,
+        with Progress(TextColumn("searching chains"), BarColumn(), TimeRemainingColumn(), console=err_console.instance(),
                       disable=not err_console.is_terminal) as bar:
             task = bar.add_task("search", total=1.0)
             suggestion = suggestions.search_chain(session.model, session.prefix, session.held_out, len(analysis.layers),
@@ -451,7 +480,7 @@ class _byte_progress:
 
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=err_console, disable=not err_console.is_terminal, transient=True,
+            TimeRemainingColumn(), console=err_console.instance(), disable=not err_console.is_terminal, transient=True,
         )
         self.task = self.progress.add_task(label, total=total)
 
@@ -466,7 +495,7 @@ class _byte_progress:
 def _print_json(data: Any) -> None:
     """`--json` output: highlighted on a terminal; plain, and without rich's highlighting pass, in a pipe."""
     text = json.dumps(data, indent=2, default=str)
-    if console.is_terminal:
+    if sys.stdout.isatty():
         console.print_json(text)
     else:
         print(text)

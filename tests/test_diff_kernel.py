@@ -96,18 +96,37 @@ def test_a_nan_difference_is_reported_not_hidden(kernel, position, tmp_path):
     assert math.isnan((stats.ZERO + change).max_abs) and math.isnan((change + stats.ZERO).max_abs)
 
 
-def test_sketch_is_the_picked_rows_as_one_unit_vector(tmp_path):
-    """Evenly spaced rows, thinned to the element budget, unit length (each row read separately:
-    an earlier version kept eight views of one reused buffer, i.e. the last row eight times)."""
-    matrix = torch.randn(40, 300)
-    save_file({"w": matrix.to(torch.bfloat16)}, tmp_path / "model.safetensors")
+def test_layer_sketches_dot_to_the_mean_cosine_of_the_samples(tmp_path):
+    """A tensor's sketch is its start, middle and end samples as one unit vector, whatever its dtype;
+    the dot product of two layers' sketches is the mean cosine over their tensors."""
+    from surgery.diff.bytes import ByteComparer
+    from surgery.diff.workers import Workers
+
+    generator = torch.Generator().manual_seed(2)
+    a = [torch.randn(40, 300, generator=generator), torch.randn(64, 100, generator=generator)]
+    b = [a[0] + 0.3 * torch.randn(40, 300, generator=generator), torch.randn(64, 100, generator=generator)]
+    save_file({"a0": a[0].to(torch.bfloat16), "a1": a[1].to(torch.bfloat16), "b0": b[0], "b1": b[1]},
+              tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{}")
-    info = Checkpoint.open(tmp_path).tensors["w"]
-    with BlockReader() as reader:
-        sketch = stats.Sketches(reader, rows=8, elements=1000).unit_rows(info)
-    picks = np.linspace(0, 39, 8).round().astype(int)
-    rows = matrix.to(torch.bfloat16).double().numpy()[picks].reshape(-1)[::3]  # 2400 values, every third
-    np.testing.assert_allclose(sketch, rows / np.linalg.norm(rows), rtol=1e-12)
+    tensors = Checkpoint.open(tmp_path).tensors
+
+    def samples(t: torch.Tensor) -> np.ndarray:  # elements [0, 2048), the middle 2048, the last 2048
+        flat = t.flatten().double().numpy()
+        middle = flat.size // 2 - 1024
+        return np.concatenate([flat[:2048], flat[middle:middle + 2048], flat[-2048:]])
+
+    def cosine(x: np.ndarray, y: np.ndarray) -> float:
+        return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+
+    with Workers(1) as workers:
+        sketches = stats.Sketches(ByteComparer(workers).samples)
+        unit = sketches.unit_samples(tensors["a0"])
+        want = samples(a[0].to(torch.bfloat16))
+        np.testing.assert_allclose(unit, want / np.linalg.norm(want), rtol=1e-12)
+        score = float(sketches((tensors["a0"], tensors["a1"])) @ sketches((tensors["b0"], tensors["b1"])))
+    expected = (cosine(samples(a[0].to(torch.bfloat16)), samples(b[0]))
+                + cosine(samples(a[1].to(torch.bfloat16)), samples(b[1]))) / 2
+    assert score == pytest.approx(expected, rel=1e-6)
 
 
 def test_mapped_range_is_the_raw_bytes_and_a_truncated_file_is_one_error(tmp_path):

@@ -8,12 +8,19 @@ import hashlib
 import numpy as np
 
 from surgery.checkpoint.blocks import BlockReader
-from surgery.checkpoint.reader import DTYPE_SIZES, TensorInfo
+from surgery.checkpoint.reader import DTYPE_SIZES, TensorInfo, numel
 from surgery.diff.workers import Workers
 
 CHUNK_BYTES = 1 << 20  # both chunks stay in cache while compared
 PART_BYTES = 2 << 20  # one task of the pool
-SAMPLE_BYTES = 4096
+SAMPLE_ELEMENTS = 2048  # per sample: 4 KiB of bfloat16; in elements, so tensors of one shape sample alike whatever the dtype
+
+
+def sample_ranges(info: TensorInfo) -> list[tuple[int, int]]:
+    """The element ranges of the three samples (start, middle, end) that stand for a tensor."""
+    count = numel(info.shape)
+    starts = {0, max(0, count // 2 - SAMPLE_ELEMENTS // 2), max(0, count - SAMPLE_ELEMENTS)}
+    return [(start, min(count, start + SAMPLE_ELEMENTS)) for start in sorted(starts)]
 
 
 def bytes_equal(x: memoryview, y: memoryview) -> bool:
@@ -31,18 +38,23 @@ class ByteComparer:
     def __init__(self, workers: Workers) -> None:
         self.workers = workers
         self._identical: dict[frozenset[TensorInfo], bool] = {}
+        self._samples: dict[TensorInfo, bytes] = {}
         self._fingerprints: dict[TensorInfo, str] = {}
 
+    def samples(self, info: TensorInfo) -> bytes:
+        """The raw bytes of the tensor's three samples, read once: fingerprints and the similarity
+        sketches of diff/stats.py both use them."""
+        if info not in self._samples:
+            reader = self.workers.reader()
+            self._samples[info] = b"".join(bytes(reader.raw(0, info, start, stop)) for start, stop in sample_ranges(info))
+        return self._samples[info]
+
     def fingerprint(self, info: TensorInfo) -> str:
-        """A cheap identity hint: dtype, shape and a hash of three 4 KiB samples (start, middle, end).
-        Equal fingerprints only nominate candidates; `identical` confirms them byte for byte."""
+        """A cheap identity hint: dtype, shape and a hash of the samples. Equal fingerprints only
+        nominate candidates; `identical` confirms them byte for byte."""
         if info not in self._fingerprints:
             digest = hashlib.blake2b(f"{info.dtype}{info.shape}".encode(), digest_size=16)
-            count = info.nbytes // DTYPE_SIZES[info.dtype]
-            sample = max(1, SAMPLE_BYTES // DTYPE_SIZES[info.dtype])
-            reader = self.workers.reader()
-            for start in sorted({0, max(0, count // 2 - sample // 2), max(0, count - sample)}):
-                digest.update(reader.raw(0, info, start, min(count, start + sample)))
+            digest.update(self.samples(info))
             self._fingerprints[info] = digest.hexdigest()
         return self._fingerprints[info]
 

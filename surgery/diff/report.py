@@ -8,7 +8,6 @@ a fine-tune reads as changes to the same layers.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,14 +114,13 @@ def diff(
             "tensors are paired by name only"
         )
         a_layout = b_layout = None
-    unpaired_a: set[str] = set()
-    unpaired_b: set[str] = set()
     measuring: list[tuple[str, str, list[Future[Change]]]] = []
     with Workers() as workers:
         comparer = ByteComparer(workers)
-        sketches = Sketches(workers.reader())
-        # each changed pair is measured on the workers as soon as it is known, while the layers are still being paired
-        for b_name, a_name in _pairs(a, b, a_layout, b_layout, comparer, sketches, report, unpaired_a, unpaired_b):
+        # all pairs first: measuring alongside the pairing slowed both (between its parts each worker
+        # needs the GIL, which the pairing's Python holds) and was slower in all
+        pairs, unpaired_a, unpaired_b = _pair(a, b, a_layout, b_layout, comparer, Sketches(comparer.samples), report)
+        for b_name, a_name in pairs:
             if not (selected(b_name) or selected(a_name)):
                 continue
             ia, ib = a.tensors[a_name], b.tensors[b_name]
@@ -133,7 +131,7 @@ def diff(
                 report.dtype_changed.append(b_name)
             if comparer.identical(ia, ib):
                 report.unchanged.append(b_name)
-            else:
+            else:  # queued at once: the workers measure while the next pairs are checked for identity
                 measuring.append((b_name, a_name, measure(workers, ia, ib, atol, rtol)))
         changes = [(b_name, a_name, total(parts)) for b_name, a_name, parts in measuring]
     report.removed = sorted(n for n in unpaired_a if selected(n))
@@ -184,23 +182,19 @@ def _layout(checkpoint: Checkpoint, report: DiffReport) -> Layout | None:
         return None
 
 
-def _pairs(
+def _pair(
     a: Checkpoint, b: Checkpoint, a_layout: Layout | None, b_layout: Layout | None,
-    comparer: ByteComparer, sketches: Sketches, report: DiffReport, unpaired_a: set[str], unpaired_b: set[str],
-) -> Iterator[tuple[str, str]]:
-    """(B name, A name) pairs, yielded as soon as each is decided (tensors outside the layers first,
-    then layer by layer); names left without a partner are added to the unpaired sets."""
+    comparer: ByteComparer, sketches: Sketches, report: DiffReport,
+) -> tuple[list[tuple[str, str]], set[str], set[str]]:
+    """(B name, A name) pairs; A and B names left without a partner."""
     if a_layout is None or b_layout is None:
         common = [n for n in b.tensors if n in a.tensors]
-        unpaired_a.update(set(a.tensors) - set(common))
-        unpaired_b.update(set(b.tensors) - set(common))
-        yield from ((n, n) for n in common)
-        return
+        return [(n, n) for n in common], set(a.tensors) - set(common), set(b.tensors) - set(common)
     a_outside, a_layers = a_layout.group(a.tensors)
     b_outside, b_layers = b_layout.group(b.tensors)
-    unpaired_a.update(set(a_outside) - set(b_outside))
-    unpaired_b.update(set(b_outside) - set(a_outside))
-    yield from ((n, n) for n in b_outside if n in a_outside)
+    pairs = [(n, n) for n in b_outside if n in a_outside]
+    unpaired_a = set(a_outside) - set(b_outside)
+    unpaired_b = set(b_outside) - set(a_outside)
     matcher = _LayerMatcher(a_layers, comparer, sketches)
     used: set[int] = set()
     for j, layer in enumerate(b_layers):
@@ -213,12 +207,13 @@ def _pairs(
         used.add(source)
         for suffix in layer:
             if suffix in a_layers[source]:
-                yield b_layout.layer_name(j, suffix), a_layout.layer_name(source, suffix)
+                pairs.append((b_layout.layer_name(j, suffix), a_layout.layer_name(source, suffix)))
             else:
                 unpaired_b.add(b_layout.layer_name(j, suffix))
         unpaired_a.update(a_layout.layer_name(source, s) for s in a_layers[source] if s not in layer)
     for i in set(range(len(a_layers))) - used:
         unpaired_a.update(a_layout.layer_name(i, s) for s in a_layers[i])
+    return pairs, unpaired_a, unpaired_b
 
 
 Signature = tuple[tuple[str, Any], ...]

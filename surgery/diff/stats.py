@@ -6,13 +6,14 @@ is found) takes a block's raw bytes in one pass; numpy, with the same results, i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 
 from surgery.checkpoint.blocks import BlockReader, decode
-from surgery.checkpoint.reader import TensorInfo, numel
+from surgery.checkpoint.reader import DTYPE_SIZES, TensorInfo, numel
 from surgery.diff.workers import Workers
 
 try:
@@ -72,39 +73,30 @@ ZERO = Change(0.0, 0.0, 0.0, 0.0, 0.0, True)
 
 
 class Sketches:
-    """A layer's fingerprint for similarity: a few evenly spaced rows of each of its matrices (the
-    whole tensor when small), thinned to at most `elements` values, each scaled to unit length in
-    float64, concatenated and scaled by 1/sqrt(count), so that one dot product of two layers'
-    sketches is the mean cosine over their matrices. Enough to tell which layer of A a changed layer
-    of B came from. Computed on the calling thread: the work is many small numpy calls, which
-    threads would only pass the GIL back and forth over."""
+    """A layer's fingerprint for similarity: the samples of each of its matrices (start, middle and
+    end, 2,048 elements each: the bytes that fingerprint it, so nothing more is read), each widened
+    and scaled to unit length in float64, concatenated and scaled by 1/sqrt(count), so that one dot
+    product of two layers' sketches is the mean cosine over their matrices. Enough to tell which
+    layer of A a changed layer of B came from, and cheap: it runs on the main thread beside the
+    measuring workers, whose every part waits for the GIL that Python work here holds."""
 
-    def __init__(self, reader: BlockReader, rows: int = 8, elements: int = 8192) -> None:
-        self.reader = reader
-        self.rows = rows
-        self.elements = elements  # bounds the cache: a 70B model's 80 layers x 2 stay under 100 MiB
+    def __init__(self, samples: Callable[[TensorInfo], bytes]) -> None:
+        self.samples = samples
         self._layers: dict[tuple[TensorInfo, ...], np.ndarray] = {}
 
     def __call__(self, tensors: tuple[TensorInfo, ...]) -> np.ndarray:
         if tensors not in self._layers:
-            parts = [self.unit_rows(info) for info in tensors]
+            parts = [self.unit_samples(info) for info in tensors]
             self._layers[tensors] = np.concatenate(parts) / np.sqrt(len(parts))
         return self._layers[tensors]
 
-    def unit_rows(self, info: TensorInfo) -> np.ndarray:
-        """The tensor's sampled rows, thinned, as one unit vector."""
-        total = numel(info.shape)
-        count = info.shape[0] if len(info.shape) >= 2 else 1  # a vector is one row
-        if total == 0:
-            return np.zeros(0)
-        per_row = total // count
-        picks = range(count) if count <= self.rows else np.linspace(0, count - 1, self.rows).round().astype(int)
-        with self.reader.mapped(info, 0, total) as data:  # only the picked rows' pages are read
-            picked = np.frombuffer(data, dtype=np.uint8).reshape(count, -1)[picks]
-        rows = decode(picked.reshape(-1), info.dtype, np.empty(len(picks) * per_row, dtype=np.float32))
-        rows = rows[:: max(1, -(-rows.size // self.elements))].astype(np.float64)
-        norm = float(np.linalg.norm(rows))
-        return rows / norm if norm else rows  # a zero sketch has cosine 0 with anything
+    def unit_samples(self, info: TensorInfo) -> np.ndarray:
+        """The tensor's samples as one unit vector (a zero one has cosine 0 with anything)."""
+        raw = self.samples(info)
+        values = decode(raw, info.dtype, np.empty(len(raw) // DTYPE_SIZES[info.dtype], dtype=np.float32))
+        values = values.astype(np.float64)
+        norm = float(np.linalg.norm(values))
+        return values / norm if norm else values
 
 
 def measure(workers: Workers, a: TensorInfo, b: TensorInfo, atol: float, rtol: float) -> list[Future[Change]]:
