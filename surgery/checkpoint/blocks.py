@@ -96,6 +96,8 @@ class BlockReader:
                                offset=base)
         except ValueError:  # shorter than its header says: changed since it was opened
             raise SurgeryError(f"{info.file}: unexpected end of file reading {info.name}") from None
+        except OSError as e:  # a file system that cannot map files
+            raise SurgeryError(f"{info.file}: cannot be memory-mapped to read {info.name} ({e.strerror})") from None
         with window, memoryview(window) as whole, whole[offset - base:] as view:
             yield view
 

@@ -2,15 +2,16 @@
 
 numpy needs nine passes over memory for the same numbers (decode each side in two, subtract, three
 dots, max, min); fused, a pair of weights costs about what reading it costs. Optional: without a C
-compiler the package falls back to numpy (surgery/diff/stats.py), with the same results.
+compiler the package falls back to numpy (surgery/diff/stats.py), with the same results to float32
+rounding.
 
 measure(a, a_dtype, b, b_dtype, atol, rtol) -> (diff_sq, a_sq, dot_ad, max_abs, within)
   a, b      buffers of the same number of elements; dtype "BF16" or "F32"
   diff_sq   sum (b - a)^2        a_sq  sum a^2        dot_ad  sum a (b - a)
   max_abs   max |b - a| (NaN when any difference is NaN)
   within    every |b - a| <= atol + rtol |a|
-Sums are taken in float32 over chunks of CHUNK elements and added in float64: within a few
-float32 roundings of the exact sums, closer than numpy's float32 BLAS over a whole block. */
+Sums are taken in float32 over chunks of CHUNK elements (each lane's partial sum spans 128
+products) and added in float64. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
