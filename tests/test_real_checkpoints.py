@@ -119,3 +119,34 @@ def test_verify_and_kills_on_minilm(cli, tmp_path):
     report = json.loads(result.stdout)
     assert report["shards"] > 1 and report["killed"] == 10 and report["states"]["BROKEN"] == 0
     assert report["resumed_identical"] == 10 and report["resumed_with_kept_shards"] > 0
+
+
+def test_diff_on_minilm(cli, tmp_path):
+    """A reordered chain of MiniLM reads as its plan; a perturbed MiniLM (every float tensor plus
+    noise, layers 2 and 4 swapped) reads as each layer changed against its source, with statistics
+    equal to a direct float64 computation."""
+    out = tmp_path / "chain"
+    plan = write_plan(tmp_path, f"model: {MINILM}\noutput: {out}\nsteps:\n  - op: chain\n    layers: [0, 2, 1, 3, 3, 5]\n")
+    assert cli("apply", plan).code == 0
+    data = json.loads(cli("diff", MINILM, out, "--json").out)
+    assert data["layer_map"] == [0, 2, 1, 3, 3, 5] and data["changed"] == []
+    base = load_file(MINILM / "model.safetensors")
+    swapped = {n.replace("layer.2.", "layer.@.").replace("layer.4.", "layer.2.").replace("layer.@.", "layer.4."): t
+               for n, t in base.items()}
+    g = torch.Generator().manual_seed(3)
+    tuned = {n: t + torch.randn(t.shape, generator=g) * 0.01 if t.is_floating_point() else t for n, t in swapped.items()}
+    folder = tmp_path / "tuned"
+    shutil.copytree(MINILM, folder)
+    save_file(tuned, folder / "model.safetensors", metadata={"format": "pt"})
+    data = json.loads(cli("diff", MINILM, folder, "--json", "--top", "5").out)
+    assert data["layer_map"] == [None] * 6
+    assert [layer["closest"] for layer in data["layers"]] == [0, 1, 4, 3, 2, 5]
+    for top in data["top"]:
+        a, b = base[top["source"]].double().flatten(), tuned[top["name"]].double().flatten()
+        assert top["max_abs_diff"] == pytest.approx(float((b - a).abs().max()), rel=1e-6)
+        if not a.any():  # MiniLM has all-zero tensors: change from nothing is infinite, cosine 0 by convention
+            assert top["relative_change"] == float("inf") and top["cosine"] == 0.0
+            continue
+        assert top["relative_change"] == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-5)
+        assert top["cosine"] == pytest.approx(float(a @ b / a.norm() / b.norm()), rel=1e-6)
+    assert any(base[top["source"]].any() for top in data["top"])
