@@ -1,7 +1,7 @@
 """How much a tensor changed: norms, cosine, max difference, computed block by block so memory is
 bounded by a block, not by the tensor. Not torch: importing it alone costs several times reading a
 1B model from the page cache. A small C kernel (`_measure.c`, built at install where a compiler
-is found) takes a block's raw bytes in one pass; numpy, with the same results, is the fallback."""
+is found) takes a part's raw bytes in one pass; numpy, with the same results, is the fallback."""
 
 from __future__ import annotations
 
@@ -77,8 +77,7 @@ class Sketches:
     end, 2,048 elements each: the bytes that fingerprint it, so nothing more is read), each widened
     and scaled to unit length in float64, concatenated and scaled by 1/sqrt(count), so that one dot
     product of two layers' sketches is the mean cosine over their matrices. Enough to tell which
-    layer of A a changed layer of B came from, and cheap: it runs on the main thread beside the
-    measuring workers, whose every part waits for the GIL that Python work here holds."""
+    layer of A a changed layer of B came from, and cheap: a few small numpy calls per tensor."""
 
     def __init__(self, samples: Callable[[TensorInfo], bytes]) -> None:
         self.samples = samples
