@@ -226,25 +226,22 @@ class _LayerMatcher:
 
     def __init__(self, a_layers: list[dict[str, TensorInfo]], comparer: ByteComparer, sketches: Sketches) -> None:
         self.a_layers, self.comparer, self.sketches = a_layers, comparer, sketches
-        self._by_fingerprints: dict[Signature, list[int]] | None = None
+        self._by_fingerprints: dict[Signature, list[int]] = {}
         self._by_shapes: dict[Signature, list[int]] = {}
         for i, layer in enumerate(a_layers):
+            self._by_fingerprints.setdefault(self._fingerprints(layer), []).append(i)
             self._by_shapes.setdefault(_shapes(layer), []).append(i)
         self._stacked: dict[Signature, np.ndarray] = {}
 
     def identical(self, j: int, layer: dict[str, TensorInfo]) -> int | None:
         """The layer of A with the same bytes in every tensor (index j first, when it qualifies)."""
-        if self._by_fingerprints is None:
-            self._by_fingerprints = {}
-            for i, a_layer in enumerate(self.a_layers):
-                self._by_fingerprints.setdefault(self._fingerprints(a_layer), []).append(i)
         candidates = sorted(self._by_fingerprints.get(self._fingerprints(layer), []), key=lambda i: i != j)
         return next((i for i in candidates if self.comparer.all_identical(
             [(self.a_layers[i][suffix], info) for suffix, info in layer.items()])), None)
 
     def closest(self, layer: dict[str, TensorInfo]) -> tuple[int | None, float | None]:
         """The layer of A with the same tensor shapes whose weights point the same way (mean cosine
-        of row samples over the matrices), or none below SIMILAR_ENOUGH; and that score."""
+        of their samples over the matrices), or none below SIMILAR_ENOUGH; and that score."""
         shapes = _shapes(layer)
         group = self._by_shapes.get(shapes)
         if group is None:
@@ -266,5 +263,5 @@ def _shapes(layer: dict[str, TensorInfo]) -> Signature:
 
 
 def _sketched(layer: dict[str, TensorInfo]) -> list[str]:
-    """The tensors whose rows stand for a layer in similarity: its matrices (all, when it has none)."""
+    """The tensors whose samples stand for a layer in similarity: its matrices (all, when it has none)."""
     return sorted(s for s, t in layer.items() if len(t.shape) >= 2) or sorted(layer)

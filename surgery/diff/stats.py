@@ -120,13 +120,13 @@ def fused_range(
     if a.dtype in FUSED_DTYPES and b.dtype in FUSED_DTYPES:
         with reader.mapped(a, start, stop) as bytes_a, reader.mapped(b, start, stop) as bytes_b:
             return Change.from_sums(*fused_measure(bytes_a, a.dtype, bytes_b, b.dtype, atol, rtol))
-    total = ZERO
+    change = ZERO
     for first in range(start, stop, BLOCK_ELEMENTS):
         last = min(stop, first + BLOCK_ELEMENTS)
         block_a, dtype_a = _fused_input(reader, 0, a, first, last)
         block_b, dtype_b = _fused_input(reader, 1, b, first, last)
-        total = total + Change.from_sums(*fused_measure(block_a, dtype_a, block_b, dtype_b, atol, rtol))
-    return total
+        change = change + Change.from_sums(*fused_measure(block_a, dtype_a, block_b, dtype_b, atol, rtol))
+    return change
 
 
 def _fused_input(reader: BlockReader, slot: int, info: TensorInfo, first: int, last: int) -> tuple[memoryview | np.ndarray, str]:
