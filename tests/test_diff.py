@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,20 @@ def test_identical_checkpoints_and_exit_code(tiny, cli, tmp_path):
     assert cli("diff", tiny("qwen3"), copy, "--exit-code").code == 1
     assert _diff(cli, tiny("qwen3"), copy, "--atol", "1e-3")["differs"] is False  # within tolerance
     assert cli("diff", tiny("qwen3"), copy, "--exit-code", "--exclude", ".").code == 0  # nothing selected
+
+
+def test_diff_command_loads_no_heavy_library(tiny):
+    """Beyond reading, a diff's cost is its start-up: `--json` into a pipe loads neither torch nor
+    transformers, nor rich, nor pydantic (which typer>=0.29 would load to coerce the arguments)."""
+    heavy = {"torch", "transformers", "rich", "pydantic"}
+    script = ("import sys\nfrom surgery.cli import main\nsys.argv[0] = 'surgery'\n"
+              "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+              f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy!r}), file=sys.stderr)")
+    model = str(tiny("llama"))
+    result = subprocess.run([sys.executable, "-c", script, "diff", "--json", model, model],
+                            capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout)["differs"] is False
+    assert result.stderr.strip() == "[]"
 
 
 def test_include_filter(cli):
