@@ -21,12 +21,13 @@ from pathlib import Path
 
 from make_checkpoint import generate
 
-def timed(cmd: list[str], cleanup: Path) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one run of a command; its output folder is removed after.
+def timed(cmd: list[str], cleanup: Path | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one run of a command; its output folder, if any, is removed after.
 
     Dirty pages are flushed (untimed) before each run, so every command starts from the same state.
     """
-    shutil.rmtree(cleanup, ignore_errors=True)
+    if cleanup is not None:
+        shutil.rmtree(cleanup, ignore_errors=True)
     os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -34,7 +35,8 @@ def timed(cmd: list[str], cleanup: Path) -> tuple[float, int]:
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    shutil.rmtree(cleanup, ignore_errors=True)
+    if cleanup is not None:
+        shutil.rmtree(cleanup, ignore_errors=True)
     return elapsed, usage.ru_maxrss * 1024
 
 

@@ -14,15 +14,14 @@ The package is byte-compiled first, as an installed one is.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench_chain import timed
 from make_checkpoint import generate
 
 import surgery
@@ -46,15 +45,6 @@ def fine_tune(base: Path, folder: Path) -> Path:
         save_file(noisy, staging / shard.name, metadata={"format": "pt"})
     staging.rename(folder)
     return folder
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return time.perf_counter() - start, usage.ru_maxrss * 1024
 
 
 def main() -> None:
