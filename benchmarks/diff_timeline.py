@@ -6,12 +6,14 @@ Each run is a fresh interpreter that marks, in seconds from its process start: t
 the diff's modules imported, the layer pairing begun and ended, and the command done. The floor
 is a bare loop of the C kernel over the same shards' mapped 8 MiB parts, one thread per core
 (up to 8), nothing else: what measuring costs on this machine when the diff adds nothing. Run
-bench_diff.py first (it generates A and B, the fine-tune).
+bench_diff.py first (it generates A and B, the fine-tune). Linux only: the start is read
+from /proc.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import mmap
 import subprocess
 import sys
@@ -24,7 +26,7 @@ from surgery.diff.workers import available_cores
 PART_BYTES = 8 << 20
 
 RUN = """
-import os, sys, time
+import json, os, sys, time
 with open("/proc/self/stat") as f:
     ticks = int(f.read().rsplit(")", 1)[1].split()[19])
 with open("/proc/uptime") as f:
@@ -49,14 +51,14 @@ try:
 except SystemExit:
     pass
 mark("measured and printed")
-print(repr(marks), file=sys.stderr)
+print(json.dumps(marks), file=sys.stderr)
 """
 
 
 def timeline(a: Path, b: Path) -> list[tuple[str, float]]:
     proc = subprocess.run([sys.executable, "-c", RUN, str(a), str(b)], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, check=True)
-    return eval(proc.stderr.strip().splitlines()[-1])  # noqa: S307 (our own repr of a list)
+    return [(what, at) for what, at in json.loads(proc.stderr.strip().splitlines()[-1])]
 
 
 def kernel_floor(a: Path, b: Path) -> float:
