@@ -100,7 +100,7 @@ class Sketches:
 
 def measure(workers: Workers, a: TensorInfo, b: TensorInfo, atol: float, rtol: float) -> list[Future[Change]]:
     """The change from A to B (same shape), queued on the workers in parts; `total` adds them up.
-    Pairs are queued as they are found, so all cores stay busy across small and large tensors."""
+    Each pair is queued without waiting for the last, so all cores stay busy across small and large tensors."""
     measure_range = fused_range if fused_measure is not None else numpy_range
     return workers.ranges(numel(a.shape), PART_ELEMENTS,
                           lambda reader, start, stop: measure_range(reader, a, b, start, stop, atol, rtol))
