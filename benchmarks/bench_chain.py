@@ -21,6 +21,7 @@ from pathlib import Path
 
 from make_checkpoint import generate
 
+
 def timed(cmd: list[str], cleanup: Path | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one run of a command; its output folder, if any, is removed after.
 

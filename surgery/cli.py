@@ -15,7 +15,7 @@ import typer
 
 from surgery import __version__
 from surgery.errors import SurgeryError
-from surgery.formatting import format_layer_map, human_bytes
+from surgery.formatting import human_bytes
 
 if TYPE_CHECKING:
     from surgery.planner import Recipe
@@ -186,11 +186,11 @@ def materialize(
 ) -> None:
     """Write a compact recursive model as a standard checkpoint plain transformers loads (each depth:
     its shared layer + B A)."""
+    from surgery.checkpoint.reader import read_config
     from surgery.execute import execute
+    from surgery.formats.recursive import is_compact
     from surgery.plan.schema import MaterializeStep, Plan
     from surgery.planner import resolve_plan
-    from surgery.recursive import is_compact
-    from surgery.checkpoint.reader import read_config
 
     if not is_compact(read_config(compact)):
         raise SurgeryError(f"{compact} is not a compact recursive model (its config.json has no surgery_recursive)")
@@ -240,7 +240,7 @@ def inspect(
     from rich.table import Table
 
     from surgery.checkpoint.reader import Checkpoint
-    from surgery.describe import describe
+    from surgery.formats.inspection import describe
 
     info = describe(Checkpoint.open(model))
     if as_json:
@@ -388,9 +388,10 @@ def analyze(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from surgery.analyze import analyze as measure, plot_analysis
-    from surgery.devices import resolve_device
     from surgery import suggest as suggestions
+    from surgery.analyze import analyze as measure
+    from surgery.analyze import plot_analysis
+    from surgery.devices import resolve_device
 
     spec = suggestions.parse_spec(suggest) if suggest else None
     if spec is not None and search_chain:
@@ -458,9 +459,11 @@ def demo(
 
 
 def _print_recipe(recipe: Recipe, shard_size: str) -> None:
+    from surgery.recipe.view import format_layer_map
+
     shards = recipe.shards(_shard_size(shard_size))
     console.print(f"[bold]{recipe.plan_path}[/] -> {recipe.output}")
-    description = getattr(recipe.view, "description", None)
+    description = recipe.view.storage.description if recipe.view.storage else None
     console.print(description or f"layer map ({len(recipe.layer_map())} layers): {format_layer_map(recipe.layer_map())}")
     console.print(
         f"{len(recipe.tensors)} tensors, {human_bytes(recipe.total_bytes)} in {len(shards)} shard(s): "
@@ -476,7 +479,14 @@ class _byte_progress:
     """A rich progress bar over bytes written, shown only on a terminal."""
 
     def __init__(self, total: int, label: str) -> None:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),

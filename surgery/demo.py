@@ -12,8 +12,9 @@ from rich.table import Table
 from surgery.evaluate.plan import evaluate_output
 from surgery.execute import execute
 from surgery.fixtures.demo import TRAINED, demo_model
-from surgery.formatting import format_layer_map, human_bytes
+from surgery.formatting import human_bytes
 from surgery.planner import resolve
+from surgery.recipe.view import format_layer_map
 
 
 def example_plans() -> list[Path]:
@@ -41,7 +42,7 @@ def run_demo(out_dir: Path, device: str, console: Console) -> None:
             scores = "\n".join(
                 f"{d.data.removeprefix('builtin:')}: {d.perplexity:.1f} ({d.base_perplexity:.1f})" for d in report.datasets
             )
-        description = getattr(recipe.view, "description", None)
+        description = recipe.view.storage.description if recipe.view.storage else None
         layers = "" if description else f"{recipe.view.layout.num_layers} -> {len(recipe.view.layers)}"
         table.add_row(plan.name, description or format_layer_map(recipe.layer_map()), layers,
                       human_bytes(recipe.total_bytes), f"{elapsed:.2f}s", scores)

@@ -17,15 +17,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from surgery.card import write_card
 from surgery.checkpoint.reader import INDEX_NAME
-from surgery.checkpoint.writer import ShardPlan, shard_header, write_index, write_shard
+from surgery.checkpoint.writer import ShardEntry, ShardPlan, shard_header, write_index, write_shard
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
 from surgery.partial import PartialOutput, ShardRecord, TrailingHash, journaled_bytes, partial_folder
 from surgery.planner import Recipe
-from surgery.card import write_card
 from surgery.provenance import PROVENANCE_NAME, read_provenance, write_json
-from surgery.streaming import RecipeStreamer
+from surgery.recipe.stream import RecipeStreamer
 
 # Files of a source folder that describe its own weights or card, and so are not carried over.
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -86,7 +86,7 @@ def execute(
     staging = partial.folder
     try:
         _write_shards(recipe, shards, headers, partial, compute_device, on_bytes, log)
-        write_index(staging, shards, tensors)
+        write_index(staging, shards, recipe.total_bytes)
         write_json(staging / "config.json", recipe.config)
         _copy_side_files(recipe.view.source.path, staging)
         for name, text in recipe.view.extra_files.items():
@@ -162,7 +162,7 @@ def _write_shards(
                 path = partial.folder / shard.filename
                 digest = TrailingHash(path, len(headers[shard.filename]))
                 try:
-                    write_shard(path, recipe.tensors, shard.names, streamer.encoded, _both(digest.advance, on_bytes))
+                    write_shard(path, _entries(recipe, shard, streamer), _both(digest.advance, on_bytes))
                 except BaseException:
                     digest.close()
                     raise
@@ -173,6 +173,16 @@ def _write_shards(
             for _, future in pending:
                 future.cancel()
             streamer.close()
+
+
+def _entries(recipe: Recipe, shard: ShardPlan, streamer: RecipeStreamer) -> list[ShardEntry]:
+    """The shard's tensors for the writer: a stored tensor's byte range, or the streamer's blocks."""
+    entries = []
+    for name in shard.names:
+        tensor = recipe.tensors[name]
+        produce = None if tensor.stored is not None else (lambda t=tensor: streamer.encoded(t))
+        entries.append(ShardEntry(name, tensor.dtype, tensor.shape, tensor.stored, produce))
+    return entries
 
 
 def _journal_finished(partial: PartialOutput, pending: list[tuple[str, Future[ShardRecord]]], wait: bool) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from surgery.card import CARD_NAME
 from surgery.checkpoint.reader import read_config
-from surgery.ensemble import is_ensemble
 from surgery.errors import SurgeryError
+from surgery.formats.ensemble import is_ensemble
 from surgery.provenance import PROVENANCE_NAME
 
 WEIGHT_SUFFIXES = (".safetensors",)

@@ -6,9 +6,9 @@ and provenance. `check` prints it; `apply` hands it to the executor.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,11 @@ from surgery import __version__
 from surgery.checkpoint.reader import Checkpoint
 from surgery.checkpoint.writer import ShardPlan, plan_shards
 from surgery.errors import SurgeryError
+from surgery.formats.views import open_view
 from surgery.ops import OP_FUNCTIONS, OpContext
 from surgery.plan import Plan, load_plan
-from surgery.view import LayerOrigin, ModelView, TensorRecipe, open_view
+from surgery.recipe.tensor import TensorRecipe
+from surgery.recipe.view import LayerOrigin, ModelView
 
 DEMO_SCHEME = "demo:"
 
@@ -48,12 +50,12 @@ class Recipe:
     @cached_property
     def tensors(self) -> dict[str, TensorRecipe]:
         """Every output tensor by name, in write order."""
-        return self.view.recipes()
+        return self.view.written_tensors()
 
     @cached_property
     def config(self) -> dict[str, Any]:
         """The output's config.json."""
-        return self.view.config()
+        return self.view.written_config()
 
     def layer_map(self) -> list[LayerOrigin]:
         return [layer.origin for layer in self.view.layers]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from surgery.compute.quantize import quantize
 from surgery.fixtures.demo import demo_model
 from surgery.ops.bits import assign_bits
 from surgery.plan.schema import BitAssignment
-from surgery.quant.rtn import quantize
 from tests.conftest import assert_plan_refused, outputs_on_devices, write_plan
 from tests.reference import load, outputs
 
@@ -66,7 +66,7 @@ def test_rtn_round_trip_has_the_error_of_rtn(bits, symmetric):
 
 def test_packing_matches_the_compressed_tensors_package():
     helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
-    from surgery.quant.packed import pack
+    from surgery.compute.quantize import pack
 
     for bits in (2, 4, 8):
         values = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (8, 64), dtype=torch.int8)
@@ -79,8 +79,9 @@ def test_lim_and_zd_scores_equal_direct_computations(cli, tmp_path):
     out = _bits(cli, tmp_path, f"    score: lim\n    {CALIBRATION}\n    assign: {{high: 8, low: 4, low_fraction: 0.5}}\n")
     fits = json.loads((out / "surgery.json").read_text())["fits"][0]
     model = load(demo_model("base"))
-    from surgery.evaluate.data import load_text
     from transformers import AutoTokenizer
+
+    from surgery.evaluate.data import load_text
 
     ids = AutoTokenizer.from_pretrained(demo_model("base"))(load_text("builtin:mixed-dev").text)["input_ids"][:512]
     cos = torch.zeros(8, dtype=torch.float64)

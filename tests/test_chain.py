@@ -171,7 +171,7 @@ def test_rerun_is_byte_identical(tiny, cli, tmp_path):
 
 
 def test_layers_found_for_each_layout(tiny):
-    from surgery.describe import describe
+    from surgery.formats.inspection import describe
 
     prefixes = {arch: describe(Checkpoint.open(tiny(arch)))["layer_prefix"] for arch in ARCHS}
     assert prefixes["gpt2"] == "transformer.h"

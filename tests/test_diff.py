@@ -44,7 +44,7 @@ def test_chain_output_layer_map_equals_the_plan(arch, layers, tiny, cli, tmp_pat
 
 def _layer_tensors(folder: Path) -> list[str]:
     from surgery.checkpoint.reader import Checkpoint
-    from surgery.describe import describe
+    from surgery.formats.inspection import describe
 
     return [g["suffix"] for g in describe(Checkpoint.open(folder))["layer_groups"]]
 
@@ -184,7 +184,8 @@ def test_bytes_equal_sees_a_difference_anywhere():
 def test_statistics_split_across_many_parts_and_threads(kernel, monkeypatch):
     """Tiny blocks and parts on 3 threads: the sums must not depend on how a tensor is split."""
     from surgery.checkpoint.reader import Checkpoint
-    from surgery.diff import bytes as byte_module, stats
+    from surgery.diff import bytes as byte_module
+    from surgery.diff import stats
     from surgery.diff.workers import Workers
     from surgery.fixtures.demo import demo_model
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -246,13 +247,13 @@ def test_models_that_need_their_own_code_are_refused(cli, tmp_path):
     assert len(result.err.strip().splitlines()) == 1
 
 
-def test_output_file_names_cannot_leave_the_output_folder(plan, tmp_path, monkeypatch):
+def test_output_file_names_cannot_leave_the_output_folder(plan, tmp_path):
     from surgery.errors import SurgeryError
     from surgery.execute import execute
     from surgery.planner import resolve
 
     recipe = resolve(plan, tmp_path / "out")
-    monkeypatch.setattr(recipe.view, "extra_files", {"../escaped.txt": "x"})
+    recipe = replace(recipe, view=replace(recipe.view, extra_files={"../escaped.txt": "x"}))  # values: a new one
     with pytest.raises(SurgeryError, match="plain names inside the output folder"):
         execute(recipe, fsync=False)
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out").exists()

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from surgery.checkpoint.layout import find_layout
+from surgery.compute.updates import TiesUpdate, WeightedUpdate
 from surgery.evaluate.run import EvalSettings, evaluate
 from surgery.fixtures.demo import demo_model
 from surgery.ops.lines import depth_scales
-from surgery.ops.updates import TiesUpdate, WeightedUpdate
 from tests.conftest import assert_plan_refused, write_plan
 
 # ---------------------------------------------------------------- independent implementations
@@ -142,6 +142,22 @@ def test_task_arithmetic_and_ties_on_demo_models(demo, cli, tmp_path):
         assert torch.equal(got_ties[name], ties_reference(b, [prose[name], code[name]], (0.7, 0.4), 0.3, 0.9)), name
     provenance = json.loads((ta / "surgery.json").read_text())
     assert provenance["layer_map"][0].endswith("task_arithmetic")
+
+
+def test_a_compact_recursive_model_merges_as_its_standard_checkpoint(demo, cli, tmp_path):
+    """A model stored as computed tensors (a compact recursive model's relaxed depths are shared + B A)
+    is read by a merge exactly as its materialized checkpoint: every depth, not its shared slot."""
+    compact = _apply(cli, tmp_path, f"model: {demo['prose']}\nsteps:\n  - op: tie\n    loops: 2\n"
+                     "    relax: {rank: 4}\n", "compact")
+    standard = tmp_path / "standard"
+    assert cli("materialize", compact, standard).code == 0
+    merged = {}
+    for label, model in (("compact", compact), ("standard", standard)):
+        out = _apply(cli, tmp_path, f"base: {demo['base']}\nsteps:\n  - op: ties\n    density: 0.5\n"
+                     f"    models: [{demo['code']}, {model}]\n  - op: lines\n    alpha: 0.5\n    beta: 0.5\n",
+                     f"merged-{label}")
+        merged[label] = (out / "model.safetensors").read_bytes()
+    assert merged["compact"] == merged["standard"]
 
 
 def test_lines_single_task_and_after_ties(demo, cli, tmp_path):

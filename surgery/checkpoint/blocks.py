@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,13 +54,13 @@ def decode(raw: memoryview | np.ndarray, dtype: str, out: np.ndarray) -> np.ndar
 
 
 class BlockReader:
-    """Numbered slots of reused buffers; a block read into a slot stays valid until that slot is reused."""
+    """Slots (any hashable key) of reused buffers; a block read into a slot stays valid until that slot is reused."""
 
     def __init__(self) -> None:
         self._files: dict[Path, int] = {}  # raw descriptors: pread needs no seek and no Python buffer
-        self._raw: dict[int, bytearray] = {}
-        self._floats: dict[int, torch.Tensor] = {}  # torch is imported only when something must be decoded
-        self._arrays: dict[int, np.ndarray] = {}
+        self._raw: dict[Hashable, bytearray] = {}
+        self._floats: dict[Hashable, torch.Tensor] = {}  # torch is imported only when something must be decoded
+        self._arrays: dict[Hashable, np.ndarray] = {}
 
     def _fd(self, path: Path) -> int:
         fd = self._files.get(path)
@@ -68,7 +68,7 @@ class BlockReader:
             fd = self._files[path] = os.open(path, os.O_RDONLY)
         return fd
 
-    def raw(self, slot: int, info: TensorInfo, start: int, stop: int) -> memoryview:
+    def raw(self, slot: Hashable, info: TensorInfo, start: int, stop: int) -> memoryview:
         """The bytes of elements [start, stop) of a tensor (flattened, row-major)."""
         fd = self._fd(info.file)
         size = DTYPE_SIZES[info.dtype]
@@ -101,7 +101,7 @@ class BlockReader:
         with window, memoryview(window) as whole, whole[offset - base:] as view:
             yield view
 
-    def floats(self, slot: int, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    def floats(self, slot: Hashable, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of a tensor as float32 (the caller may overwrite them)."""
         import torch
 
@@ -111,19 +111,19 @@ class BlockReader:
             out.copy_(torch.frombuffer(raw, dtype=torch_dtype(info.dtype)))
         return out
 
-    def array(self, slot: int, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+    def array(self, slot: Hashable, info: TensorInfo, start: int, stop: int) -> np.ndarray:
         """Elements [start, stop) of a tensor as a float32 numpy array (the caller may overwrite them)."""
         return decode(self.raw(slot, info, start, stop), info.dtype, self.array_scratch(slot, stop - start))
 
-    def array_scratch(self, slot: int, numel: int) -> np.ndarray:
+    def array_scratch(self, slot: Hashable, numel: int) -> np.ndarray:
         """Float32 numpy working buffer `slot` of `numel` elements."""
         buffer = self._arrays.get(slot)
         if buffer is None or buffer.size < numel:
             buffer = self._arrays[slot] = np.empty(numel, dtype=np.float32)
         return buffer[:numel]
 
-    def scratch(self, slot: int, numel: int) -> torch.Tensor:
-        """Float32 working buffer `slot` of `numel` elements (slots of `floats` and spare ones share numbers)."""
+    def scratch(self, slot: Hashable, numel: int) -> torch.Tensor:
+        """Float32 working buffer `slot` of `numel` elements (slots of `floats` and spare ones share keys)."""
         import torch
 
         buffer = self._floats.get(slot)

@@ -7,8 +7,7 @@ from rich.table import Table
 
 from surgery.checkpoint.modules import MODULE_KINDS
 from surgery.diff.report import DiffReport
-from surgery.formatting import format_layer_map
-from surgery.view import LayerOrigin
+from surgery.recipe.view import LayerOrigin, format_layer_map
 
 
 def print_diff(report: DiffReport, console: Console, top: int) -> None:

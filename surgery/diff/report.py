@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from surgery.checkpoint.layout import Layout, find_layout
-from surgery.checkpoint.reader import Checkpoint, TensorInfo
 from surgery.checkpoint.modules import module_kind
+from surgery.checkpoint.reader import Checkpoint, TensorInfo
 from surgery.diff.bytes import ByteComparer
 from surgery.diff.stats import ZERO, Change, Sketches, measure, total
 from surgery.diff.workers import Workers

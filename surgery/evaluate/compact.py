@@ -15,7 +15,7 @@ from surgery.checkpoint.config import per_layer_values, rewrite_config
 from surgery.checkpoint.layout import layer_count
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.recursive import depth_name, is_compact, lora_names, read_spec
+from surgery.formats.recursive import depth_name, is_compact, lora_names, read_spec
 
 
 def is_compact_folder(folder: Path) -> bool:

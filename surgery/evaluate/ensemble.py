@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from surgery.ensemble import EnsembleSpec, check_member_unchanged, is_ensemble, member_name, read_spec
 from surgery.evaluate.loading import context_length
+from surgery.formats.ensemble import EnsembleSpec, check_member_unchanged, is_ensemble, member_name, read_spec
 
 
 def is_ensemble_folder(folder: Path) -> bool:

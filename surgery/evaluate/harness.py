@@ -38,8 +38,8 @@ def resolve_tasks(specs: list[str]) -> tuple[list[str], list[str]]:
 def check_tasks(specs: list[str]) -> tuple[list[str], Any]:
     """Fail before any scoring: lm-eval installed, task files readable, every task known to it."""
     try:
-        import lm_eval  # noqa: F401
         import accelerate  # noqa: F401  (lm-eval's HFLM needs it)
+        import lm_eval  # noqa: F401
     except ImportError:
         raise SurgeryError("--tasks needs lm-evaluation-harness: pip install 'surgery[lm-eval]'") from None
     names, folders = resolve_tasks(specs)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surgery.errors import SurgeryError
 from surgery.devices import resolve_device
+from surgery.errors import SurgeryError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

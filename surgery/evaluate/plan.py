@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from surgery.card import write_card
 from surgery.devices import check_device_name
 from surgery.errors import SurgeryError
 from surgery.evaluate.data import load_text
 from surgery.evaluate.loading import DTYPES, require_causal_lm
 from surgery.plan.schema import EvaluateSection, Plan
-from surgery.card import write_card
 from surgery.provenance import PROVENANCE_NAME, read_provenance, write_json
 
 if TYPE_CHECKING:

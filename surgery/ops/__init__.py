@@ -15,7 +15,7 @@ from surgery.ops.ensemble import ensemble
 from surgery.ops.lines import lines
 from surgery.ops.merge import task_arithmetic, ties
 from surgery.ops.tie import materialize, tie
-from surgery.view import ModelView
+from surgery.recipe.view import ModelView
 
 OP_FUNCTIONS: dict[str, Callable[..., ModelView]] = {
     "chain": chain, "task_arithmetic": task_arithmetic, "ties": ties, "lines": lines, "atlas": atlas,

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from surgery.checkpoint.modules import module_kind
 from surgery.checkpoint.reader import FLOAT_DTYPES
+from surgery.compute.updates import WeightedUpdate
 from surgery.devices import check_device_name
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
 from surgery.ops.merge import merge_inputs, merged_view
-from surgery.ops.updates import WeightedUpdate
 from surgery.plan.schema import AtlasStep, Granularity
-from surgery.view import ModelView
+from surgery.recipe.view import ModelView
 
 OUTSIDE = "outside"
 Coefficients = dict[str, dict[str, float]]  # model reference -> block -> coefficient
@@ -25,7 +25,7 @@ Coefficients = dict[str, dict[str, float]]  # model reference -> block -> coeffi
 def blocks_of(view: ModelView, granularity: Granularity) -> dict[str, str]:
     """Each float tensor's block, in tensor order."""
     out = {}
-    for name, recipe in view.recipes().items():
+    for name, recipe in view.tensors().items():
         if recipe.dtype not in FLOAT_DTYPES:
             continue
         if granularity == "tensor":

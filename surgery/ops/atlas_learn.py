@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from surgery.checkpoint.blocks import BlockReader
-from surgery.checkpoint.reader import numel
 from surgery.errors import SurgeryError
 from surgery.plan.schema import LearnSettings
-from surgery.view import ModelView
+from surgery.recipe.stream import RecipeStreamer
+from surgery.recipe.view import ModelView
 
 
 def learn_coefficients(
@@ -38,15 +37,14 @@ def learn_coefficients(
     block_index = torch.tensor([index[block_of[name]] for name in learnable], device=device)
     base_values = [parameters[name].detach() for name in learnable]
     task_vectors = []
-    with BlockReader() as reader:  # each file opened once, read straight into float32
+    streamer = RecipeStreamer()  # each file opened once, read straight into float32
+    try:
         for view in models:
-            recipes = view.recipes()
-            vectors = []
-            for name, base_value in zip(learnable, base_values):
-                info = recipes[name].inputs[0]
-                tensor = reader.floats(0, info, 0, numel(info.shape)).reshape(info.shape)
-                vectors.append(tensor.to(device, copy=True).sub_(base_value))  # the slot is reused
-            task_vectors.append(vectors)
+            tensors = view.tensors()
+            task_vectors.append([streamer.whole(tensors[name]).to(device).sub_(base_value)
+                                 for name, base_value in zip(learnable, base_values)])
+    finally:
+        streamer.close()
 
     sequences = _training_sequences(loaded.tokenizer, settings)
     coefficients = torch.full((len(models), len(blocks)), settings.init, device=device, requires_grad=True)

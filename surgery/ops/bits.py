@@ -11,77 +11,20 @@ Beside either, `llama-tensor-types.txt` gives llama-quantize the same assignment
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from dataclasses import replace
 
-from surgery.checkpoint.blocks import torch_dtype
 from surgery.checkpoint.reader import FLOAT_DTYPES
+from surgery.compute.quantize import Constant, Rtn
 from surgery.errors import SurgeryError
+from surgery.formats.compressed_tensors import PACKED_BITS, quantization_config
+from surgery.formats.gguf import TENSOR_TYPES_FILE, tensor_types_file
 from surgery.ops.context import OpContext
 from surgery.plan.schema import BitAssignment, BitsStep
-from surgery.quant.packed import PACKED_BITS, pack, quantization_config
-from surgery.quant.rtn import quantize
-from surgery.view import Layer, ModelView, StoredView, TensorRecipe
+from surgery.recipe.stream import RecipeStreamer
+from surgery.recipe.tensor import TensorRecipe
+from surgery.recipe.view import Layer, ModelView, Storage
 
-if TYPE_CHECKING:
-    import torch
-
-TENSOR_TYPES_FILE = "llama-tensor-types.txt"
 KEEP_BITS = 16  # a layer given 16 bits (a manual override) stays in the source dtype
-GGUF_TYPES = {8: "q8_0", 7: "q8_0", 6: "q6_k", 5: "q5_k", 4: "q4_k", 3: "q3_k", 2: "q2_k"}
-GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down", "qkv_proj": "attn_qkv",
-              "gate_up_proj": "ffn_up", "c_attn": "attn_qkv", "attn.c_proj": "attn_output", "c_fc": "ffn_up",
-              "mlp.c_proj": "ffn_down", "query_key_value": "attn_qkv", "attention.dense": "attn_output",
-              "dense_h_to_4h": "ffn_up", "dense_4h_to_h": "ffn_down"}
-Part = Literal["dense", "packed", "scale"]
-
-
-@dataclass(frozen=True)
-class Rtn:
-    """RTN of a whole matrix; outputs the dequantized weight or one part of the packed format."""
-
-    bits: int
-    group_size: int
-    symmetric: bool
-    dtype: str
-    part: Part = "dense"
-    elementwise = False
-
-    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Rtn:
-        return self
-
-    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        quantized = quantize(inputs[0], self.bits, self.group_size, self.symmetric, torch_dtype(self.dtype))
-        if self.part == "dense":
-            return quantized.dequantized()
-        if self.part == "packed":
-            return pack(quantized.values, self.bits)
-        return quantized.scale
-
-    def describe(self) -> str:
-        kind = "symmetric" if self.symmetric else "asymmetric"
-        return f"RTN {self.bits}-bit {kind}, groups of {self.group_size}, {self.part}"
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The `weight_shape` the packed format stores: a constant, computed from no data."""
-
-    shape: tuple[int, ...]
-    elementwise = False
-
-    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Shape:
-        return self
-
-    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        import torch
-
-        return torch.tensor(self.shape, dtype=torch.int64)
-
-    def describe(self) -> str:
-        return f"shape {list(self.shape)}"
 
 
 def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
@@ -101,12 +44,10 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
         tensors = dict(layer.tensors)
         for suffix in targets if width < KEEP_BITS else []:
             recipe = tensors[suffix]
-            tensors[suffix] = TensorRecipe(recipe.dtype, recipe.shape, recipe.inputs,
-                                           Rtn(width, q.group_size, q.symmetric, recipe.dtype))
-        origin = replace(layer.origin, edits=(*layer.origin.edits, f"{width}-bit"))
-        layers.append(Layer(tensors=tensors, config=layer.config, origin=origin))
-    files = {TENSOR_TYPES_FILE: tensor_types_file(targets, widths)}
-    dense = ModelView(view.source, view.layout, view.outside, layers, view.label, extra_files=files)
+            tensors[suffix] = TensorRecipe.computed(recipe.dtype, recipe.shape, (recipe,),
+                                                    Rtn(width, q.group_size, q.symmetric, recipe.dtype))
+        layers.append(Layer(tensors=tensors, config=layer.config, origin=layer.origin.edited(f"{width}-bit")))
+    dense = replace(view.with_layers(layers), extra_files={TENSOR_TYPES_FILE: tensor_types_file(targets, widths)})
     if step.format == "dense":
         return dense
     stored: dict[str, TensorRecipe] = dict(view.outside)
@@ -121,20 +62,15 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
             groups.setdefault(width, []).append(module)
             out, columns = recipe.shape
             rtn = Rtn(width, q.group_size, q.symmetric, recipe.dtype)
-            stored[f"{module}.weight_packed"] = TensorRecipe("I32", (out, columns * width // 32), recipe.inputs,
-                                                             _part(rtn, "packed"))
-            stored[f"{module}.weight_scale"] = TensorRecipe(recipe.dtype, (out, columns // q.group_size), recipe.inputs,
-                                                            _part(rtn, "scale"))
-            stored[f"{module}.weight_shape"] = TensorRecipe("I64", (2,), (), Shape((out, columns)))
-    ignore = [name.removesuffix(".weight") for name, r in view.recipes().items()
+            stored[f"{module}.weight_packed"] = TensorRecipe.computed("I32", (out, columns * width // 32), (recipe,),
+                                                                      rtn.of_part("packed"))
+            stored[f"{module}.weight_scale"] = TensorRecipe.computed(recipe.dtype, (out, columns // q.group_size),
+                                                                     (recipe,), rtn.of_part("scale"))
+            stored[f"{module}.weight_shape"] = TensorRecipe.computed("I64", (2,), (), Constant((out, columns)))
+    ignore = [name.removesuffix(".weight") for name, r in view.tensors().items()
               if len(r.shape) == 2 and name.removesuffix(".weight") not in {m for ms in groups.values() for m in ms}]
     config = dense.config() | {"quantization_config": quantization_config(groups, q.group_size, q.symmetric, ignore)}
-    return StoredView(view.source, view.layout, view.outside, layers, view.label, extra_files=files,
-                      stored=stored, stored_config=config)
-
-
-def _part(rtn: Rtn, part: Part) -> Rtn:
-    return Rtn(rtn.bits, rtn.group_size, rtn.symmetric, rtn.dtype, part)
+    return replace(dense, storage=Storage(stored, config))
 
 
 def layer_scores(step: BitsStep, view: ModelView, context: OpContext) -> list[float] | None:
@@ -143,10 +79,14 @@ def layer_scores(step: BitsStep, view: ModelView, context: OpContext) -> list[fl
 
     if step.score == "manual":
         return None
-    if step.score == "zd":  # the view is the stored model (_check_unedited): its source holds every input
-        return [importance.zero_deviation([view.source.load(r.inputs[0].name) for r in layer.tensors.values()
-                                           if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES])
-                for layer in view.layers]
+    if step.score == "zd":
+        streamer = RecipeStreamer()
+        try:
+            return [importance.zero_deviation([streamer.whole(r) for r in layer.tensors.values()
+                                               if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES])
+                    for layer in view.layers]
+        finally:
+            streamer.close()
     cosines = _cosines(step, view, context)
     return importance.lim(cosines) if step.score == "lim" else importance.block_influence(cosines)
 
@@ -205,16 +145,6 @@ def quantized_tensors(layer: Layer, keep: list[str]) -> list[str]:
     """The layer's matrices not kept by name (`norms` keeps every 1-D tensor, which is never quantized anyway)."""
     return [s for s, r in layer.tensors.items()
             if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES and not any(k in s for k in keep if k != "norms")]
-
-
-def tensor_types_file(targets: list[str], widths: list[int]) -> str:
-    """One `regex=type` line per layer for llama-quantize --tensor-type-file (GGUF tensor names)."""
-    names = sorted({GGUF_NAMES[key] for suffix in targets for key in GGUF_NAMES
-                    if suffix.removesuffix(".weight").endswith(key)})
-    if not names:
-        return ""
-    group = "|".join(names)
-    return "".join(f"blk\\.{i}\\.({group})\\.weight={GGUF_TYPES.get(w, 'f16')}\n" for i, w in enumerate(widths))
 
 
 def _check_unedited(view: ModelView) -> None:

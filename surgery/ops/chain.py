@@ -7,41 +7,15 @@ tensors are raw copies unless the entry scales some of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import replace
 
 from surgery.checkpoint.reader import FLOAT_DTYPES
+from surgery.compute.scale import Scaled
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
 from surgery.plan.schema import ChainStep, LayerEntry
-from surgery.view import Compute, Layer, ModelView, TensorRecipe
-
-if TYPE_CHECKING:
-    import torch
-
-
-@dataclass(frozen=True)
-class Scaled:
-    """Multiply a tensor by a constant in float32 (the executor casts back to its dtype)."""
-
-    factor: float
-    inner: Compute | None = None
-
-    @property
-    def elementwise(self) -> bool:
-        return self.inner is None or self.inner.elementwise
-
-    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Scaled:
-        return self if self.inner is None else replace(self, inner=self.inner.prepare(blocks))
-
-    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        tensor = inputs[0] if self.inner is None else self.inner(inputs)
-        return tensor.mul_(self.factor)
-
-    def describe(self) -> str:
-        inner = "" if self.inner is None else f" after {self.inner.describe()}"
-        return f"scale x{self.factor}{inner}"
+from surgery.recipe.tensor import TensorRecipe
+from surgery.recipe.view import Layer, ModelView
 
 
 def chain(step: ChainStep, view: ModelView, context: OpContext) -> ModelView:
@@ -75,10 +49,16 @@ def _scaled(layer: Layer, entry: LayerEntry, index: int) -> Layer:
             recipe = tensors[suffix]
             if recipe.dtype not in FLOAT_DTYPES:
                 raise SurgeryError(f"chain: cannot scale {suffix} of layer {index}: it holds integers ({recipe.dtype})")
-            tensors[suffix] = TensorRecipe(recipe.dtype, recipe.shape, recipe.inputs, Scaled(factor, recipe.compute))
+            tensors[suffix] = scaled(recipe, factor)
     edit = "scaled(" + ", ".join(f"{m}x{f:g}" for m, f in (entry.scale or {}).items()) + ")"
-    origin = replace(layer.origin, edits=(*layer.origin.edits, edit))
-    return Layer(tensors=tensors, config=layer.config, origin=origin)
+    return Layer(tensors=tensors, config=layer.config, origin=layer.origin.edited(edit))
+
+
+def scaled(recipe: TensorRecipe, factor: float) -> TensorRecipe:
+    """The recipe times `factor`: a computed one's compute scaled in the same pass, without rounding between."""
+    if recipe.compute is None:
+        return TensorRecipe.computed(recipe.dtype, recipe.shape, (recipe,), Scaled(factor))
+    return replace(recipe, compute=Scaled(factor, recipe.compute))
 
 
 def _signature(layer: Layer) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from surgery.errors import SurgeryError
-from surgery.view import ModelView
+from surgery.recipe.view import ModelView
 
 
 @dataclass

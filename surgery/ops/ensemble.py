@@ -3,17 +3,26 @@ theirs (`combine: logits`, the paper) or whose distribution is their mixture (`c
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from surgery.checkpoint.reader import SINGLE_NAME
 from surgery.diff.bytes import ByteComparer
 from surgery.diff.workers import Workers
-from surgery.ensemble import EnsembleSpec, Member, check_same_tokenizer, ensemble_config, member_name, vocab_size
 from surgery.errors import SurgeryError
 from surgery.evaluate.loading import require_causal_lm
+from surgery.formats.ensemble import (
+    EnsembleSpec,
+    Member,
+    check_same_tokenizer,
+    ensemble_config,
+    member_name,
+    vocab_size,
+)
 from surgery.ops.context import OpContext
 from surgery.plan.schema import EnsembleStep
-from surgery.view import ModelView, StoredView, TensorRecipe
+from surgery.recipe.tensor import TensorRecipe
+from surgery.recipe.view import ModelView, Storage
 
 
 def ensemble(step: EnsembleStep, view: ModelView, context: OpContext) -> ModelView:
@@ -37,8 +46,8 @@ def ensemble(step: EnsembleStep, view: ModelView, context: OpContext) -> ModelVi
     spec = EnsembleSpec(entries, [w / sum(weights) for w in weights], step.combine, step.layout, aliases)
     description = (f"ensemble of {len(members)} ({step.combine}, {step.layout}): "
                    + ", ".join(f"{ref} x{w:.3g}" for ref, w in zip(step.members, spec.weights)))
-    return StoredView(source=members[0].source, layout=members[0].layout, outside={}, layers=[], label="ensemble",
-                      stored=stored, stored_config=ensemble_config(spec, sizes[0] or 0), description=description)
+    storage = Storage(stored, ensemble_config(spec, sizes[0] or 0), description)
+    return replace(members[0], outside={}, layers=(), label="ensemble", storage=storage)
 
 
 def _copied(members: list[ModelView]) -> tuple[dict[str, TensorRecipe], dict[str, str]]:
@@ -49,8 +58,8 @@ def _copied(members: list[ModelView]) -> tuple[dict[str, TensorRecipe], dict[str
     with Workers() as workers:
         comparer = ByteComparer(workers)
         for index, member in enumerate(members):
-            for name, recipe in member.recipes().items():
-                twin = next((j for j in range(index) if _same_bytes(comparer, members[j].recipes().get(name), recipe)), None)
+            for name, recipe in member.tensors().items():
+                twin = next((j for j in range(index) if _same_bytes(comparer, members[j].tensors().get(name), recipe)), None)
                 if twin is None:
                     stored[member_name(index, name)] = recipe
                 else:
@@ -59,9 +68,9 @@ def _copied(members: list[ModelView]) -> tuple[dict[str, TensorRecipe], dict[str
 
 
 def _same_bytes(comparer: ByteComparer, earlier: TensorRecipe | None, recipe: TensorRecipe) -> bool:
-    if earlier is None or earlier.compute is not None or recipe.compute is not None:
+    if earlier is None or earlier.stored is None or recipe.stored is None:
         return False
-    return comparer.identical(earlier.inputs[0], recipe.inputs[0])
+    return comparer.identical(earlier.stored, recipe.stored)
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:

@@ -9,15 +9,18 @@ On one fine-tune beta defaults to 1 - alpha. After a merge, alpha defaults to
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from surgery.checkpoint.reader import FLOAT_DTYPES
+from surgery.compute.updates import Update, WeightedUpdate
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
 from surgery.ops.merge import check_same_tensors
-from surgery.ops.updates import Update, WeightedUpdate
 from surgery.plan.schema import LinesStep
-from surgery.streaming import RecipeStreamer
-from surgery.view import ModelView, TensorRecipe
+from surgery.recipe.stream import RecipeStreamer
+from surgery.recipe.tensor import TensorRecipe
+from surgery.recipe.view import ModelView
 
 
 def depth_scales(alpha: float, beta: float, layers: int) -> list[float]:
@@ -28,7 +31,7 @@ def depth_scales(alpha: float, beta: float, layers: int) -> list[float]:
 def lines(step: LinesStep, view: ModelView, context: OpContext) -> ModelView:
     base = context.base(step.op)
     check_same_tensors(base, view, step.op)
-    merges = [r for r in view.recipes().values() if isinstance(r.compute, Update) and len(r.inputs) > 2]
+    merges = [r for r in view.tensors().values() if isinstance(r.compute, Update) and len(r.inputs) > 2]
     alpha, beta = step.alpha, step.beta
     if alpha is None:
         if not merges:
@@ -40,7 +43,7 @@ def lines(step: LinesStep, view: ModelView, context: OpContext) -> ModelView:
             raise SurgeryError("lines after a merge needs beta (LiNeS tunes it, e.g. beta: 0.5)")
         beta = 1.0 - alpha
     scales = depth_scales(alpha, beta, len(view.layers))
-    base_recipes = base.recipes()
+    base_recipes = base.tensors()
 
     def edit(name: str, recipe: TensorRecipe) -> TensorRecipe:
         placed = view.layout.split(name)
@@ -48,10 +51,9 @@ def lines(step: LinesStep, view: ModelView, context: OpContext) -> ModelView:
         if recipe.dtype not in FLOAT_DTYPES or factor == 1.0:
             return recipe
         if recipe.compute is None:
-            return TensorRecipe(recipe.dtype, recipe.shape, (base_recipes[name].inputs[0], recipe.inputs[0]),
-                                WeightedUpdate((factor,)))
+            return TensorRecipe.computed(recipe.dtype, recipe.shape, (base_recipes[name], recipe), WeightedUpdate((factor,)))
         if isinstance(recipe.compute, Update):
-            return TensorRecipe(recipe.dtype, recipe.shape, recipe.inputs, recipe.compute.scaled(factor))
+            return replace(recipe, compute=recipe.compute.scaled(factor))
         raise SurgeryError(f"lines: {name} is made by '{recipe.compute.describe()}', not by a task-vector update; "
                            "put lines before that step")
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from surgery.checkpoint.reader import FLOAT_DTYPES
+from surgery.compute.updates import TiesUpdate, Update, WeightedUpdate
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
-from surgery.ops.updates import TiesUpdate, Update, WeightedUpdate
 from surgery.plan.schema import MergeModel, TaskArithmeticStep, TiesStep
-from surgery.view import ModelView, TensorRecipe
+from surgery.recipe.tensor import TensorRecipe
+from surgery.recipe.view import ModelView
 
 
 def task_arithmetic(step: TaskArithmeticStep, view: ModelView, context: OpContext) -> ModelView:
@@ -45,13 +46,13 @@ def merge_inputs(op: str, entries: list[MergeModel], view: ModelView, context: O
 
 def merged_view(op: str, base: ModelView, models: list[ModelView], update_for: Callable[[str], Update]) -> ModelView:
     """The base view with each float tensor replaced by `update_for(name)` over (base, *models)."""
-    sources = [model.recipes() for model in models]
+    sources = [model.tensors() for model in models]
 
     def edit(name: str, recipe: TensorRecipe) -> TensorRecipe:
         if recipe.dtype not in FLOAT_DTYPES:
             return recipe
-        inputs = (recipe.inputs[0], *(source[name].inputs[0] for source in sources))
-        return TensorRecipe(recipe.dtype, recipe.shape, inputs, update_for(name))
+        inputs = (recipe, *(source[name] for source in sources))
+        return TensorRecipe.computed(recipe.dtype, recipe.shape, inputs, update_for(name))
 
     return base.map_tensors(edit, label=op)
 
@@ -62,7 +63,7 @@ def check_same_tensors(base: ModelView, other: ModelView, op: str) -> None:
     if mine != theirs:
         raise SurgeryError(f"{op}: {other.label} is a {theirs!r} model but the base is {mine!r}; "
                            "task vectors need models of one architecture")
-    base_recipes, other_recipes = base.recipes(), other.recipes()
+    base_recipes, other_recipes = base.tensors(), other.tensors()
     for name, recipe in base_recipes.items():
         found = other_recipes.get(name)
         if found is None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 from surgery.checkpoint.reader import FLOAT_DTYPES
+from surgery.compute.lowrank import Mean, ResidualFactors, SvdCache
 from surgery.errors import SurgeryError
+from surgery.formats.recursive import CompactSpec, compact_config, depth_name, lora_names
 from surgery.ops.context import OpContext
-from surgery.ops.lowrank import Mean, ResidualFactors, SvdCache
 from surgery.plan.schema import MaterializeStep, RelaxSettings, TieStep
-from surgery.recursive import CompactSpec, compact_config, depth_name, lora_names
-from surgery.view import Layer, ModelView, StoredView, TensorRecipe
+from surgery.recipe.tensor import TensorRecipe
+from surgery.recipe.view import Layer, ModelView, Storage
 
 
 def tie(step: TieStep, view: ModelView, context: OpContext) -> ModelView:
@@ -34,14 +35,14 @@ def tie(step: TieStep, view: ModelView, context: OpContext) -> ModelView:
     per_depth = {s for s, r in reference.tensors.items() if len(r.shape) < 2} \
         if step.relax is not None and step.relax.vectors == "per_depth" else set()
 
-    def source_inputs(slot: int, suffix: str) -> tuple:
-        return tuple(view.layers[i].tensors[suffix].inputs[0] for i in sources[slot])
+    def source_inputs(slot: int, suffix: str) -> tuple[TensorRecipe, ...]:
+        return tuple(view.layers[i].tensors[suffix] for i in sources[slot])
 
     def shared(slot: int, suffix: str) -> TensorRecipe:
         inputs, recipe = source_inputs(slot, suffix), reference.tensors[suffix]
         if len(inputs) == 1 or recipe.dtype not in FLOAT_DTYPES:
-            return TensorRecipe.copy_of(inputs[0])
-        return TensorRecipe(recipe.dtype, recipe.shape, inputs, Mean())
+            return inputs[0]
+        return TensorRecipe.computed(recipe.dtype, recipe.shape, inputs, Mean())
 
     layers = []
     for depth, layer in enumerate(view.layers):
@@ -50,12 +51,13 @@ def tie(step: TieStep, view: ModelView, context: OpContext) -> ModelView:
             if suffix in per_depth:
                 tensors[suffix] = recipe
             elif suffix in ranks:
-                inputs = (recipe.inputs[0], *source_inputs(slot, suffix))
-                tensors[suffix] = TensorRecipe(recipe.dtype, recipe.shape, inputs, ResidualFactors(ranks[suffix], recipe.dtype))
+                inputs = (recipe, *source_inputs(slot, suffix))
+                tensors[suffix] = TensorRecipe.computed(recipe.dtype, recipe.shape, inputs,
+                                                        ResidualFactors(ranks[suffix], recipe.dtype))
             else:
                 tensors[suffix] = shared(slot, suffix)
         edit = f"tied(slot {slot}{', relaxed' if ranks else ''})"
-        layers.append(Layer(tensors=tensors, config=layer.config, origin=replace(layer.origin, edits=(*layer.origin.edits, edit))))
+        layers.append(Layer(tensors=tensors, config=layer.config, origin=layer.origin.edited(edit)))
     materialized = view.with_layers(layers)
     if step.format == "materialized":
         return materialized
@@ -70,14 +72,14 @@ def tie(step: TieStep, view: ModelView, context: OpContext) -> ModelView:
             compact[depth_name(depth, suffix)] = layer.tensors[suffix]
         for suffix, rank in ranks.items():
             matrix = layer.tensors[suffix]
-            inputs, cache = (matrix.inputs[0], *source_inputs(loop_map[depth], suffix)), SvdCache()
+            inputs, cache = (matrix, *source_inputs(loop_map[depth], suffix)), SvdCache()
             b_name, a_name = lora_names(depth, suffix)
-            compact[b_name] = TensorRecipe(matrix.dtype, (matrix.shape[0], rank), inputs,
-                                           ResidualFactors(rank, matrix.dtype, "B", cache))
-            compact[a_name] = TensorRecipe(matrix.dtype, (rank, matrix.shape[1]), inputs,
-                                           ResidualFactors(rank, matrix.dtype, "A", cache))
+            compact[b_name] = TensorRecipe.computed(matrix.dtype, (matrix.shape[0], rank), inputs,
+                                                    ResidualFactors(rank, matrix.dtype, "B", cache))
+            compact[a_name] = TensorRecipe.computed(matrix.dtype, (rank, matrix.shape[1]), inputs,
+                                                    ResidualFactors(rank, matrix.dtype, "A", cache))
     spec = CompactSpec(view.layout.prefix, tuple(loop_map), frozenset(per_depth), ranks)
-    return StoredView(**vars(materialized), stored=compact, stored_config=compact_config(materialized.config(), spec))
+    return replace(materialized, storage=Storage(compact, compact_config(materialized.config(), spec)))
 
 
 def slot_groups(step: TieStep, depths: int) -> list[list[int]]:

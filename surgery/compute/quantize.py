@@ -11,11 +11,16 @@ q_max), and w ~ (q - zero) * scale, computed in the stored dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
+
+from surgery.checkpoint.blocks import torch_dtype
 
 if TYPE_CHECKING:
     import torch
+
+Part = Literal["dense", "packed", "scale"]
 
 
 @dataclass(frozen=True)
@@ -56,3 +61,64 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, 
     zero = torch.zeros_like(wide) if symmetric else (q_min - low / wide).clamp(q_min, q_max).round()
     values = (groups / wide.unsqueeze(-1) + zero.unsqueeze(-1)).round().clamp(q_min, q_max)
     return Quantized(values.reshape(out, columns).to(torch.int8), scale, zero.to(torch.int8))
+
+
+def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 values of `bits` bits packed into int32 along the rows (their length a multiple of 32 / bits):
+    compressed-tensors' `pack-quantized` layout, offset to unsigned, little end first."""
+    import torch
+
+    per_word = 32 // bits
+    unsigned = (values.to(torch.int64) + (1 << (bits - 1))).reshape(values.shape[0], -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int64, device=values.device) * bits
+    words = (unsigned << shifts).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # the same 32 bits, signed
+
+
+@dataclass(frozen=True)
+class Rtn:
+    """RTN of a whole matrix; outputs the dequantized weight or one part of the packed format."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    dtype: str
+    part: Part = "dense"
+    elementwise = False
+
+    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Rtn:
+        return self
+
+    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        quantized = quantize(inputs[0], self.bits, self.group_size, self.symmetric, torch_dtype(self.dtype))
+        if self.part == "dense":
+            return quantized.dequantized()
+        if self.part == "packed":
+            return pack(quantized.values, self.bits)
+        return quantized.scale
+
+    def of_part(self, part: Part) -> Rtn:
+        return replace(self, part=part)
+
+    def describe(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"RTN {self.bits}-bit {kind}, groups of {self.group_size}, {self.part}"
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A tensor computed from no data (the `weight_shape` the packed format stores)."""
+
+    values: tuple[int, ...]
+    elementwise = False
+
+    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Constant:
+        return self
+
+    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        return torch.tensor(self.values, dtype=torch.int64)
+
+    def describe(self) -> str:
+        return f"constant {list(self.values)}"

@@ -7,7 +7,7 @@ from typing import Any
 
 from surgery.checkpoint.layout import Layout, find_layout, layer_count
 from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint, numel
-from surgery.recursive import is_compact, read_spec
+from surgery.formats.recursive import is_compact, read_spec
 
 
 def describe(checkpoint: Checkpoint) -> dict[str, Any]:

@@ -22,8 +22,10 @@ from typing import Any
 from surgery.checkpoint.config import per_layer_values
 from surgery.checkpoint.layout import Layout, layer_count
 from surgery.checkpoint.reader import Checkpoint
+from surgery.compute.lowrank import LowRankSum
 from surgery.errors import SurgeryError
-from surgery.view import Layer, LayerOrigin, ModelView, TensorRecipe
+from surgery.recipe.tensor import TensorRecipe
+from surgery.recipe.view import Layer, LayerOrigin, ModelView
 
 MODEL_TYPE = "surgery_recursive"
 SECTION = "surgery_recursive"
@@ -96,11 +98,9 @@ def _required_names(spec: CompactSpec) -> list[str]:
     return names
 
 
-def open_compact_view(checkpoint: Checkpoint, label: str) -> ModelView:
+def compact_view(checkpoint: Checkpoint, label: str) -> ModelView:
     """The L-layer model a compact checkpoint stands for: shared tensors copied to every depth that
     uses them, per-depth tensors copied, relaxed matrices computed as shared + B A."""
-    from surgery.ops.lowrank import LowRankSum  # ops import this module
-
     spec, base = read_spec(checkpoint)
     count_key, depths = layer_count(base)
     layout = Layout(prefix=spec.layer_prefix, num_layers=depths, count_key=count_key)
@@ -116,11 +116,12 @@ def open_compact_view(checkpoint: Checkpoint, label: str) -> ModelView:
                 tensors[suffix] = TensorRecipe.copy_of(checkpoint.tensors[depth_name(depth, suffix)])
             elif suffix in spec.ranks:
                 shared = slots[slot][suffix]
-                b, a = (checkpoint.tensors[n] for n in lora_names(depth, suffix))
-                tensors[suffix] = TensorRecipe(shared.dtype, shared.shape, (shared, b, a), LowRankSum())
+                factors = tuple(TensorRecipe.copy_of(checkpoint.tensors[n]) for n in lora_names(depth, suffix))
+                tensors[suffix] = TensorRecipe.computed(shared.dtype, shared.shape,
+                                                        (TensorRecipe.copy_of(shared), *factors), LowRankSum())
             else:
                 tensors[suffix] = TensorRecipe.copy_of(slots[slot][suffix])
         origin = LayerOrigin(label, depth, (f"slot {slot}",))
         layers.append(Layer(tensors=tensors, config=configs[depth], origin=origin))
     source = replace(checkpoint, config=base)
-    return ModelView(source=source, layout=layout, outside=outside, layers=layers, label=label)
+    return ModelView(source=source, layout=layout, outside=outside, layers=tuple(layers), label=label)

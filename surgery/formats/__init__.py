@@ -1,0 +1,1 @@
+"""Surgery's own storage formats (compact recursive, ensemble, packed quantized) and how to open any checkpoint."""

@@ -1,1 +1,0 @@
-"""Quantizers and packed formats for the `bits` op."""

@@ -1,0 +1,151 @@
+"""Run tensor recipes block by block on cpu or cuda, so memory is bounded by a block, not a tensor.
+
+The executor writes the blocks' bytes; data-dependent fits read their values. Stored inputs are
+read straight from the source files into reused buffers; elementwise computes see aligned blocks of
+their flattened inputs, others whole tensors. An input that is itself computed is made the same
+way and rounded to its own dtype, exactly as if it had been written and read back; one that needs
+whole tensors is made once per output tensor and sliced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from typing import TYPE_CHECKING
+
+from surgery.checkpoint.blocks import BlockReader, torch_dtype
+from surgery.checkpoint.reader import numel
+from surgery.recipe.tensor import Compute, TensorRecipe
+
+if TYPE_CHECKING:
+    import torch
+
+# Small enough that a block's buffers stay in cache between the compute's passes (4x faster than
+# 4M-element blocks here, benchmarks/bench_merge.py), large enough that Python's overhead is noise.
+CPU_BLOCK_ELEMENTS = 1 << 18
+GPU_BLOCK_ELEMENTS = 1 << 24
+
+
+class RecipeStreamer:
+    """Streams computed recipes; one per run (it holds open files and reused buffers)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.reader = BlockReader()
+        self.block = CPU_BLOCK_ELEMENTS if device == "cpu" else GPU_BLOCK_ELEMENTS
+        self._out: dict[tuple[str, int], torch.Tensor] = {}
+        self._threads = 0  # torch's thread count before the first compute, restored at close
+        # Per output tensor: its computed inputs' prepared computes and whole values (dropped when
+        # the next output tensor starts, so they cost at most one tensor's inputs).
+        self._current: TensorRecipe | None = None
+        self._prepared: dict[int, Compute] = {}
+        self._whole: dict[int, torch.Tensor] = {}
+
+    def _pin_threads(self) -> None:
+        """One compute thread on CPU: blocks this small gain nothing from two, and the writer needs a
+        core. Done at the first compute, so a run that only copies never imports torch."""
+        if self.device == "cpu" and not self._threads:
+            import torch
+
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def close(self) -> None:
+        self.reader.close()
+        if self._threads:
+            import torch
+
+            torch.set_num_threads(self._threads)
+
+    def blocks(self, recipe: TensorRecipe) -> Iterator[list[torch.Tensor]]:
+        """A computed recipe's inputs, float32 on the device: aligned blocks for an elementwise
+        compute, else whole tensors in their shapes."""
+        self._start(recipe)
+        return self._blocks(recipe, ())
+
+    def prepared(self, recipe: TensorRecipe) -> Compute:
+        self._start(recipe)
+        return self._prepare(recipe, ())
+
+    def values(self, recipe: TensorRecipe) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """(input blocks, output block) pairs; the compute may have overwritten the inputs."""
+        import torch
+
+        self._pin_threads()
+        compute = self.prepared(recipe)
+        whole = bool(self._threads) and not compute.elementwise  # one big op (an SVD): every core helps
+        if whole:
+            torch.set_num_threads(self._threads)
+        try:
+            for inputs in self._blocks(recipe, ()):
+                yield inputs, compute(inputs)
+        finally:
+            if whole:
+                torch.set_num_threads(1)
+
+    def encoded(self, recipe: TensorRecipe) -> Iterator[memoryview]:
+        """The output's bytes in the recipe's dtype, block by block, in two buffers used in turn: a
+        block stays valid while the next one is computed (so the writer can overlap the two)."""
+        import torch
+
+        for count, (_, value) in enumerate(self.values(recipe)):
+            flat = value.reshape(-1)
+            key = (recipe.dtype, count % 2)
+            buffer = self._out.get(key)
+            if buffer is None or buffer.numel() < flat.numel():
+                buffer = self._out[key] = torch.empty(flat.numel(), dtype=torch_dtype(recipe.dtype))
+            out = buffer[: flat.numel()]
+            out.copy_(flat)  # from the device too
+            yield memoryview(out.view(torch.uint8).numpy())
+
+    def whole(self, recipe: TensorRecipe) -> torch.Tensor:
+        """A tensor's value, float32 on the device in its shape, whether stored or computed (a fresh
+        tensor the caller owns)."""
+        self._start(recipe)
+        return self._read(recipe, ("whole",), 0, numel(recipe.shape)).reshape(recipe.shape).clone()
+
+    def _start(self, recipe: TensorRecipe) -> None:
+        if recipe is not self._current:
+            self._current = recipe
+            self._prepared.clear()
+            self._whole.clear()
+
+    def _prepare(self, recipe: TensorRecipe, slot: tuple[Hashable, ...]) -> Compute:
+        prepared = self._prepared.get(id(recipe))
+        if prepared is None:
+            assert recipe.compute is not None
+            prepared = self._prepared[id(recipe)] = recipe.compute.prepare(lambda: self._blocks(recipe, slot))
+        return prepared
+
+    def _blocks(self, recipe: TensorRecipe, slot: tuple[Hashable, ...]) -> Iterator[list[torch.Tensor]]:
+        assert recipe.compute is not None
+        if not recipe.compute.elementwise:
+            yield [self._read(r, (*slot, i), 0, numel(r.shape)).reshape(r.shape) for i, r in enumerate(recipe.inputs)]
+            return
+        total = numel(recipe.shape)
+        for start in range(0, total, self.block):
+            stop = min(total, start + self.block)
+            yield [self._read(r, (*slot, i), start, stop) for i, r in enumerate(recipe.inputs)]
+
+    def _read(self, recipe: TensorRecipe, slot: tuple[Hashable, ...], start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of a tensor, flattened, float32 on the device (a buffer of `slot`)."""
+        if recipe.stored is not None:
+            if self.device == "cpu":
+                return self.reader.floats(slot, recipe.stored, start, stop)
+            import torch
+
+            raw = self.reader.raw(slot, recipe.stored, start, stop)  # the narrow dtype crosses the bus, then widens
+            return torch.frombuffer(raw, dtype=torch_dtype(recipe.stored.dtype)).to(self.device).float()
+        compute = self._prepare(recipe, slot)
+        if compute.elementwise:
+            inputs = [self._read(r, (*slot, i), start, stop) for i, r in enumerate(recipe.inputs)]
+            return self._as_stored(compute(inputs), recipe.dtype)
+        value = self._whole.get(id(recipe))
+        if value is None:
+            inputs = next(self._blocks(recipe, slot))
+            value = self._whole[id(recipe)] = self._as_stored(compute(inputs), recipe.dtype).reshape(-1)
+        return value[start:stop].clone()  # the reader may overwrite its inputs in place
+
+    @staticmethod
+    def _as_stored(value: torch.Tensor, dtype: str) -> torch.Tensor:
+        """The float32 value a tensor of `dtype` holding `value` reads back as."""
+        return value.float() if dtype == "F32" else value.to(torch_dtype(dtype)).float()
