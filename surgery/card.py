@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from surgery.checkpoint.reader import read_config
+from surgery.ops.registry import registry
 from surgery.provenance import read_provenance
 
 CARD_NAME = "README.md"
@@ -64,35 +65,9 @@ def _relation(ops: list[str], sources: list[str]) -> str | None:
 
 
 def describe_step(step: dict[str, Any]) -> str:
-    """One plain sentence per step."""
-    op = step["op"]
-    if op == "chain":
-        entries = [f"{', '.join(map(str, e['layers']))}" + (f" of {e['model']}" if e.get("model") else "")
-                   + (f" (scaled {e['scale']})" if e.get("scale") else "") for e in step["layers"]]
-        return "Layers rearranged (`chain`): the new layers are source layers " + "; ".join(entries) + "."
-    if op in ("task_arithmetic", "ties", "atlas"):
-        models = ", ".join(f"{m['model']} (weight {m.get('weight', 1)})" for m in step["models"])
-        extra = f", density {step.get('density', 0.2)}, lambda {step.get('lambda', 1)}" if op == "ties" else ""
-        return f"Task vectors of {models} added to the base (`{op}`{extra})."
-    if op == "lines":
-        settings = ", ".join(f"{k} {step[k]}" for k in ("alpha", "beta") if step.get(k) is not None) or "defaults"
-        return f"The update scaled by depth (`lines`, LiNeS): {settings}."
-    if op == "tie":
-        slots = f"{step['loops']} loops ({step.get('strategy', 'cycle')})" if step.get("loops") else "explicit slots"
-        relax = step.get("relax")
-        relaxed = f", relaxed by per-depth LoRA of rank {relax.get('rank', 16)}" if relax else ""
-        return (f"Layers tied into shared ones looped {slots}, initialised by `{step.get('init', 'average')}`"
-                f"{relaxed}, written `{step.get('format', 'compact')}` (`tie`).")
-    if op == "ensemble":
-        return (f"An ensemble of {', '.join(step['members'])} combining {step.get('combine', 'logits')} "
-                f"(`ensemble`, members by {step.get('layout', 'reference')}).")
-    if op == "bits":
-        quantizer = step.get("quantizer", {})
-        return (f"Layer-wise quantization (`bits`): layers ranked by {step.get('score', 'lim')}, RTN in groups of "
-                f"{quantizer.get('group_size', 128)}, written {step.get('format', 'dense')}.")
-    if op == "materialize":
-        return "A compact recursive model written as a standard checkpoint (`materialize`)."
-    return f"`{op}`."
+    """One plain sentence per step, the op's own."""
+    op = registry()[step["op"]]
+    return op.describe(op.step.model_validate(step))
 
 
 def _evaluation_table(evaluation: dict[str, Any]) -> list[str]:

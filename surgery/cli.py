@@ -189,7 +189,8 @@ def materialize(
     from surgery.checkpoint.reader import read_config
     from surgery.execute import execute
     from surgery.formats.recursive import is_compact
-    from surgery.plan.schema import MaterializeStep, Plan
+    from surgery.ops.materialize import MaterializeStep
+    from surgery.plan.schema import Plan
     from surgery.planner import resolve_plan
 
     if not is_compact(read_config(compact)):

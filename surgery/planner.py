@@ -17,8 +17,10 @@ from surgery.checkpoint.reader import Checkpoint
 from surgery.checkpoint.writer import ShardPlan, plan_shards
 from surgery.errors import SurgeryError
 from surgery.formats.views import open_view
-from surgery.ops import OP_FUNCTIONS, OpContext
-from surgery.plan import Plan, load_plan
+from surgery.ops.context import OpContext
+from surgery.ops.registry import op_of
+from surgery.plan.load import load_plan
+from surgery.plan.schema import Plan
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import LayerOrigin, ModelView
 
@@ -106,14 +108,14 @@ def resolve_plan(plan: Plan, plan_path: Path, output: str | Path | None = None, 
             views[ref] = open_view(checkpoint, label=ref)
         return views[ref]
 
-    primary = plan.model or _first_entry_model(plan) or plan.base  # merges start from the base
+    primary = plan.starting_model()
     if primary is None:
         raise SurgeryError(f"{plan_path}: the plan names no model; add 'model: PATH' at the top")
     view = open_model(primary)
     context = OpContext(open_model, plan.base, device, log=lambda line: print(line, file=sys.stderr))
     fits: list[dict[str, Any]] = []
     for index, step in enumerate(plan.steps):
-        view = OP_FUNCTIONS[step.op](step, view, context)
+        view = op_of(step).build(step, view, context)
         fits.extend({"step": index, "op": step.op, **found} for found in context.fits)
         context.fits.clear()
 
@@ -139,14 +141,3 @@ def resolve_plan(plan: Plan, plan_path: Path, output: str | Path | None = None, 
         evaluate_plan.validate(plan.evaluate, recipe.config, reference)
         recipe.evaluation_reference = reference
     return recipe
-
-
-def _first_entry_model(plan: Plan) -> str | None:
-    """The model a plan without `model:` starts from: its first chain entry's, or its first ensemble member."""
-    for step in plan.steps:
-        if getattr(step, "members", None):
-            return step.members[0]
-        for entry in getattr(step, "layers", []):
-            if entry.model is not None:
-                return entry.model
-    return None

@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 
 from surgery.compute.quantize import quantize
 from surgery.fixtures.demo import demo_model
-from surgery.ops.bits import assign_bits
-from surgery.plan.schema import BitAssignment
+from surgery.ops.bits import BitAssignment, assign_bits
 from tests.conftest import assert_plan_refused, outputs_on_devices, write_plan
 from tests.reference import load, outputs
 

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from surgery.checkpoint.reader import DTYPE_SIZES, numel, read_shard_header
 from surgery.errors import SurgeryError
-from surgery.plan import Plan, load_plan
+from surgery.plan.load import load_plan
+from surgery.plan.schema import Plan
 
 # Examples per strategy: 6,000 in all, about 30 s on two cores (most of it generating inputs).
 EXAMPLES = {"header_bytes": 1500, "header_length": 1000, "header_near_valid": 1200,

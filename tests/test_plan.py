@@ -6,8 +6,8 @@ import pytest
 
 from surgery.checkpoint.layout import find_layout
 from surgery.errors import SurgeryError
-from surgery.plan import load_plan
-from surgery.plan.schema import parse_layers
+from surgery.ops.fields import parse_layers
+from surgery.plan.load import load_plan
 from tests.conftest import write_plan
 
 

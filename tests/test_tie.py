@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 
 from surgery.evaluate.loading import load_for_eval
 from surgery.fixtures.demo import demo_model
-from surgery.ops.tie import init_sources, slot_groups
-from surgery.plan.schema import TieStep
+from surgery.ops.tie import TieStep, init_sources, slot_groups
 from tests.conftest import assert_plan_refused, outputs_on_devices, write_plan
 from tests.reference import load, outputs, tie_in_memory
 

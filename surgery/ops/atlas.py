@@ -8,18 +8,53 @@ surgery.json in the plan's own `coefficients` form, so pasting them back re-runs
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
 from surgery.checkpoint.modules import module_kind
 from surgery.checkpoint.reader import FLOAT_DTYPES
 from surgery.compute.updates import WeightedUpdate
 from surgery.devices import check_device_name
 from surgery.errors import SurgeryError
+from surgery.ops.atlas_learn import LearnSettings, learn_coefficients
 from surgery.ops.context import OpContext
-from surgery.ops.merge import merge_inputs, merged_view
-from surgery.plan.schema import AtlasStep, Granularity
+from surgery.ops.fields import StepModel
+from surgery.ops.registry import Op
+from surgery.ops.task_vectors import MergeModel, bare_paths, describe_models, merge_inputs, merged_view
 from surgery.recipe.view import ModelView
 
 OUTSIDE = "outside"
 Coefficients = dict[str, dict[str, float]]  # model reference -> block -> coefficient
+Granularity = Literal["tensor", "layer", "module"]
+
+
+class AtlasStep(StepModel):
+    """theta = theta_base + sum_t Lambda_t tau_t, one coefficient per block."""
+
+    op: Literal["atlas"]
+    models: list[MergeModel] = Field(min_length=1)
+    granularity: Granularity = "tensor"
+    coefficients: dict[str, float | dict[str, float]] | None = Field(
+        default=None, description="Per model: one number for every block, or a number per block."
+    )
+    learn: LearnSettings | None = None
+
+    _bare_paths = field_validator("models", mode="before")(bare_paths)
+
+    @field_validator("coefficients", mode="before")
+    @classmethod
+    def _block_names(cls, value: Any) -> Any:
+        """Layer blocks may be written as YAML integers."""
+        if isinstance(value, dict):
+            return {k: ({str(b): c for b, c in v.items()} if isinstance(v, dict) else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AtlasStep:
+        if (self.coefficients is None) == (self.learn is None):
+            raise ValueError("give either 'coefficients' (a mapping) or 'learn' (settings to learn them), not both or neither")
+        return self
 
 
 def blocks_of(view: ModelView, granularity: Granularity) -> dict[str, str]:
@@ -46,8 +81,6 @@ def atlas(step: AtlasStep, view: ModelView, context: OpContext) -> ModelView:
     if step.coefficients is not None:
         coefficients = given_coefficients(step.coefficients, refs, blocks, step.granularity)
     else:
-        from surgery.ops.atlas_learn import learn_coefficients
-
         assert step.learn is not None
         settings = step.learn if context.device == "auto" else step.learn.model_copy(update={"device": context.device})
         check_device_name(settings.device)
@@ -86,3 +119,9 @@ def given_coefficients(
                                "give every block, or one number for all")
         out[ref] = {b: float(value[b]) for b in blocks}
     return out
+
+
+OP = Op("atlas", AtlasStep, atlas, lambda step: describe_models(step.op, step.models),
+        'Zhang et al. 2024, "Knowledge Composition using Task Vectors with Learned Anisotropic Scaling"',
+        {"op": "atlas", "models": ["./prose", "./code"], "granularity": "layer",
+         "learn": {"data": "builtin:mixed-dev"}})

@@ -9,11 +9,34 @@ base and every task vector, in float32, on the fit's device.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+from pydantic import Field, field_validator
 
 from surgery.errors import SurgeryError
-from surgery.plan.schema import LearnSettings
+from surgery.ops.fields import Strict
 from surgery.recipe.stream import RecipeStreamer
 from surgery.recipe.view import ModelView
+
+
+class LearnSettings(Strict):
+    """How aTLAS learns its coefficients: AdamW on the causal-LM loss of this text, base and task vectors frozen."""
+
+    data: list[str] = Field(min_length=1, description="builtin:NAME or .txt/.jsonl files.")
+    steps: int = Field(default=100, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=8, ge=1)
+    max_tokens: int = Field(default=32768, ge=2, description="Train on the first N tokens of each text.")
+    window: int = Field(default=128, ge=2, description="Tokens per training sequence.")
+    init: float = Field(default=0.0, description="Every coefficient's starting value.")
+    seed: int = 0
+    device: str = "auto"
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 def learn_coefficients(

@@ -12,6 +12,9 @@ Beside either, `llama-tensor-types.txt` gives llama-quantize the same assignment
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from surgery.checkpoint.reader import FLOAT_DTYPES
 from surgery.compute.quantize import Constant, Rtn
@@ -19,12 +22,78 @@ from surgery.errors import SurgeryError
 from surgery.formats.compressed_tensors import PACKED_BITS, quantization_config
 from surgery.formats.gguf import TENSOR_TYPES_FILE, tensor_types_file
 from surgery.ops.context import OpContext
-from surgery.plan.schema import BitAssignment, BitsStep
+from surgery.ops.fields import StepModel, Strict
+from surgery.ops.registry import Op
 from surgery.recipe.stream import RecipeStreamer
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import Layer, ModelView, Storage
 
 KEEP_BITS = 16  # a layer given 16 bits (a manual override) stays in the source dtype
+
+
+class Calibration(Strict):
+    """Text the model runs on for scores that need activations (LIM, BI)."""
+
+    data: str = Field(default="builtin", description="builtin, builtin:NAME, or a .txt/.jsonl file.")
+    samples: int = Field(default=32, ge=1)
+    seq_len: int = Field(default=256, ge=2)
+
+
+class BitAssignment(Strict):
+    """Either two widths and the fraction of layers given the low one, or a target average over choices."""
+
+    high: int | None = Field(default=None, ge=1, le=16)
+    low: int | None = Field(default=None, ge=1, le=16)
+    low_fraction: float | None = Field(default=None, ge=0, le=1)
+    target_bits: float | None = Field(default=None, gt=0)
+    choices: list[int] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BitAssignment:
+        pair = (self.high, self.low, self.low_fraction)
+        target = (self.target_bits, self.choices)
+        if all(v is not None for v in pair) and all(v is None for v in target):
+            return self
+        if all(v is not None for v in target) and all(v is None for v in pair):
+            return self
+        raise ValueError("give {high, low, low_fraction} or {target_bits, choices}")
+
+
+class Quantizer(Strict):
+    """How each matrix is quantized: round-to-nearest with per-group scales."""
+
+    method: Literal["rtn"] = "rtn"
+    group_size: int = Field(default=128, ge=1)
+    symmetric: bool = False
+
+
+class BitsStep(StepModel):
+    """Layer-wise bit assignment (Dumitru et al. 2024): important layers keep more bits."""
+
+    op: Literal["bits"]
+    score: Literal["lim", "zd", "bi", "manual"] = "lim"
+    calibration: Calibration = Calibration()
+    assign: BitAssignment | None = None
+    manual: dict[int, int] | None = Field(default=None, description="Bits by layer; overrides the assignment.")
+    quantizer: Quantizer = Quantizer()
+    keep: list[str] = Field(default_factory=lambda: ["embed", "lm_head", "norms"],
+                            description="Tensors left in the source dtype, by name part; norms: every 1-D tensor.")
+    format: Literal["dense", "compressed-tensors"] = "dense"
+
+    @model_validator(mode="after")
+    def _assignment(self) -> BitsStep:
+        if self.score != "manual" and self.assign is None:
+            raise ValueError(f"score: {self.score} ranks layers for an 'assign' section; add one, e.g. "
+                             "{high: 8, low: 4, low_fraction: 0.5}")
+        if self.score == "manual" and not self.manual:
+            raise ValueError("score: manual needs 'manual': the bits of every layer, e.g. {0: 8, 1: 4}")
+        return self
+
+    def placement_error(self, index: int, steps: int, plan_model: str | None) -> str | None:
+        if self.format == "compressed-tensors" and index < steps - 1:
+            return (f"step {index}: bits with format: compressed-tensors must be the last step (packed weights are "
+                    "a storage format); use format: dense to keep editing after it")
+        return None
 
 
 def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
@@ -92,23 +161,16 @@ def layer_scores(step: BitsStep, view: ModelView, context: OpContext) -> list[fl
 
 
 def _cosines(step: BitsStep, view: ModelView, context: OpContext) -> list[float]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from surgery.devices import resolve_device
     from surgery.evaluate.data import load_text
-    from surgery.evaluate.loading import layer_modules, quiet_transformers
+    from surgery.evaluate.loading import layer_modules, load_for_eval
     from surgery.importance import calibration_batches, layer_cosines
 
     calibration = step.calibration
-    device = resolve_device(context.device)
-    with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(view.source.path, dtype=torch.float32).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(view.source.path)
-    batches = calibration_batches(tokenizer, load_text(calibration.data).text, calibration.samples,
+    loaded = load_for_eval(view.source.path, context.device, "float32")
+    batches = calibration_batches(loaded.tokenizer, load_text(calibration.data).text, calibration.samples,
                                   calibration.seq_len, "bits.calibration")
-    context.log(f"bits: scoring {len(view.layers)} layers on {batches.numel()} calibration tokens ({device})")
-    return layer_cosines(model, layer_modules(model, view.layout.prefix, len(view.layers)), batches)
+    context.log(f"bits: scoring {len(view.layers)} layers on {batches.numel()} calibration tokens ({loaded.device})")
+    return layer_cosines(loaded.model, layer_modules(loaded.model, view.layout.prefix, len(view.layers)), batches)
 
 
 def assign_bits(assign: BitAssignment | None, scores: list[float] | None, depths: int, manual: dict[int, int]) -> list[int]:
@@ -176,3 +238,14 @@ def _check_quantizer(step: BitsStep, view: ModelView, targets: list[str]) -> Non
                                f"of {suffix}; use a divisor of {columns}")
         if step.format == "compressed-tensors" and columns % 16:
             raise SurgeryError(f"bits: {suffix} has {columns} input columns; packing needs a multiple of 16")
+
+
+def describe(step: BitsStep) -> str:
+    return (f"Layer-wise quantization (`bits`): layers ranked by {step.score}, RTN in groups of "
+            f"{step.quantizer.group_size}, written {step.format}.")
+
+
+OP = Op("bits", BitsStep, bits, describe,
+        'Dumitru et al. 2024, "Layer-Wise Quantization: A Pragmatic and Effective Method for Quantizing LLMs '
+        'Beyond Integer Bit-Levels"',
+        {"op": "bits", "assign": {"high": 8, "low": 4, "low_fraction": 0.5}})

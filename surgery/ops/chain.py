@@ -8,14 +8,57 @@ tensors are raw copies unless the entry scales some of them.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
 
 from surgery.checkpoint.reader import FLOAT_DTYPES
 from surgery.compute.scale import Scaled
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
-from surgery.plan.schema import ChainStep, LayerEntry
+from surgery.ops.fields import StepModel, Strict, nonempty_list, parse_layers
+from surgery.ops.registry import Op
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import Layer, ModelView
+
+
+class LayerEntry(Strict):
+    """A run of layers, optionally from another model, optionally with some tensors scaled."""
+
+    model: str | None = Field(default=None, description="Source model; default: the plan's model.")
+    layers: list[int] = Field(description="Layer indices: ints and inclusive 'a-b' ranges.")
+    scale: dict[str, float] | None = Field(
+        default=None, description="Multiply the tensors of these modules (e.g. o_proj: 0.5) in these layers."
+    )
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _parse(cls, value: Any) -> list[int]:
+        return parse_layers(value)
+
+
+class ChainStep(StepModel):
+    """Write a model whose layers are any sequence of source layers."""
+
+    op: Literal["chain"]
+    layers: list[LayerEntry] = Field(min_length=1)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _entries(cls, value: Any) -> list[Any]:
+        """Bare ints and ranges are entries from the current model; consecutive ones form one entry."""
+        entries: list[Any] = []
+        for item in nonempty_list(value):
+            if isinstance(item, dict):
+                entries.append(item)
+            elif entries and isinstance(entries[-1], LayerEntry) and entries[-1].model is None:
+                entries[-1] = LayerEntry(layers=entries[-1].layers + parse_layers(item))
+            else:
+                entries.append(LayerEntry(layers=parse_layers(item)))
+        return entries
+
+    def starting_model(self) -> str | None:
+        return next((entry.model for entry in self.layers if entry.model is not None), None)
 
 
 def chain(step: ChainStep, view: ModelView, context: OpContext) -> ModelView:
@@ -96,3 +139,15 @@ def _check_same_architecture(view: ModelView, other: ModelView) -> None:
                 )
         missing = sorted(set(reference) - set(signature))
         raise SurgeryError(f"chain: layer {index} of {other.label} lacks {missing[0]}; models differ in architecture")
+
+
+def describe(step: ChainStep) -> str:
+    entries = [", ".join(map(str, e.layers)) + (f" of {e.model}" if e.model else "")
+               + (f" (scaled {e.scale})" if e.scale else "") for e in step.layers]
+    return "Layers rearranged (`chain`): the new layers are source layers " + "; ".join(entries) + "."
+
+
+OP = Op("chain", ChainStep, chain, describe,
+        'CoLa, Li et al. 2025, "Skip a Layer or Loop it? Test-Time Depth Adaptation of Pretrained LLMs"; '
+        "mergekit's passthrough merge",
+        {"op": "chain", "layers": ["0-3", 3, 5]})

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from surgery.checkpoint.reader import SINGLE_NAME
 from surgery.diff.bytes import ByteComparer
@@ -20,9 +23,44 @@ from surgery.formats.ensemble import (
     vocab_size,
 )
 from surgery.ops.context import OpContext
-from surgery.plan.schema import EnsembleStep
+from surgery.ops.fields import StepModel
+from surgery.ops.registry import Op
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import ModelView, Storage
+
+
+class EnsembleStep(StepModel):
+    """One model whose next-token logits are the weighted mean of its members' (or, with combine: probs,
+    whose distribution is the weighted mixture of theirs)."""
+
+    op: Literal["ensemble"]
+    members: list[str] = Field(min_length=1, description="Model folders sharing one tokenizer.")
+    weights: list[float] | None = Field(default=None, description="One per member (default equal); normalised by their sum.")
+    combine: Literal["logits", "probs"] = "logits"
+    layout: Literal["reference", "copy"] = Field(
+        default="reference", description="reference: members stay where they are (path and sha256); copy: copied in."
+    )
+
+    @model_validator(mode="after")
+    def _weights(self) -> EnsembleStep:
+        if self.weights is not None:
+            if len(self.weights) != len(self.members):
+                raise ValueError(f"{len(self.weights)} weights for {len(self.members)} members; give one weight per member")
+            if sum(self.weights) <= 0:
+                raise ValueError(f"weights sum to {sum(self.weights):g}; they must sum to a positive number")
+            if self.combine == "probs" and min(self.weights) < 0:
+                raise ValueError("combine: probs mixes distributions, so weights must not be negative")
+        return self
+
+    def starting_model(self) -> str | None:
+        return self.members[0]
+
+    def placement_error(self, index: int, steps: int, plan_model: str | None) -> str | None:
+        if steps > 1:
+            return "an ensemble combines whole models: it must be the plan's only step"
+        if plan_model is not None:
+            return "an ensemble takes its models from 'members'; leave 'model:' out"
+        return None
 
 
 def ensemble(step: EnsembleStep, view: ModelView, context: OpContext) -> ModelView:
@@ -85,3 +123,13 @@ def _file_hashes(folder: Path) -> dict[str, str]:
         with open(folder / name, "rb") as f:
             hashes[name] = sha_fileobj(f).hex()
     return hashes
+
+
+def describe(step: EnsembleStep) -> str:
+    return (f"An ensemble of {', '.join(step.members)} combining {step.combine} "
+            f"(`ensemble`, members by {step.layout}).")
+
+
+OP = Op("ensemble", EnsembleStep, ensemble, describe,
+        'Bochkov 2025, "Growing Transformers: Modular Composition and Layer-wise Expansion on a Frozen Substrate"',
+        {"op": "ensemble", "members": ["./prose", "./code"]})

@@ -10,17 +10,29 @@ On one fine-tune beta defaults to 1 - alpha. After a merge, alpha defaults to
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Literal
+
+from pydantic import Field
 
 from surgery.checkpoint.reader import FLOAT_DTYPES
 from surgery.compute.updates import Update, WeightedUpdate
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
-from surgery.ops.merge import check_same_tensors
-from surgery.plan.schema import LinesStep
+from surgery.ops.fields import StepModel
+from surgery.ops.registry import Op
+from surgery.ops.task_vectors import check_same_tensors
 from surgery.recipe.stream import RecipeStreamer
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import ModelView
+
+
+class LinesStep(StepModel):
+    """Scale the current update by depth, alpha + beta * l / (L - 1)."""
+
+    op: Literal["lines"]
+    alpha: float | None = Field(default=None, description="Scale of the first layer and of tensors outside the layers.")
+    beta: float | None = Field(default=None, description="Added scale at the last layer (single-task default 1 - alpha).")
 
 
 def depth_scales(alpha: float, beta: float, layers: int) -> list[float]:
@@ -79,3 +91,13 @@ def multitask_alpha(merges: list[TensorRecipe], device: str) -> float:
     if merged == 0:
         raise SurgeryError("lines: the merged update is zero, so alpha has no default; give alpha")
     return summed / (tasks * merged)
+
+
+def describe(step: LinesStep) -> str:
+    settings = ", ".join(f"{k} {getattr(step, k)}" for k in ("alpha", "beta") if getattr(step, k) is not None)
+    return f"The update scaled by depth (`lines`, LiNeS): {settings or 'defaults'}."
+
+
+OP = Op("lines", LinesStep, lines, describe,
+        'Wang et al. 2024, "LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging"',
+        {"op": "lines", "alpha": 0.2})

@@ -11,15 +11,72 @@ Slots: `loops: B` gives K = L / B slots, depth l using slot l mod K (cycle) or l
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from surgery.checkpoint.reader import FLOAT_DTYPES
 from surgery.compute.lowrank import Mean, ResidualFactors, SvdCache
 from surgery.errors import SurgeryError
 from surgery.formats.recursive import CompactSpec, compact_config, depth_name, lora_names
 from surgery.ops.context import OpContext
-from surgery.plan.schema import MaterializeStep, RelaxSettings, TieStep
+from surgery.ops.fields import StepModel, Strict, nonempty_list, parse_layers
+from surgery.ops.registry import Op
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import Layer, ModelView, Storage
+
+
+class RelaxSettings(Strict):
+    """Per-depth low-rank corrections of the shared weights (Relaxed Recursive Transformers)."""
+
+    rank: int | Literal["full"] = Field(default=16, description="LoRA rank r (capped at min(out, in)), or full.")
+    modules: list[str] | None = Field(
+        default=None, description="Linear modules relaxed, e.g. [q_proj, down_proj]; default every matrix of a layer."
+    )
+    vectors: Literal["per_depth", "shared"] = Field(
+        default="per_depth", description="Norm weights and biases: kept per depth (default) or tied like the matrices."
+    )
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _at_least_one(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"rank {value} is below 1; leave 'relax' out for a strictly recursive model")
+        return value
+
+
+class TieStep(StepModel):
+    """Layer tying: K shared layers looped to the original depth, optionally relaxed per depth by LoRA."""
+
+    op: Literal["tie"]
+    loops: int | None = Field(default=None, ge=1, description="B: how many times the shared block repeats (L/B slots).")
+    strategy: Literal["cycle", "sequence"] = Field(
+        default="cycle", description="cycle: depth l uses slot l mod K; sequence: slot l div B."
+    )
+    block: list[list[int]] | None = Field(
+        default=None, description="Instead of loops: the layers tied into each shared slot, e.g. [[0, 3], [1, 4], [2, 5]]."
+    )
+    init: Literal["average", "stepwise", "lower"] = "average"
+    relax: RelaxSettings | None = None
+    format: Literal["compact", "materialized"] = "compact"
+
+    @field_validator("block", mode="before")
+    @classmethod
+    def _groups(cls, value: Any) -> Any:
+        return None if value is None else [parse_layers(group) for group in nonempty_list(value)]
+
+    @model_validator(mode="after")
+    def _one_map(self) -> TieStep:
+        if (self.loops is None) == (self.block is None):
+            raise ValueError("give either 'loops' (how many times the shared block repeats) or 'block' (the layers "
+                             "tied into each slot), not both or neither")
+        return self
+
+    def placement_error(self, index: int, steps: int, plan_model: str | None) -> str | None:
+        if self.format == "compact" and index < steps - 1:
+            return (f"step {index}: tie with format: compact must be the last step (compact is a storage format); "
+                    "use format: materialized to keep editing after it")
+        return None
 
 
 def tie(step: TieStep, view: ModelView, context: OpContext) -> ModelView:
@@ -168,7 +225,13 @@ def _check_tieable(view: ModelView) -> Layer:
     return reference
 
 
-def materialize(step: MaterializeStep, view: ModelView, context: OpContext) -> ModelView:
-    """A compact checkpoint opens as its L-layer model already (`open_view`), so writing the view as
-    it is writes the standard checkpoint; on a standard checkpoint this is a plain copy."""
-    return view
+def describe(step: TieStep) -> str:
+    slots = f"{step.loops} loops ({step.strategy})" if step.loops else "explicit slots"
+    relaxed = f", relaxed by per-depth LoRA of rank {step.relax.rank}" if step.relax else ""
+    return (f"Layers tied into shared ones looped {slots}, initialised by `{step.init}`{relaxed}, "
+            f"written `{step.format}` (`tie`).")
+
+
+OP = Op("tie", TieStep, tie, describe,
+        'Bae et al. 2024, "Relaxed Recursive Transformers: Effective Parameter Sharing with Layer-wise LoRA"',
+        {"op": "tie", "loops": 2, "relax": {"rank": 16}})

@@ -9,7 +9,8 @@ import yaml
 from pydantic import ValidationError
 
 from surgery.errors import SurgeryError, one_line
-from surgery.plan.schema import OPS, Plan
+from surgery.ops.registry import registry
+from surgery.plan.schema import Plan
 
 MAX_PLAN_BYTES = 1024 * 1024
 # A plan is a page of YAML. These bound what a hostile one can cost: nesting (the composer and
@@ -167,7 +168,7 @@ def _where(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in OPS or "[" in str(part):  # pydantic's union tags, not user fields
+        elif part in registry() or "[" in str(part):  # pydantic's union tags, not user fields
             continue
         else:
             text += f".{part}" if text else str(part)

@@ -1,4 +1,4 @@
-"""Task-vector merges: `task_arithmetic` and `ties`, and what every merge shares.
+"""What every task-vector merge (`task_arithmetic`, `ties`, `atlas`) shares: its models, and the view.
 
 A merge starts from the plan's `base:` and adds an update made of the listed models' task vectors
 (model - base). Every floating-point tensor becomes a computed recipe over the base tensor and the
@@ -8,26 +8,36 @@ models' tensors; integer buffers are the base's, copied.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+from pydantic import Field
 
 from surgery.checkpoint.reader import FLOAT_DTYPES
-from surgery.compute.updates import TiesUpdate, Update, WeightedUpdate
+from surgery.compute.updates import Update
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
-from surgery.plan.schema import MergeModel, TaskArithmeticStep, TiesStep
+from surgery.ops.fields import Strict
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import ModelView
 
 
-def task_arithmetic(step: TaskArithmeticStep, view: ModelView, context: OpContext) -> ModelView:
-    base, models = merge_inputs(step.op, step.models, view, context)
-    update = WeightedUpdate(tuple(m.weight for m in step.models))
-    return merged_view(step.op, base, models, lambda name: update)
+class MergeModel(Strict):
+    """A fine-tuned model whose task vector (model - base) takes part in a merge."""
+
+    model: str
+    weight: float = Field(default=1.0, description="Its lambda_t: how much of its task vector is added.")
 
 
-def ties(step: TiesStep, view: ModelView, context: OpContext) -> ModelView:
-    base, models = merge_inputs(step.op, step.models, view, context)
-    update = TiesUpdate(tuple(m.weight for m in step.models), step.density, step.lam)
-    return merged_view(step.op, base, models, lambda name: update)
+def bare_paths(value: Any) -> Any:
+    """A bare path stands for {model: path} (a `models` field validator)."""
+    if isinstance(value, list):
+        return [{"model": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
+def describe_models(op: str, models: list[MergeModel], extra: str = "") -> str:
+    listed = ", ".join(f"{m.model} (weight {m.weight})" for m in models)
+    return f"Task vectors of {listed} added to the base (`{op}`{extra})."
 
 
 def merge_inputs(op: str, entries: list[MergeModel], view: ModelView, context: OpContext) -> tuple[ModelView, list[ModelView]]:

@@ -1,0 +1,66 @@
+"""What every op's step model is made of: strict models, layer lists, and the step's place in a plan."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+_SINGLE = re.compile(r"^\s*(\d+)\s*$")
+
+
+class Strict(BaseModel):
+    """A part of a plan: unknown keys are errors (a typo must never pass silently), values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StepModel(Strict):
+    """One step of a plan; each op's model adds `op: Literal[NAME]` and its fields."""
+
+    op: str
+
+    def starting_model(self) -> str | None:
+        """The model a plan without `model:` starts from, when this step names one."""
+        return None
+
+    def placement_error(self, index: int, steps: int, plan_model: str | None) -> str | None:
+        """Why this step cannot stand at `index` of `steps` (in a plan whose `model:` is `plan_model`), if it cannot."""
+        return None
+
+
+def nonempty_list(value: Any) -> list[Any]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError("no layers given; list at least one layer, e.g. [0-7, 12]")
+    return items
+
+
+def parse_layers(value: Any) -> list[int]:
+    """Ints and inclusive "a-b" ranges, alone or in a list, to layer indices in order."""
+    items = nonempty_list(value)
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, bool):
+            raise ValueError(f"{item!r} is not a layer; use an integer or an inclusive range like '0-7'")
+        if isinstance(item, int):
+            if item < 0:
+                raise ValueError(f"layer {item} is negative; layers count from 0")
+            out.append(item)
+            continue
+        if isinstance(item, str):
+            if m := _SINGLE.match(item):
+                out.append(int(m[1]))
+                continue
+            if m := _RANGE.match(item):
+                start, stop = int(m[1]), int(m[2])
+                if stop < start:
+                    raise ValueError(
+                        f"range '{item}' is reversed; write '{stop}-{start}' or list the layers in the order you want"
+                    )
+                out.extend(range(start, stop + 1))
+                continue
+        raise ValueError(f"{item!r} is not a layer; use an integer or an inclusive range like '0-7'")
+    return out
