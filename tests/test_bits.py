@@ -155,6 +155,9 @@ def test_packed_output_loads_through_transformers_and_equals_the_dense_simulatio
     ("    score: zd\n    assign: {high: 8, low: 4, low_fraction: 0.5}\n    format: compressed-tensors\n",
      "needs quantizer.symmetric: true"),
     ("    score: lim\n", "add one, e.g. {high: 8, low: 4, low_fraction: 0.5}"),
+    ("    score: zd\n    assign: {high: 8, low: 4, low_fraction: 0.5}\n    format: compressed-tensors\n"
+     "    quantizer: {symmetric: true, group_size: 64}\n  - op: chain\n    layers: [0-3]\n",
+     "bits with format: compressed-tensors must be the last step"),
 ])
 def test_bad_bits_plans(step, message, cli, tmp_path):
     plan = f"model: {demo_model('base')}\noutput: {tmp_path / 'out'}\nsteps:\n  - op: bits\n{step}"
