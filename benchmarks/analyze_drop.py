@@ -19,10 +19,10 @@ from pathlib import Path
 import yaml
 
 from surgery.analyze import analyze
-from surgery.evaluate.run import EvalSettings, evaluate
+from surgery.evaluation.run import EvalSettings, evaluate
 from surgery.execute import execute
 from surgery.fixtures.demo import demo_model
-from surgery.planner import resolve
+from surgery.plan.resolve import resolve
 from surgery.suggest import suggest_drop
 
 

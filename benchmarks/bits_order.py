@@ -17,10 +17,10 @@ import random
 import tempfile
 from pathlib import Path
 
-from surgery.evaluate.run import EvalSettings, evaluate
+from surgery.evaluation.run import EvalSettings, evaluate
 from surgery.execute import execute
 from surgery.fixtures.demo import demo_model
-from surgery.planner import resolve
+from surgery.plan.resolve import resolve
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 QUANTIZER = "    quantizer: {group_size: 64, symmetric: false}\n"

@@ -12,10 +12,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from surgery.evaluate.run import EvalSettings, evaluate
+from surgery.evaluation.run import EvalSettings, evaluate
 from surgery.execute import execute
 from surgery.fixtures.demo import demo_model
-from surgery.planner import resolve
+from surgery.plan.resolve import resolve
 
 DATA = ("builtin:prose-heldout", "builtin:code-heldout", "builtin:mixed-heldout")
 

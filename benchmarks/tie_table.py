@@ -13,10 +13,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from surgery.evaluate.run import EvalSettings, evaluate
+from surgery.evaluation.run import EvalSettings, evaluate
 from surgery.execute import execute
 from surgery.fixtures.demo import demo_model
-from surgery.planner import resolve
+from surgery.plan.resolve import resolve
 
 RANKS = (None, 4, 16, 64, "full")
 

@@ -1,3 +1,5 @@
 """surgery: model surgery on Hugging Face checkpoints from declarative YAML plans."""
 
-__version__ = "0.1.0"
+from surgery.version import __version__
+
+__all__ = ["__version__"]

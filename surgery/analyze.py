@@ -1,7 +1,7 @@
 """`surgery analyze`: per-layer importance and redundancy, measured on calibration text in one pass.
 
 Per layer, averaged over tokens (hooks on the transformers model):
-- `bi` (ShortGPT) = 1 - cos(h_in, h_out) and `lim` = -cos(h_in, h_out), as in surgery/importance.py;
+- `bi` (ShortGPT) = 1 - cos(h_in, h_out) and `lim` = -cos(h_in, h_out), as in surgery/evaluation/importance.py;
 - `zd`: the fraction of weights with |z| > 1, averaged over the layer's matrices;
 - Csordas et al. 2025's residual contributions: `attn` = ||attn_out|| / ||h||, `mlp` = ||mlp_out|| /
   ||h + attn_out||, `layer` = ||h_out - h|| / ||h|| (None where the layer has no attention/MLP child).
@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from surgery import importance
+from surgery.evaluation import importance
 
 MAX_BLOCK = 4
 
@@ -70,20 +70,16 @@ def analyze_model(model: Any, layers: Any, batches: Any, weights: list[list[Any]
     def ratio(numerator: Any, denominator: Any) -> float:
         return float((numerator.float().norm(dim=-1) / denominator.float().norm(dim=-1).clamp_min(1e-12)).sum())
 
-    def on_layer(index: int) -> Any:
-        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            entering = args[0] if args else kwargs["hidden_states"]
-            leaving = output[0] if isinstance(output, tuple) else output
-            states[index], states[index + 1] = entering, leaving
-            cosine = torch.nn.functional.cosine_similarity(entering.float(), leaving.float(), dim=-1)
-            sums.cos[index] += float(cosine.sum())
-            sums.layer[index] += ratio(leaving - entering, entering)
-            attn, mlp = parts.pop((index, "attn"), None), parts.pop((index, "mlp"), None)
-            if attn is not None:
-                sums.attn[index] += ratio(attn, entering)
-            if mlp is not None:
-                sums.mlp[index] += ratio(mlp, entering + (attn if attn is not None else 0))
-        return hook
+    def on_layer(index: int, entering: Any, leaving: Any) -> None:
+        states[index], states[index + 1] = entering, leaving
+        cosine = torch.nn.functional.cosine_similarity(entering.float(), leaving.float(), dim=-1)
+        sums.cos[index] += float(cosine.sum())
+        sums.layer[index] += ratio(leaving - entering, entering)
+        attn, mlp = parts.pop((index, "attn"), None), parts.pop((index, "mlp"), None)
+        if attn is not None:
+            sums.attn[index] += ratio(attn, entering)
+        if mlp is not None:
+            sums.mlp[index] += ratio(mlp, entering + (attn if attn is not None else 0))
 
     def on_part(index: int, kind: str) -> Any:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
@@ -93,23 +89,20 @@ def analyze_model(model: Any, layers: Any, batches: Any, weights: list[list[Any]
     handles = []
     has_parts = {"attn": True, "mlp": True}
     for index, layer in enumerate(layers):
-        handles.append(layer.register_forward_hook(on_layer(index), with_kwargs=True))
         for kind in ("attn", "mlp"):
             child = _child(layer, kind)
             has_parts[kind] &= child is not None
             if child is not None:
                 handles.append(child.register_forward_hook(on_part(index, kind)))
-    device = next(model.parameters()).device
     try:
-        with torch.inference_mode():
-            for row in batches:
-                states.clear()
-                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+        with importance.watching_layers(layers, on_layer):
+            for row in importance.forward_rows(model, batches):
                 sums.tokens += row.numel()
                 for n, totals in sums.distance.items():
                     for i in range(len(totals)):
                         cosine = torch.nn.functional.cosine_similarity(states[i].float(), states[i + n].float(), dim=-1)
                         totals[i] += float((cosine.clamp(-1, 1).acos() / math.pi).sum())
+                states.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -153,8 +146,9 @@ def analyze(path: str, data: list[str], samples: int, seq_len: int, device: str)
     from surgery.checkpoint.layout import find_layout
     from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint
     from surgery.errors import SurgeryError
-    from surgery.evaluate.data import load_text
-    from surgery.evaluate.loading import layer_modules, load_for_eval
+    from surgery.evaluation.data import load_text
+    from surgery.evaluation.loading import load_for_eval
+    from surgery.evaluation.models import layer_modules
 
     checkpoint = Checkpoint.open(path)
     layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path))

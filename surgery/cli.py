@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from surgery import __version__
 from surgery.errors import SurgeryError
 from surgery.formatting import human_bytes
+from surgery.version import __version__
 
 if TYPE_CHECKING:
-    from surgery.planner import Recipe
+    from surgery.plan.resolve import Recipe
 
 app = typer.Typer(
     name="surgery",
@@ -87,7 +87,7 @@ def apply(
 ) -> None:
     """Validate a plan against the real checkpoints, then stream the edit into the output folder."""
     from surgery.execute import execute
-    from surgery.planner import resolve
+    from surgery.plan.resolve import resolve
 
     recipe = resolve(plan, out, device)
     push_repo = push_to or (recipe.plan.push.repo if recipe.plan.push else None)
@@ -105,7 +105,7 @@ def apply(
     _print_recipe(recipe, shard_size)
     console.print(f"[green]wrote[/] {written} in {elapsed:.2f}s")
     if recipe.plan.evaluate is not None:
-        from surgery.evaluate.plan import evaluate_output
+        from surgery.pipeline import evaluate_output
 
         print_eval(evaluate_output(recipe, device))
     if push_repo is not None:
@@ -190,13 +190,13 @@ def materialize(
     from surgery.execute import execute
     from surgery.formats.recursive import is_compact
     from surgery.ops.materialize import MaterializeStep
+    from surgery.plan.resolve import resolve
     from surgery.plan.schema import Plan
-    from surgery.planner import resolve_plan
 
     if not is_compact(read_config(compact)):
         raise SurgeryError(f"{compact} is not a compact recursive model (its config.json has no surgery_recursive)")
     plan = Plan(model=str(compact.resolve()), steps=[MaterializeStep(op="materialize")])
-    recipe = resolve_plan(plan, Path.cwd() / "materialize", out, device)
+    recipe = resolve(plan, out, device)
     with _byte_progress(recipe.total_bytes, f"writing {recipe.output}") as advance, _terminate_as_interrupt():
         written = execute(recipe, force=force, resume=resume, max_shard_size=_shard_size(shard_size), device=device,
                           on_bytes=advance, log=_log)
@@ -213,7 +213,7 @@ def check(
 ) -> None:
     """Validate a plan (headers, plus the data its fits need) and print what would be written.
     Exit 0 when valid, 2 when not."""
-    from surgery.planner import resolve
+    from surgery.plan.resolve import resolve
 
     recipe = resolve(plan, out, device)
     if as_json:
@@ -299,7 +299,7 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Perplexity (sliding window) and tokens/s of a model, beside a base model on the same tokens."""
-    from surgery.evaluate.run import EvalSettings, evaluate, source_of
+    from surgery.evaluation.run import EvalSettings, evaluate, source_of
 
     task_list = tuple(t.strip() for t in (tasks or "").split(",") if t.strip())
     settings = EvalSettings(tuple(data or ["builtin"]), max_tokens, window, stride, batch_size, device, dtype, task_list)

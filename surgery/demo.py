@@ -9,11 +9,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from surgery.evaluate.plan import evaluate_output
 from surgery.execute import execute
 from surgery.fixtures.demo import TRAINED, demo_model
 from surgery.formatting import human_bytes
-from surgery.planner import resolve
+from surgery.pipeline import evaluate_output
+from surgery.plan.resolve import resolve
 from surgery.recipe.view import format_layer_map
 
 

@@ -23,7 +23,7 @@ from surgery.checkpoint.writer import ShardEntry, ShardPlan, shard_header, write
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
 from surgery.partial import PartialOutput, ShardRecord, TrailingHash, journaled_bytes, partial_folder
-from surgery.planner import Recipe
+from surgery.plan.resolve import Recipe
 from surgery.provenance import PROVENANCE_NAME, read_provenance, write_json
 from surgery.recipe.stream import RecipeStreamer
 

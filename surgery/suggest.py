@@ -104,17 +104,17 @@ def suggest_bits(analysis: Analysis, average: float, group_size: int, model_ref:
 def suggest_tie(model_path: Path, loops: int, rows: Any, model_ref: str, device: str,
                 log: Callable[[str], None]) -> Suggestion:
     """Each init tied (materialized, in a temporary folder) and scored; the best becomes the plan."""
-    from surgery.evaluate.loading import load_for_eval
+    from surgery.evaluation.loading import load_for_eval
     from surgery.execute import execute
+    from surgery.plan.resolve import resolve
     from surgery.plan.schema import Plan
-    from surgery.planner import resolve_plan
 
     trials = []
     with tempfile.TemporaryDirectory() as tmp:
         for init in ("average", "stepwise", "lower"):
             plan = Plan.model_validate({"model": str(model_path), "steps": [
                 {"op": "tie", "loops": loops, "init": init, "format": "materialized"}]})
-            out = execute(resolve_plan(plan, Path(tmp) / "plan.yaml", Path(tmp) / init, device), fsync=False)
+            out = execute(resolve(plan, Path(tmp) / init, device, base_dir=tmp), fsync=False)
             perplexity = held_out_perplexity(load_for_eval(out, device=device, dtype="float32").model, rows)
             log(f"tie loops {loops}, init {init}: perplexity {perplexity:.2f}")
             trials.append({"init": init, "perplexity": perplexity})

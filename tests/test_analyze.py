@@ -23,7 +23,7 @@ def test_metrics_equal_direct_computations(cli, tmp_path):
     assert len(data["layers"]) == 8 and data["tokens"] == 512
     from transformers import AutoTokenizer
 
-    from surgery.evaluate.data import load_text
+    from surgery.evaluation.data import load_text
 
     ids = AutoTokenizer.from_pretrained(base)(load_text("builtin:mixed-dev").text)["input_ids"][:6 * 128]
     model = load(base)

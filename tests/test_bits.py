@@ -80,7 +80,7 @@ def test_lim_and_zd_scores_equal_direct_computations(cli, tmp_path):
     model = load(demo_model("base"))
     from transformers import AutoTokenizer
 
-    from surgery.evaluate.data import load_text
+    from surgery.evaluation.data import load_text
 
     ids = AutoTokenizer.from_pretrained(demo_model("base"))(load_text("builtin:mixed-dev").text)["input_ids"][:512]
     cos = torch.zeros(8, dtype=torch.float64)

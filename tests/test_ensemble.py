@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from surgery.evaluate.loading import load_for_eval
+from surgery.evaluation.loading import load_for_eval
 from surgery.fixtures.demo import demo_model
 from tests.conftest import listing, write_plan
 from tests.reference import load, outputs

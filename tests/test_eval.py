@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from surgery.evaluate.perplexity import plan_windows
+from surgery.evaluation.perplexity import plan_windows
 from surgery.fixtures.models import ENCODERS
 from tests.conftest import ARCHS, listing, write_plan
 

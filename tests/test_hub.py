@@ -25,9 +25,9 @@ def hub(monkeypatch):
 def output(tmp_path_factory):
     """A real apply output with an evaluation (weights, config, tokenizer, surgery.json, card)."""
     from surgery.cli import main  # noqa: F401  (the cli fixture is function-scoped; apply once here)
-    from surgery.evaluate.plan import evaluate_output
     from surgery.execute import execute
-    from surgery.planner import resolve
+    from surgery.pipeline import evaluate_output
+    from surgery.plan.resolve import resolve
 
     folder = tmp_path_factory.mktemp("apply")
     plan = write_plan(folder, f"model: {demo_model('base')}\noutput: {folder / 'out'}\nsteps:\n  - op: chain\n"

@@ -250,7 +250,7 @@ def test_models_that_need_their_own_code_are_refused(cli, tmp_path):
 def test_output_file_names_cannot_leave_the_output_folder(plan, tmp_path):
     from surgery.errors import SurgeryError
     from surgery.execute import execute
-    from surgery.planner import resolve
+    from surgery.plan.resolve import resolve
 
     recipe = resolve(plan, tmp_path / "out")
     recipe = replace(recipe, view=replace(recipe.view, extra_files={"../escaped.txt": "x"}))  # values: a new one

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgery.evaluate.loading import load_for_eval
+from surgery.evaluation.loading import load_for_eval
 from surgery.fixtures.demo import demo_model
 from surgery.ops.tie import TieStep, init_sources, slot_groups
 from tests.conftest import assert_plan_refused, outputs_on_devices, write_plan
@@ -114,7 +114,7 @@ def test_lora_factors_are_the_truncated_svd_of_the_residual(cli, tmp_path):
 
 
 def test_perplexity_improves_with_rank_and_compact_size(cli, tmp_path):
-    from surgery.evaluate.run import EvalSettings, evaluate
+    from surgery.evaluation.run import EvalSettings, evaluate
 
     base = demo_model("base")
     settings = EvalSettings(data=("builtin:mixed-dev",), max_tokens=2048, device="cpu", dtype="float32")

@@ -47,7 +47,7 @@ def learn_coefficients(
     import torch
     from torch.func import functional_call
 
-    from surgery.evaluate.loading import load_for_eval
+    from surgery.evaluation.loading import load_for_eval
 
     loaded = load_for_eval(base.source.path, settings.device, "float32")
     model, device = loaded.model, loaded.device
@@ -97,7 +97,7 @@ def _training_sequences(tokenizer, settings: LearnSettings):
     """Windows of `window` tokens cut from the first `max_tokens` tokens of each text."""
     import torch
 
-    from surgery.evaluate.data import load_text
+    from surgery.evaluation.data import load_text
 
     windows = []
     for spec in settings.data:

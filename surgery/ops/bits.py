@@ -1,6 +1,6 @@
 """`bits`: layer-wise bit assignment (Dumitru et al. 2024, "Layer-Wise Quantization").
 
-Layers are ranked by a measured importance score (LIM, ZD or BI, from surgery/importance.py),
+Layers are ranked by a measured importance score (LIM, ZD or BI, from surgery/evaluation/importance.py),
 and the least important get the low width. The per-layer map, the scores and the average bits
 go to surgery.json. Each layer's matrices are then quantized by RTN with per-group scales:
 - `dense`: dequantized back to the source dtype, an exact simulation for scoring;
@@ -144,7 +144,7 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
 
 def layer_scores(step: BitsStep, view: ModelView, context: OpContext) -> list[float] | None:
     """Importance per layer (higher: more important), measured as the step says; None when manual."""
-    from surgery import importance
+    from surgery.evaluation import importance
 
     if step.score == "manual":
         return None
@@ -161,9 +161,10 @@ def layer_scores(step: BitsStep, view: ModelView, context: OpContext) -> list[fl
 
 
 def _cosines(step: BitsStep, view: ModelView, context: OpContext) -> list[float]:
-    from surgery.evaluate.data import load_text
-    from surgery.evaluate.loading import layer_modules, load_for_eval
-    from surgery.importance import calibration_batches, layer_cosines
+    from surgery.evaluation.data import load_text
+    from surgery.evaluation.importance import calibration_batches, layer_cosines
+    from surgery.evaluation.loading import load_for_eval
+    from surgery.evaluation.models import layer_modules
 
     calibration = step.calibration
     loaded = load_for_eval(view.source.path, context.device, "float32")

@@ -13,7 +13,7 @@ from surgery.checkpoint.reader import SINGLE_NAME
 from surgery.diff.bytes import ByteComparer
 from surgery.diff.workers import Workers
 from surgery.errors import SurgeryError
-from surgery.evaluate.loading import require_causal_lm
+from surgery.evaluation.models import require_causal_lm
 from surgery.formats.ensemble import (
     EnsembleSpec,
     Member,

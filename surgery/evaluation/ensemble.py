@@ -5,39 +5,34 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from surgery.evaluate.loading import context_length
-from surgery.formats.ensemble import EnsembleSpec, check_member_unchanged, is_ensemble, member_name, read_spec
+from surgery.checkpoint.reader import Checkpoint, read_config
+from surgery.evaluation.models import context_length
+from surgery.formats.ensemble import EnsembleSpec, check_member_unchanged, member_name, read_spec
+
+LoadModel = Callable[[Path, str, Any], Any]  # (folder, device, dtype) -> the module of any model kind
 
 
-def is_ensemble_folder(folder: Path) -> bool:
-    from surgery.checkpoint.reader import read_config
-
-    return (folder / "config.json").is_file() and is_ensemble(read_config(folder))
-
-
-def load_ensemble(folder: Path, device: str, dtype: Any) -> Any:
-    """Each member loaded once; on CUDA with several devices, member i goes to device i mod count."""
-    from surgery.checkpoint.reader import read_config
-
+def load_ensemble(folder: Path, device: str, dtype: Any, load_model: LoadModel) -> Any:
+    """Each member loaded once (a member by reference with `load_model`, whatever kind it is); on CUDA
+    with several devices, member i goes to device i mod count."""
     spec = read_spec(folder, read_config(folder))
     count = torch.cuda.device_count() if device == "cuda" else 0  # an explicit cuda:N keeps every member there
     placements = [f"cuda:{i % count}" if count > 1 else device for i in range(len(spec.members))]
-    members = [_load_member(folder, spec, i, placement, dtype) for i, placement in enumerate(placements)]
+    members = [_load_member(folder, spec, i, placement, dtype, load_model) for i, placement in enumerate(placements)]
     model = EnsembleModel(members, spec.weights, spec.combine)
     folders = [folder] + [Path(m.path) for m in spec.members if m.path is not None]
     model.bytes_on_disk = sum(p.stat().st_size for f in folders for p in f.glob("*.safetensors"))
     return model
 
 
-def _load_member(folder: Path, spec: EnsembleSpec, index: int, device: str, dtype: Any) -> Any:
-    from surgery.evaluate.loading import load_model
-
+def _load_member(folder: Path, spec: EnsembleSpec, index: int, device: str, dtype: Any, load_model: LoadModel) -> Any:
     member = spec.members[index]
     if member.path is not None:
         path = Path(member.path)
@@ -49,8 +44,6 @@ def _load_member(folder: Path, spec: EnsembleSpec, index: int, device: str, dtyp
 def _load_copied(folder: Path, spec: EnsembleSpec, index: int, device: str, dtype: Any) -> Any:
     from safetensors import safe_open
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
-
-    from surgery.checkpoint.reader import Checkpoint
 
     checkpoint = Checkpoint.open(folder)
     prefix = member_name(index, "")

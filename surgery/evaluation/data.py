@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.errors import SurgeryError
-from surgery.fixtures import corpora
+from surgery.evaluation import corpora
 
 # `builtin` is all of Python's documentation text (pydoc_data.topics, sorted key order); the -heldout
 # and -dev splits are what the demo models never saw in training: -heldout to score on, -dev for fits

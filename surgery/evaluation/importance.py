@@ -1,4 +1,4 @@
-"""Per-layer importance scores, shared by the `bits` op and `surgery analyze`.
+"""Per-layer importance scores and the hooks that measure layers, shared by the `bits` op and `surgery analyze`.
 
 - LIM (Dumitru et al. 2024): -cos(layer input, layer output), averaged over calibration tokens.
   Higher means the layer changes its input more, so it matters more.
@@ -9,12 +9,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from surgery.errors import SurgeryError
 
 if TYPE_CHECKING:
     import torch
+
+
+LayerHook = Callable[[int, "torch.Tensor", "torch.Tensor"], None]
+
+
+@contextmanager
+def watching_layers(layers: Any, on_layer: LayerHook) -> Iterator[None]:
+    """While inside, every forward of layer i calls on_layer(i, hidden state entering it, leaving it)."""
+
+    def hook(index: int) -> Any:
+        def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            entering = args[0] if args else kwargs["hidden_states"]
+            on_layer(index, entering, output[0] if isinstance(output, tuple) else output)
+        return record
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_rows(model: Any, rows: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Run each row through the model alone, cache off; yield it once its forward is done."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for row in rows:
+            model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+            yield row
 
 
 def layer_cosines(model: Any, layers: Any, batches: torch.Tensor) -> list[float]:
@@ -24,24 +58,14 @@ def layer_cosines(model: Any, layers: Any, batches: torch.Tensor) -> list[float]
     sums = [0.0] * len(layers)
     counts = [0] * len(layers)
 
-    def hook(index: int) -> Any:
-        def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            entering = args[0] if args else kwargs["hidden_states"]
-            leaving = output[0] if isinstance(output, tuple) else output
-            cosine = torch.nn.functional.cosine_similarity(entering.float(), leaving.float(), dim=-1)
-            sums[index] += float(cosine.sum())
-            counts[index] += cosine.numel()
-        return record
+    def record(index: int, entering: torch.Tensor, leaving: torch.Tensor) -> None:
+        cosine = torch.nn.functional.cosine_similarity(entering.float(), leaving.float(), dim=-1)
+        sums[index] += float(cosine.sum())
+        counts[index] += cosine.numel()
 
-    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
-    try:
-        with torch.inference_mode():
-            for row in batches:
-                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with watching_layers(layers, record):
+        for _ in forward_rows(model, batches):
+            pass
     return [s / c for s, c in zip(sums, counts)]
 
 

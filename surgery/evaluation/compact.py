@@ -15,13 +15,8 @@ from surgery.checkpoint.config import per_layer_values, rewrite_config
 from surgery.checkpoint.layout import layer_count
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.formats.recursive import depth_name, is_compact, lora_names, read_spec
-
-
-def is_compact_folder(folder: Path) -> bool:
-    from surgery.checkpoint.reader import read_config
-
-    return (folder / "config.json").is_file() and is_compact(read_config(folder))
+from surgery.evaluation.models import layer_modules, require_causal_lm
+from surgery.formats.recursive import depth_name, lora_names, read_spec
 
 
 def load_compact(folder: Path, device: str, dtype: Any) -> Any:
@@ -31,8 +26,6 @@ def load_compact(folder: Path, device: str, dtype: Any) -> Any:
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from surgery.evaluate.loading import layer_modules, require_causal_lm
 
     checkpoint = Checkpoint.open(folder)
     spec, base = read_spec(checkpoint)

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
-from surgery.evaluate.data import EvalText, load_text
-from surgery.evaluate.harness import check_tasks, run_tasks
-from surgery.evaluate.loading import LoadedModel, context_length, load_for_eval
-from surgery.evaluate.perplexity import PerplexityResult, perplexity
+from surgery.evaluation.data import EvalText, load_text
+from surgery.evaluation.harness import check_tasks, run_tasks
+from surgery.evaluation.loading import LoadedModel, load_for_eval
+from surgery.evaluation.models import context_length
+from surgery.evaluation.perplexity import PerplexityResult, perplexity
 from surgery.provenance import read_provenance
 
 DEFAULT_WINDOW = 2048

@@ -1,0 +1,81 @@
+"""What every loader and fit needs of a transformers model: its dtype, its layers, its head, quiet logs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import SurgeryError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """auto: bfloat16 on a GPU that has it (else float16), float32 on CPU."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise SurgeryError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def require_causal_lm(config: dict[str, Any], where: str | Path) -> None:
+    """Perplexity needs a language-model head; an encoder would get a random one from transformers."""
+    architectures = config.get("architectures") or []
+    if architectures and not any("CausalLM" in a or "LMHead" in a for a in architectures):
+        raise SurgeryError(f"{where} is a {architectures[0]} (no language-model head): perplexity needs a causal LM")
+
+
+def refuse_remote_code(config: dict[str, Any], folder: Path) -> None:
+    """A model whose architecture exists only as code shipped beside it (config `auto_map`) is refused:
+    surgery never runs a checkpoint's own code."""
+    from transformers import CONFIG_MAPPING
+
+    if config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING:
+        raise SurgeryError(
+            f"{folder}: its architecture ({config.get('model_type')!r}) is defined by code shipped with the model "
+            "(config.json auto_map); surgery never runs remote code: use a transformers-native architecture"
+        )
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off: surgery reports what matters itself."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence a model's config allows, where it says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
+def layer_modules(model: Any, prefix: str, count: int) -> Any:
+    """The ModuleList of a loaded model's layers: at the checkpoint's prefix, else the one of that length."""
+    import torch
+
+    try:
+        return model.get_submodule(prefix)
+    except AttributeError:
+        candidates = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+        if len(candidates) != 1:
+            raise SurgeryError(f"cannot find the {count} layers of {type(model).__name__}") from None
+        return candidates[0]

@@ -1,0 +1,162 @@
+"""Resolve a plan against the real checkpoints (headers only, plus the data its fits need) into a recipe.
+
+The recipe is a value: every output tensor and how it is made, the output config, where it goes,
+the sources it reads and what the fits found. `check` prints it; `apply` writes it. Everything that
+can be checked before writing is checked here, the `evaluate:` section included.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from surgery.checkpoint.reader import Checkpoint
+from surgery.checkpoint.writer import ShardPlan, plan_shards
+from surgery.devices import check_device_name
+from surgery.errors import SurgeryError
+from surgery.evaluation.data import load_text
+from surgery.evaluation.models import DTYPES, require_causal_lm
+from surgery.formats.views import open_view
+from surgery.ops.context import OpContext
+from surgery.ops.registry import op_of
+from surgery.plan.load import load_plan
+from surgery.plan.references import resolve_model_path
+from surgery.plan.schema import EvaluateSection, Plan
+from surgery.recipe.tensor import TensorRecipe
+from surgery.recipe.view import LayerOrigin, ModelView
+from surgery.version import __version__
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A resolved plan: the output view, where it goes, the sources it reads, what its fits found."""
+
+    plan: Plan
+    plan_path: Path | None  # None for a plan built in code
+    output: Path
+    view: ModelView
+    sources: dict[str, Checkpoint]
+    fits: tuple[dict[str, Any], ...] = ()  # what data-dependent fits found, by step
+    evaluation_reference: Path | None = None  # the model scored beside the output, when the plan evaluates
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorRecipe]:
+        """Every output tensor by name, in write order."""
+        return self.view.written_tensors()
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """The output's config.json."""
+        return self.view.written_config()
+
+    def layer_map(self) -> list[LayerOrigin]:
+        return [layer.origin for layer in self.view.layers]
+
+    def shards(self, max_shard_size: int | str) -> list[ShardPlan]:
+        """No shards when nothing is stored (an ensemble by reference)."""
+        return plan_shards(self.tensors, max_shard_size) if self.tensors else []
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.nbytes for r in self.tensors.values())
+
+    def provenance(self) -> dict[str, Any]:
+        """What surgery.json records: enough to identify the inputs and re-run the edit."""
+        return {
+            "surgery_version": __version__,
+            "plan": self.plan.model_dump(mode="json", exclude_none=True, by_alias=True),
+            **({"plan_file": str(self.plan_path)} if self.plan_path is not None else {}),
+            "sources": {
+                label: {"path": str(ckpt.path), "header_sha256": ckpt.header_hashes}
+                for label, ckpt in self.sources.items()
+            },
+            "source_model": str(self.view.source.path),
+            **({"fits": list(self.fits)} if self.fits else {}),
+            "layer_map": [str(origin) for origin in self.layer_map()],
+            "tensors": len(self.tensors),
+            "bytes": self.total_bytes,
+        }
+
+
+def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: str = "auto",
+            base_dir: str | Path | None = None) -> Recipe:
+    """Open a plan's checkpoints' headers, run its data-dependent fits (on `device`) and its ops into
+    one view, and check everything that can be checked before writing.
+
+    `plan` is a plan file (its paths are relative to its folder) or a Plan built in code (paths
+    relative to `base_dir`, default the current folder); `output` overrides the plan's `output`.
+    """
+    if isinstance(plan, Plan):
+        plan_path, where, folder = None, "plan", Path(base_dir or Path.cwd()).resolve()
+    else:
+        plan_path = Path(plan)
+        where, folder, plan = str(plan_path), plan_path.resolve().parent, load_plan(plan_path)
+    views: dict[str, ModelView] = {}
+    sources: dict[str, Checkpoint] = {}
+
+    def open_model(ref: str) -> ModelView:
+        if ref not in views:
+            checkpoint = Checkpoint.open(resolve_model_path(ref, folder))
+            sources[ref] = checkpoint
+            views[ref] = open_view(checkpoint, label=ref)
+        return views[ref]
+
+    primary = plan.starting_model()
+    if primary is None:
+        raise SurgeryError(f"{where}: the plan names no model; add 'model: PATH' at the top")
+    view = open_model(primary)
+    context = OpContext(open_model, plan.base, device, log=lambda line: print(line, file=sys.stderr))
+    fits: list[dict[str, Any]] = []
+    for index, step in enumerate(plan.steps):
+        view = op_of(step).build(step, view, context)
+        fits.extend({"step": index, "op": step.op, **found} for found in context.fits)
+        context.fits.clear()
+    out = _output_folder(plan, output, folder, where)
+    for checkpoint in sources.values():
+        source, target = checkpoint.path.resolve(), out.resolve()
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            raise SurgeryError(
+                f"output {out} overlaps the input model {checkpoint.path}; inputs are never modified, pick another --out"
+            )
+    reference = None
+    if plan.evaluate is not None:
+        reference = _reference_model(plan, plan.evaluate, lambda ref: resolve_model_path(ref, folder), view.source.path)
+        _check_evaluation(plan.evaluate, view.written_config(), reference)
+    return Recipe(plan, plan_path, out, view, sources, tuple(fits), reference)
+
+
+def _output_folder(plan: Plan, output: str | Path | None, folder: Path, where: str) -> Path:
+    if output is not None:
+        return Path(output)
+    if plan.output is None:
+        raise SurgeryError(f"{where}: no output folder; add 'output: PATH' to the plan or pass --out")
+    out = Path(plan.output).expanduser()
+    return out if out.is_absolute() else (folder / out).resolve()
+
+
+def _reference_model(plan: Plan, section: EvaluateSection, resolve_ref: Any, primary: Path) -> Path:
+    """`compare_to`: `model` is the plan's input model, `base` its `base:`, anything else a path."""
+    if section.compare_to == "model":
+        return primary
+    if section.compare_to == "base":
+        if plan.base is None:
+            raise SurgeryError("evaluate.compare_to: base needs a 'base:' model at the top of the plan")
+        return resolve_ref(plan.base)
+    return resolve_ref(section.compare_to)
+
+
+def _check_evaluation(section: EvaluateSection, output_config: dict[str, Any], reference: Path) -> None:
+    """Everything about scoring that can be checked before writing: names, files, an LM head."""
+    check_device_name(section.device)
+    if section.dtype not in DTYPES:
+        raise SurgeryError(f"evaluate.dtype: unknown dtype {section.dtype!r}; use {', '.join(DTYPES)}")
+    for spec in section.data:
+        load_text(spec)
+    if section.window is not None and section.stride is not None and section.stride > section.window:
+        raise SurgeryError(f"evaluate: stride {section.stride} is larger than window {section.window}")
+    require_causal_lm(output_config, "the output")
+    if not reference.is_dir():
+        raise SurgeryError(f"evaluate.compare_to: {reference} does not exist")
