@@ -18,12 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from surgery.analyze import analyze
+from surgery.analysis.measure import analyze
+from surgery.analysis.suggestions import suggest_drop
+from surgery.demo_models import demo_model
 from surgery.evaluation.run import EvalSettings, evaluate
-from surgery.execute import execute
-from surgery.fixtures.demo import demo_model
-from surgery.plan.resolve import resolve
-from surgery.suggest import suggest_drop
+from surgery.pipeline import apply
 
 
 def main() -> None:
@@ -39,14 +38,13 @@ def main() -> None:
         def score(kept: list[int]) -> float:
             plan = Path(tmp) / "plan.yaml"
             plan.write_text(f"model: {base}\noutput: {Path(tmp) / 'out'}\nsteps:\n  - op: chain\n    layers: {kept}\n")
-            return evaluate(execute(resolve(plan, device="cpu"), force=True, fsync=False), settings).perplexity
+            return evaluate(apply(plan, device="cpu", force=True, fsync=False).output, settings).perplexity
 
         print(f"held-out mixed text, {args.max_tokens} tokens; all {depth} layers: {score(list(range(depth))):.1f}\n")
         print("| dropped | suggested (layers) | last N | random, mean of 5 (min-max) |")
         print("|---|---|---|---|")
         for count in (1, 2, 3):
-            suggestion = suggest_drop(session.model, session.prefix, session.analysis, session.held_out, count,
-                                      depth, str(base), lambda line: None)
+            suggestion = suggest_drop(session, count, depth, lambda line: None)
             kept = [i for part in yaml.safe_load(suggestion.plan)["steps"][0]["layers"] for i in _expand(part)]
             dropped = sorted(set(range(depth)) - set(kept))
             randoms = []

@@ -25,7 +25,7 @@ from bench_chain import timed
 from make_checkpoint import generate
 
 import surgery
-from surgery.fixtures.demo import demo_model
+from surgery.demo_models import demo_model
 
 
 def fine_tune(base: Path, folder: Path) -> Path:

@@ -12,7 +12,7 @@ import time
 
 def main() -> None:
     os.environ["SURGERY_CACHE"] = tempfile.mkdtemp(prefix="surgery-fixtures-")
-    from surgery.fixtures.demo import demo_model, demo_names
+    from surgery.demo_models import demo_model, demo_names
 
     start = time.perf_counter()
     for name in demo_names():

@@ -17,10 +17,9 @@ import random
 import tempfile
 from pathlib import Path
 
+from surgery import pipeline
+from surgery.demo_models import demo_model
 from surgery.evaluation.run import EvalSettings, evaluate
-from surgery.execute import execute
-from surgery.fixtures.demo import demo_model
-from surgery.plan.resolve import resolve
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 QUANTIZER = "    quantizer: {group_size: 64, symmetric: false}\n"
@@ -39,7 +38,7 @@ def main() -> None:
         def apply(step: str) -> Path:
             plan = work / "plan.yaml"
             plan.write_text(f"model: {base}\noutput: {work / 'out'}\nsteps:\n  - op: bits\n{step}{QUANTIZER}")
-            return execute(resolve(plan, device="cpu"), force=True, fsync=False)
+            return pipeline.apply(plan, device="cpu", force=True, fsync=False).output
 
         def scores(score: str) -> list[float]:
             out = apply(f"    score: {score}\n    calibration: {{data: builtin:mixed-dev}}\n"

@@ -12,10 +12,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from surgery.demo_models import demo_model
 from surgery.evaluation.run import EvalSettings, evaluate
-from surgery.execute import execute
-from surgery.fixtures.demo import demo_model
-from surgery.plan.resolve import resolve
+from surgery.pipeline import apply
 
 DATA = ("builtin:prose-heldout", "builtin:code-heldout", "builtin:mixed-heldout")
 
@@ -44,7 +43,7 @@ def main() -> None:
             plan = Path(tmp) / "plan.yaml"
             plan.write_text(f"output: {Path(tmp) / combine}\nsteps:\n  - op: ensemble\n    members: [{prose}, {code}]\n"
                             f"    combine: {combine}\n")
-            row(f"ensemble, combine: {combine}", execute(resolve(plan, device=args.device), fsync=False))
+            row(f"ensemble, combine: {combine}", apply(plan, device=args.device, fsync=False).output)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python -m pytest -q -p no:cacheprovider tests/test_bits.py tests/test_tie.py tests/test_ensemble.py -k cuda -rs 2>&1 \
     | tee "$out/pytest.txt"
 python --version | tee "$out/python.txt"
-base="$(python -c 'from surgery.fixtures.demo import demo_model; print(demo_model("base"))')"
+base="$(python -c 'from surgery.demo_models import demo_model; print(demo_model("base"))')"
 for device in cpu cuda; do
     python -m surgery eval "$base" --no-compare --data builtin:mixed-heldout --max-tokens 16384 --device "$device" \
         --dtype float32 --json > "$out/eval-$device.json"

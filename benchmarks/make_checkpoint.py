@@ -98,7 +98,7 @@ def noisy_variant(base: Path, folder: Path | str, seed: int, scale: float = 0.00
 
 
 def add_tokenizer(folder: Path) -> None:
-    from surgery.fixtures.demo import cache_root, demo_model
+    from surgery.demo_models import cache_root, demo_model
 
     demo_model("tiny-llama")  # builds the shared tokenizer on first use
     for item in (cache_root() / "tokenizer").iterdir():

@@ -14,10 +14,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from surgery import pipeline
+from surgery.demo_models import demo_model
 from surgery.evaluation.run import EvalSettings, evaluate
-from surgery.execute import execute
-from surgery.fixtures.demo import demo_model
-from surgery.plan.resolve import resolve
 
 DATA = ("builtin:prose-heldout", "builtin:code-heldout", "builtin:mixed-heldout", "builtin:mixed-dev")
 
@@ -55,7 +54,7 @@ def main() -> None:
     def apply(body: str, work: Path) -> list[float]:
         plan = work / "plan.yaml"
         plan.write_text(f"output: {work / 'out'}\n{body}")
-        return score(execute(resolve(plan, device=args.device), force=True, fsync=False))
+        return score(pipeline.apply(plan, device=args.device, force=True, fsync=False).output)
 
     rows = {"base": score(base), "prose specialist": score(prose), "code specialist": score(code)}
     with tempfile.TemporaryDirectory() as tmp:

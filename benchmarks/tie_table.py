@@ -13,10 +13,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from surgery.demo_models import demo_model
 from surgery.evaluation.run import EvalSettings, evaluate
-from surgery.execute import execute
-from surgery.fixtures.demo import demo_model
-from surgery.plan.resolve import resolve
+from surgery.pipeline import apply
 
 RANKS = (None, 4, 16, 64, "full")
 
@@ -46,7 +45,7 @@ def main() -> None:
                 plan = Path(tmp) / "plan.yaml"
                 plan.write_text(f"model: {base}\noutput: {Path(tmp) / 'out'}\nsteps:\n  - op: tie\n"
                                 f"    loops: {args.loops}\n    init: {init}\n{relax}")
-                out = execute(resolve(plan, device=args.device), force=True, fsync=False)
+                out = apply(plan, device=args.device, force=True, fsync=False).output
                 row(f"{init}, {'no LoRA' if rank is None else f'rank {rank}'}", out)
 
 

@@ -14,11 +14,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from surgery.card import CARD_NAME
 from surgery.checkpoint.reader import read_config
 from surgery.errors import SurgeryError
 from surgery.formats.ensemble import is_ensemble
-from surgery.provenance import PROVENANCE_NAME
+from surgery.output.card import CARD_NAME
+from surgery.output.provenance import PROVENANCE_NAME
 
 WEIGHT_SUFFIXES = (".safetensors",)
 # Above this, huggingface_hub 1.x's resumable `upload_large_folder` (many commits, resumed where it
@@ -29,6 +29,7 @@ LARGE_FOLDER_BYTES = 20 << 30
 
 @dataclass(frozen=True)
 class PushResult:
+    repo: str
     url: str  # the commit, or the pull request with create_pr
     files: int
     bytes: int
@@ -74,7 +75,7 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
             info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message,
                                      create_pr=create_pr)
             url = info.pr_url or info.commit_url
-    return PushResult(url, len(files), total)
+    return PushResult(repo_id, url, len(files), total)
 
 
 def ready_to_push(repo_id: str) -> str:

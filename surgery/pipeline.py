@@ -1,44 +1,141 @@
-"""One pipeline: resolve a plan, write its output, score it and record the scores, push it."""
+"""One pipeline: resolve a plan, write its output, score it beside its reference and record the
+scores with it (surgery.json and the card), push it. The CLI, `surgery demo` and analyze's
+suggestions all run plans through `apply`."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from surgery.card import write_card
-from surgery.plan.resolve import Recipe
-from surgery.plan.schema import EvaluateSection
-from surgery.provenance import PROVENANCE_NAME, read_provenance, write_json
+from surgery.plan.resolve import Recipe, resolve
+from surgery.plan.schema import Plan
 
 if TYPE_CHECKING:
-    from surgery.evaluation.run import EvalReport, EvalSettings
+    from surgery.evaluation.run import EvalReport
+    from surgery.hub import PushResult
+    from surgery.output.execute import Written
 
 
-def eval_settings(section: EvaluateSection, device: str | None = None) -> EvalSettings:
-    from surgery.evaluation.run import EvalSettings
-
-    return EvalSettings(
-        data=tuple(section.data), max_tokens=section.max_tokens, window=section.window, stride=section.stride,
-        batch_size=section.batch_size, device=device or section.device, dtype=section.dtype,
-    )
+def _ignore(*args: object) -> None:
+    return None
 
 
-def record(output: Path, report: EvalReport) -> None:
-    """Add the scores to the output's surgery.json."""
-    data = read_provenance(output) or {}
-    data["evaluation"] = report.to_dict()
-    write_json(output / PROVENANCE_NAME, data)
-    write_card(output)  # the card shows the scores too
+@contextmanager
+def _no_progress(recipe: Recipe) -> Iterator[Callable[[int], None]]:
+    yield _ignore
 
 
-def evaluate_output(recipe: Recipe, device: str = "auto") -> EvalReport:
-    """After `apply`: score the output beside the plan's reference and record the scores with it.
-    `device` other than auto overrides the section's."""
-    from surgery.evaluation.run import evaluate
+@dataclass(frozen=True)
+class Hooks:
+    """What a caller hears while `apply` runs (each hook optional): log lines, bytes written (the
+    progress hook gets the recipe and gives the callback told of each write), the written output
+    (recipe, folder, seconds), the scores."""
+
+    log: Callable[[str], None] = _ignore
+    progress: Callable[[Recipe], AbstractContextManager[Callable[[int], None]]] = _no_progress
+    written: Callable[[Recipe, Path, float], None] = _ignore
+    evaluated: Callable[[EvalReport], None] = _ignore
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What `apply` did: the recipe, the output folder, seconds spent writing, scores, the push."""
+
+    recipe: Recipe
+    output: Path
+    seconds: float
+    evaluation: EvalReport | None = None
+    pushed: PushResult | None = None
+
+
+@dataclass(frozen=True)
+class _PushTarget:
+    repo: str
+    private: bool = False
+    revision: str | None = None
+
+
+def check(plan: str | Path | Plan, *, out: str | Path | None = None, device: str = "auto",
+          base_dir: str | Path | None = None) -> Recipe:
+    """Validate a plan against the real checkpoints and return what `apply` would write.
+
+    Args: `plan` is a plan file or a Plan (its relative paths against `base_dir`); `out` overrides
+    its `output`; `device` runs the data-dependent fits. Raises SurgeryError on any bad input.
+    """
+    return resolve(plan, out, device, base_dir)
+
+
+def apply(plan: str | Path | Plan, *, out: str | Path | None = None, force: bool = False, resume: bool = False,
+          device: str = "auto", shard_size: int | str = "5GB", fsync: bool = True, push_to: str | None = None,
+          base_dir: str | Path | None = None, hooks: Hooks = Hooks()) -> Applied:
+    """Validate a plan, stream its edit into the output folder, score it when the plan has an
+    `evaluate:` section (recording the scores in surgery.json and the card), and push it when the
+    plan has a `push:` section or `push_to` names a repo.
+
+    Args: as `check`, and `force` replaces an existing output, `resume` continues an interrupted run,
+    `shard_size` bounds each shard, `fsync` flushes the output to disk before it appears.
+    Returns an Applied; raises SurgeryError (exit code 2: bad input; others: see output/execute.py).
+    """
+    from surgery.output.execute import execute
+
+    recipe = resolve(plan, out, device, base_dir)
+    target = _push_target(recipe, push_to)
+    if target is not None:
+        from surgery.hub import ready_to_push
+
+        ready_to_push(target.repo)  # before the work, not after it
+    start = time.perf_counter()
+    with hooks.progress(recipe) as advance:
+        written = execute(recipe, force=force, resume=resume, max_shard_size=shard_size, device=device, fsync=fsync,
+                          on_bytes=advance, log=hooks.log)
+    seconds = time.perf_counter() - start
+    hooks.written(recipe, written.folder, seconds)
+    report = None
+    if recipe.plan.evaluate is not None:
+        report = _evaluate(recipe, written, device)
+        hooks.evaluated(report)
+    pushed = None
+    if target is not None:
+        from surgery.hub import push
+
+        pushed = push(written.folder, target.repo, private=target.private, revision=target.revision)
+    return Applied(recipe, written.folder, seconds, report, pushed)
+
+
+def materialize_plan(compact: Path) -> Plan:
+    """The plan `surgery materialize` runs: a compact recursive model written as a standard checkpoint."""
+    from surgery.checkpoint.reader import read_config
+    from surgery.errors import SurgeryError
+    from surgery.formats.recursive import is_compact
+    from surgery.ops.materialize import MaterializeStep
+
+    if not is_compact(read_config(compact)):
+        raise SurgeryError(f"{compact} is not a compact recursive model (its config.json has no surgery_recursive)")
+    return Plan(model=str(compact.resolve()), steps=[MaterializeStep(op="materialize")])
+
+
+def _push_target(recipe: Recipe, push_to: str | None) -> _PushTarget | None:
+    section = recipe.plan.push
+    if push_to is None and section is None:
+        return None
+    return _PushTarget(push_to or section.repo, bool(section and section.private), section.revision if section else None)
+
+
+def _evaluate(recipe: Recipe, written: Written, device: str) -> EvalReport:
+    """Score the output beside the plan's reference and record the scores with it; `device` other
+    than auto overrides the section's."""
+    from surgery.evaluation.run import EvalSettings, evaluate
+    from surgery.output.provenance import write_record
 
     section = recipe.plan.evaluate
     assert section is not None and recipe.evaluation_reference is not None
-    report = evaluate(recipe.output, eval_settings(section, None if device == "auto" else device),
-                      compare=recipe.evaluation_reference)
-    record(recipe.output, report)
+    settings = EvalSettings(data=tuple(section.data), max_tokens=section.max_tokens, window=section.window,
+                            stride=section.stride, batch_size=section.batch_size,
+                            device=section.device if device == "auto" else device, dtype=section.dtype)
+    report = evaluate(written.folder, settings, compare=recipe.evaluation_reference)
+    write_record(written.folder, written.provenance | {"evaluation": report.to_dict()}, recipe.config)
     return report

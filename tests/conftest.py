@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from surgery.fixtures.demo import demo_model
-from surgery.fixtures.models import tiny_configs
+from surgery.demo_models import demo_model
+from surgery.demo_models.models import tiny_configs
 
 ARCHS = list(tiny_configs())
 REPO = Path(__file__).resolve().parents[1]

@@ -33,9 +33,9 @@ import torch  # noqa: F401
 
 import surgery
 import surgery.cli
-import surgery.execute
-import surgery.partial
-import surgery.verify
+import surgery.output.execute
+import surgery.output.staging
+import surgery.output.verify
 
 SURGERY_DIR = str(Path(surgery.__file__).parent)
 COUNT_FILE_ENV = "SURGERY_FAULT_COUNT_FILE"
@@ -43,7 +43,7 @@ COUNT_FILE_ENV = "SURGERY_FAULT_COUNT_FILE"
 
 def _install_killer(kill_at: int | None, count_file: Path | None, sig: int) -> None:
     """Wrap `execute` so events are counted (and signal `sig` sent at `kill_at`) from its first call."""
-    original = surgery.execute.execute
+    original = surgery.output.execute.execute
     count = 0
 
     def hook(frame: Any, event: str, arg: Any) -> None:
@@ -62,12 +62,12 @@ def _install_killer(kill_at: int | None, count_file: Path | None, sig: int) -> N
             if count_file is not None:
                 count_file.write_text(str(count))
 
-    surgery.execute.execute = counted
+    surgery.output.execute.execute = counted
 
 
 def _fill_disk_after_check(leave: int) -> None:
     """Wrap the free-space check so that, once it passed, another 'process' fills the disk."""
-    original = surgery.execute._check_free_space
+    original = surgery.output.execute._check_free_space
 
     def check_then_fill(out: Path, needed: int) -> None:
         original(out, needed)
@@ -76,7 +76,7 @@ def _fill_disk_after_check(leave: int) -> None:
             f.truncate(0)
             f.write(b"\0" * max(free - leave, 0))
 
-    surgery.execute._check_free_space = check_then_fill
+    surgery.output.execute._check_free_space = check_then_fill
 
 
 def run_child(
@@ -119,7 +119,7 @@ def output_state(out: Path) -> str:
     """'absent', 'complete' (every verify check holds) or 'BROKEN' (a folder that is not whole)."""
     if not out.exists():
         return "absent"
-    return "complete" if all(check.ok for check in surgery.verify.verify(out)) else "BROKEN"
+    return "complete" if all(check.ok for check in surgery.output.verify.verify(out)) else "BROKEN"
 
 
 def kill_experiment(plan: Path, out: Path, points: int, extra: list[str]) -> dict[str, Any]:
@@ -135,11 +135,11 @@ def kill_experiment(plan: Path, out: Path, points: int, extra: list[str]) -> dic
     results = []
     for kill_at in kill_points:
         shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(surgery.partial.partial_folder(out), ignore_errors=True)
+        shutil.rmtree(surgery.output.staging.partial_folder(out), ignore_errors=True)
         status = run_child(["apply", str(plan), "--out", str(out), *extra], kill_at=kill_at)
         state = output_state(out)
-        partial = surgery.partial.partial_folder(out)
-        journaled = len(surgery.partial.read_journal(partial).get("shards", {})) if partial.exists() else 0
+        partial = surgery.output.staging.partial_folder(out)
+        journaled = len(surgery.output.staging.read_journal(partial).get("shards", {})) if partial.exists() else 0
         resume = ["apply", str(plan), "--out", str(out), "--resume", *extra]
         resume_killed = len(results) % 5 == 4  # every fifth time the resume itself is killed half-way first
         if resume_killed:
@@ -170,10 +170,10 @@ def interrupt_experiment(plan: Path, out: Path, sig: int, extra: list[str]) -> d
     count_file, log = out.parent / "events", out.parent / "stderr"
     assert run_child(["apply", str(plan), "--out", str(out.parent / "reference"), *extra], count_file=count_file) == 0
     status = run_child(["apply", str(plan), "--out", str(out), *extra], int(count_file.read_text()) // 2, sig=sig, stderr=log)
-    partial = surgery.partial.partial_folder(out)
+    partial = surgery.output.staging.partial_folder(out)
     report = {"status": status, "stderr": log.read_text().strip().splitlines(), "state": output_state(out),
               "partial_kept": partial.exists(),
-              "journaled_shards": len(surgery.partial.read_journal(partial).get("shards", {}))}
+              "journaled_shards": len(surgery.output.staging.read_journal(partial).get("shards", {}))}
     report["resume_status"] = run_child(["apply", str(plan), "--out", str(out), "--resume", *extra], stderr=log)
     report["resume_stderr"] = log.read_text().strip().splitlines()
     report["resumed_identical"] = shard_digests(out) == shard_digests(out.parent / "reference")

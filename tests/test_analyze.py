@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from surgery.fixtures.demo import demo_model
+from surgery.demo_models import demo_model
 from tests.reference import load
 
 ARGS = ("--data", "builtin:mixed-dev", "--samples", "4", "--seq-len", "128", "--device", "cpu")
@@ -91,7 +91,7 @@ def test_bad_analyze_input(args, message, cli):
 
 
 def test_chain_moves_skip_or_repeat_one_block():
-    from surgery.suggest import _moves
+    from surgery.analysis.chain_search import _moves
 
     moves = _moves([0, 1, 2])
     assert [1, 2] in moves and [0, 2] in moves and [0] in moves and [0, 0, 1, 2] in moves

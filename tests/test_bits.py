@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from surgery.compute.quantize import quantize
-from surgery.fixtures.demo import demo_model
+from surgery.demo_models import demo_model
 from surgery.ops.bits import BitAssignment, assign_bits
 from tests.conftest import assert_plan_refused, outputs_on_devices, write_plan
 from tests.reference import load, outputs

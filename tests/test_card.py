@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from huggingface_hub import ModelCard
 
-from surgery.card import source_id
-from surgery.fixtures.demo import demo_model
+from surgery.demo_models import demo_model
+from surgery.output.card import source_id
 from tests.conftest import write_plan
 
 

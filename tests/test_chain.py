@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from surgery.checkpoint.reader import Checkpoint
-from surgery.fixtures.models import ENCODERS
+from surgery.checkpoint.reader import DTYPE_SIZES, Checkpoint
+from surgery.demo_models.models import ENCODERS
 from tests.conftest import ARCHS, write_plan
 from tests.reference import chain_in_memory, layer_list, load, outputs
 
@@ -121,12 +121,33 @@ def test_sharded_output_loads_and_has_an_index(tiny, cli, tmp_path):
 
 
 def test_shards_are_aligned_and_header_padded(tiny, cli, tmp_path):
-    out = _apply(cli, tmp_path, tiny("gpt2"), "[0, 1]")
-    with open(out / "model.safetensors", "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-    assert header_len % 8 == 0
-    for info in Checkpoint.open(out).tensors.values():
-        assert (info.start - 8 - header_len) % 8 == 0 or info.dtype not in ("F64", "I64")
+    """Every tensor starts at a multiple of its element size: packed weights mix I64, I32 and F32."""
+    plan = write_plan(tmp_path, f"model: {tiny('llama')}\noutput: {tmp_path / 'out'}\nsteps:\n  - op: bits\n"
+                      "    score: zd\n    assign: {high: 8, low: 4, low_fraction: 0.5}\n"
+                      "    quantizer: {group_size: 16, symmetric: true}\n    format: compressed-tensors\n")
+    assert cli("apply", plan).code == 0
+    out = Checkpoint.open(tmp_path / "out")
+    assert {DTYPE_SIZES[info.dtype] for info in out.tensors.values()} >= {8, 4}
+    for shard in out.shards:
+        with open(shard.path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+        assert header_len % 8 == 0
+        for info in shard.tensors.values():
+            assert (info.start - 8 - header_len) % DTYPE_SIZES[info.dtype] == 0, info.name
+
+
+def test_tensors_of_every_width_start_aligned_whatever_their_order():
+    """The writer's layout itself: odd-sized narrow tensors listed before wide ones must not misalign them."""
+    from surgery.checkpoint.writer import ShardEntry, plan_shards, shard_header
+
+    shapes = {"U8": (5,), "BF16": (3,), "F32": (3,), "I64": (2,), "F16": (1,), "F64": (1,)}
+    tensors = {dtype.lower(): ShardEntry(dtype.lower(), dtype, shape) for dtype, shape in shapes.items()}
+    (shard,) = plan_shards(tensors, "5GB")
+    raw = shard_header(tensors, shard.names)
+    header = json.loads(raw[8:])
+    assert len(raw) % 8 == 0 and int.from_bytes(raw[:8], "little") == len(raw) - 8
+    for name in shard.names:
+        assert header[name]["data_offsets"][0] % DTYPE_SIZES[tensors[name].dtype] == 0, name
 
 
 def test_per_layer_config_lists_follow_their_layers(tiny, cli, tmp_path):
@@ -171,9 +192,9 @@ def test_rerun_is_byte_identical(tiny, cli, tmp_path):
 
 
 def test_layers_found_for_each_layout(tiny):
-    from surgery.formats.inspection import describe
+    from surgery.formats.inspection import inspect
 
-    prefixes = {arch: describe(Checkpoint.open(tiny(arch)))["layer_prefix"] for arch in ARCHS}
+    prefixes = {arch: inspect(tiny(arch))["layer_prefix"] for arch in ARCHS}
     assert prefixes["gpt2"] == "transformer.h"
     assert prefixes["gpt_neox"] == "gpt_neox.layers"
     assert prefixes["bert"] == "encoder.layer"

@@ -9,12 +9,19 @@ import pytest
 from surgery import __version__
 from tests.conftest import ARCHS, listing, write_plan
 
-COMMANDS = ["apply", "check", "inspect", "demo", "materialize", "diff", "eval", "push", "analyze"]
+COMMANDS = ["analyze", "apply", "check", "demo", "diff", "eval", "inspect", "materialize", "push", "verify"]
 
 
 def test_version(cli):
     result = cli("--version")
     assert result.code == 0 and __version__ in result.out
+
+
+def test_every_command_is_listed_here():
+    from surgery.cli import app
+
+    registered = {info.name or info.callback.__name__.replace("_", "-") for info in app.registered_commands}
+    assert registered == set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -40,7 +47,7 @@ def test_check_prints_what_would_be_written_and_writes_nothing(tiny, cli, tmp_pa
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_inspect(arch, tiny, cli):
-    from surgery.fixtures.models import TINY_LAYERS
+    from surgery.demo_models.models import TINY_LAYERS
 
     data = json.loads(cli("inspect", tiny(arch), "--json").out)
     assert data["layers"] == TINY_LAYERS
@@ -52,7 +59,7 @@ def test_inspect(arch, tiny, cli):
 
 def test_demo_runs_every_example_plan(cli, tmp_path):
     """Every plan in plans/ runs as written against the demo models (validated, applied, scored)."""
-    from surgery.demo import example_plans
+    from surgery.demo_models import example_plans
 
     result = cli("demo", "--out-dir", tmp_path)
     assert result.code == 0, result.err

@@ -43,10 +43,9 @@ def test_chain_output_layer_map_equals_the_plan(arch, layers, tiny, cli, tmp_pat
 
 
 def _layer_tensors(folder: Path) -> list[str]:
-    from surgery.checkpoint.reader import Checkpoint
-    from surgery.formats.inspection import describe
+    from surgery.formats.inspection import inspect
 
-    return [g["suffix"] for g in describe(Checkpoint.open(folder))["layer_groups"]]
+    return [g["suffix"] for g in inspect(folder)["layer_groups"]]
 
 
 def test_frankenmerge_layer_map(tiny, cli, tmp_path):
@@ -71,7 +70,7 @@ def _noisy(folder: Path, scale: float = 0.01) -> Path:
 
 
 def test_fine_tune_statistics_equal_a_direct_computation(cli):
-    from surgery.fixtures.demo import demo_model
+    from surgery.demo_models import demo_model
 
     base, tuned = demo_model("base"), demo_model("prose")
     data = _diff(cli, base, tuned, "--top", "3")
@@ -119,7 +118,7 @@ def test_diff_command_loads_no_heavy_library(tiny):
 
 
 def test_include_filter(cli):
-    from surgery.fixtures.demo import demo_model
+    from surgery.demo_models import demo_model
 
     data = _diff(cli, demo_model("base"), demo_model("code"), "--include", r"mlp\.down_proj")
     assert len(data["changed"]) == 8 and all("down_proj" in n for n in data["changed"])
@@ -133,7 +132,7 @@ def test_different_architectures_are_compared_as_far_as_meaningful(tiny, cli):
 
 def test_plot(cli, tmp_path):
     pytest.importorskip("matplotlib")
-    from surgery.fixtures.demo import demo_model
+    from surgery.demo_models import demo_model
 
     assert cli("diff", demo_model("base"), demo_model("prose"), "--plot", tmp_path / "h.png").code == 0
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -184,10 +183,10 @@ def test_bytes_equal_sees_a_difference_anywhere():
 def test_statistics_split_across_many_parts_and_threads(kernel, monkeypatch):
     """Tiny blocks and parts on 3 threads: the sums must not depend on how a tensor is split."""
     from surgery.checkpoint.reader import Checkpoint
+    from surgery.demo_models import demo_model
     from surgery.diff import bytes as byte_module
     from surgery.diff import stats
     from surgery.diff.workers import Workers
-    from surgery.fixtures.demo import demo_model
 
     if kernel == "numpy":
         monkeypatch.setattr(stats, "fused_measure", None)
@@ -214,8 +213,8 @@ def test_statistics_split_across_many_parts_and_threads(kernel, monkeypatch):
 
 def test_numpy_fallback_reports_what_the_kernel_does(cli, monkeypatch):
     """Installed without a C compiler, diff computes the same report in numpy."""
+    from surgery.demo_models import demo_model
     from surgery.diff import stats
-    from surgery.fixtures.demo import demo_model
 
     if stats.fused_measure is None:
         pytest.skip("the C kernel was not built (no compiler at install)")

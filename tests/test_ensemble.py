@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from surgery.demo_models import demo_model
 from surgery.evaluation.loading import load_for_eval
-from surgery.fixtures.demo import demo_model
 from tests.conftest import listing, write_plan
 from tests.reference import load, outputs
 

@@ -128,7 +128,7 @@ def test_inputs_are_never_modified(tiny, cli, tmp_path):
 
 
 def test_failure_mid_write_leaves_nothing(tiny, cli, tmp_path, monkeypatch):
-    import surgery.execute
+    import surgery.output.execute
 
     calls = []
 
@@ -138,8 +138,8 @@ def test_failure_mid_write_leaves_nothing(tiny, cli, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return original(*args, **kwargs)
 
-    original = surgery.execute.write_shard
-    monkeypatch.setattr(surgery.execute, "write_shard", failing_write)
+    original = surgery.output.execute.write_shard
+    monkeypatch.setattr(surgery.output.execute, "write_shard", failing_write)
     write_plan(tmp_path, _plan(tiny("llama")))
     before = listing(tmp_path)
     result = cli("apply", tmp_path / "plan.yaml", "--shard-size", "100KB")

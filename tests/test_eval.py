@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from surgery.demo_models.models import ENCODERS
 from surgery.evaluation.perplexity import plan_windows
-from surgery.fixtures.models import ENCODERS
 from tests.conftest import ARCHS, listing, write_plan
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 20 + "def f(x):\n    return x * 2\n" * 10
@@ -41,7 +41,7 @@ def reference_perplexity(folder, text: str, window: int, stride: int, max_tokens
 
 @pytest.mark.parametrize(("window", "stride"), [(64, 32), (64, 64), (50, 7), (4096, 2048)])
 def test_perplexity_equals_direct_transformers_computation(window, stride, cli, tmp_path):
-    from surgery.fixtures.demo import demo_model
+    from surgery.demo_models import demo_model
 
     folder = demo_model("base")
     (tmp_path / "text.txt").write_text(TEXT)
@@ -66,7 +66,7 @@ def test_every_causal_architecture_is_scored(arch, tiny, cli, tmp_path):
 
 
 def test_compare_scores_the_base_on_the_same_tokens(cli):
-    from surgery.fixtures.demo import demo_model
+    from surgery.demo_models import demo_model
 
     result = cli("eval", demo_model("prose"), "--compare", demo_model("base"), "--data", "builtin:prose-heldout",
                  "--data", "builtin:code-heldout", "--max-tokens", 2048, "--json")
@@ -82,7 +82,7 @@ def test_compare_scores_the_base_on_the_same_tokens(cli):
 
 
 def test_batch_size_does_not_change_the_score(cli):
-    from surgery.fixtures.demo import demo_model
+    from surgery.demo_models import demo_model
 
     scores = [
         json.loads(cli("eval", demo_model("base"), "--max-tokens", 1500, "--window", 256, "--batch-size", b,
@@ -105,7 +105,7 @@ def test_each_token_is_scored_once(n, window, stride):
 
 
 def test_jsonl_data(cli, tmp_path):
-    from surgery.fixtures.demo import demo_model
+    from surgery.demo_models import demo_model
 
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": TEXT[:400]}) + "\n\n" + json.dumps({"text": TEXT[400:]}) + "\n")
     result = cli("eval", demo_model("base"), "--data", tmp_path / "d.jsonl", "--json")
@@ -124,7 +124,7 @@ def _fails(result, *needles):
 
 
 def test_bad_eval_input(tiny, cli, tmp_path):
-    from surgery.fixtures.demo import demo_model
+    from surgery.demo_models import demo_model
 
     base = demo_model("base")
     (tmp_path / "empty.txt").write_text("")
@@ -149,7 +149,7 @@ def test_bad_eval_input(tiny, cli, tmp_path):
 
 
 def test_plan_evaluate_section_scores_output_and_reference(cli, tmp_path):
-    from surgery.fixtures.demo import demo_model
+    from surgery.demo_models import demo_model
 
     out = tmp_path / "out"
     plan = write_plan(tmp_path, f"""
@@ -199,7 +199,7 @@ def test_reference_with_another_tokenizer_is_refused(cli, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from surgery.fixtures.demo import demo_model
+    from surgery.demo_models import demo_model
 
     other = tmp_path / "other"
     shutil.copytree(demo_model("base"), other)

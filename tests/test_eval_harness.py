@@ -62,7 +62,7 @@ def _direct_accuracy(folder) -> float:
 
 
 def test_tasks_from_a_local_file_run_on_the_loaded_model(cli, tmp_path, monkeypatch):
-    from surgery.fixtures.demo import demo_model
+    from surgery.demo_models import demo_model
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     task = _task(tmp_path)
@@ -75,7 +75,7 @@ def test_tasks_from_a_local_file_run_on_the_loaded_model(cli, tmp_path, monkeypa
 
 
 def test_unknown_task_is_one_clear_line(cli, tmp_path):
-    from surgery.fixtures.demo import demo_model
+    from surgery.demo_models import demo_model
 
     result = cli("eval", demo_model("base"), "--tasks", "no_such_task_xyz")
     assert result.code == 2 and "knows no task 'no_such_task_xyz'" in result.err

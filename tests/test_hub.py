@@ -7,7 +7,7 @@ import os
 import pytest
 from huggingface_hub import ModelCard
 
-from surgery.fixtures.demo import demo_model
+from surgery.demo_models import demo_model
 from tests.conftest import write_plan
 from tests.hub_server import TOKEN, FakeHub
 
@@ -24,18 +24,12 @@ def hub(monkeypatch):
 @pytest.fixture(scope="module")
 def output(tmp_path_factory):
     """A real apply output with an evaluation (weights, config, tokenizer, surgery.json, card)."""
-    from surgery.cli import main  # noqa: F401  (the cli fixture is function-scoped; apply once here)
-    from surgery.execute import execute
-    from surgery.pipeline import evaluate_output
-    from surgery.plan.resolve import resolve
+    from surgery.pipeline import apply
 
     folder = tmp_path_factory.mktemp("apply")
     plan = write_plan(folder, f"model: {demo_model('base')}\noutput: {folder / 'out'}\nsteps:\n  - op: chain\n"
                       "    layers: [0-5, 7]\nevaluate: {data: builtin:mixed-heldout, max_tokens: 256}\n")
-    recipe = resolve(plan)
-    execute(recipe, fsync=False)
-    evaluate_output(recipe)
-    return folder / "out"
+    return apply(plan, fsync=False).output
 
 
 def _all_output(result) -> str:

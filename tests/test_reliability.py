@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from surgery.fixtures.demo import demo_model
-from surgery.partial import LOCK_NAME, partial_folder
+from surgery.demo_models import demo_model
+from surgery.output.staging import LOCK_NAME, partial_folder
 from tests.conftest import REPO, listing, write_plan
 
 # Looped and scaled layers: copied and computed tensors, over 11 shards of at most 1 MB.
@@ -249,7 +249,7 @@ def test_models_that_need_their_own_code_are_refused(cli, tmp_path):
 
 def test_output_file_names_cannot_leave_the_output_folder(plan, tmp_path):
     from surgery.errors import SurgeryError
-    from surgery.execute import execute
+    from surgery.output.execute import execute
     from surgery.plan.resolve import resolve
 
     recipe = resolve(plan, tmp_path / "out")

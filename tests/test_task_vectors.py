@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from surgery.checkpoint.layout import find_layout
 from surgery.compute.updates import TiesUpdate, WeightedUpdate
+from surgery.demo_models import demo_model
 from surgery.evaluation.run import EvalSettings, evaluate
-from surgery.fixtures.demo import demo_model
 from surgery.ops.lines import depth_scales
 from tests.conftest import assert_plan_refused, write_plan
 

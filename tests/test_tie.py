@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from surgery.demo_models import demo_model
 from surgery.evaluation.loading import load_for_eval
-from surgery.fixtures.demo import demo_model
 from surgery.ops.tie import TieStep, init_sources, slot_groups
 from tests.conftest import assert_plan_refused, outputs_on_devices, write_plan
 from tests.reference import load, outputs, tie_in_memory

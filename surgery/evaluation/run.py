@@ -14,7 +14,6 @@ from surgery.evaluation.harness import check_tasks, run_tasks
 from surgery.evaluation.loading import LoadedModel, load_for_eval
 from surgery.evaluation.models import context_length
 from surgery.evaluation.perplexity import PerplexityResult, perplexity
-from surgery.provenance import read_provenance
 
 DEFAULT_WINDOW = 2048
 
@@ -108,12 +107,6 @@ def _score(
     tasks = run_tasks(loaded.model, loaded.tokenizer, list(settings.tasks), settings.batch_size) if settings.tasks else None
     _release(loaded)
     return scores, tasks
-
-
-def source_of(model_path: str | Path) -> Path | None:
-    """The model a surgery output was made from, when its surgery.json names one that still exists."""
-    source = (read_provenance(Path(model_path)) or {}).get("source_model")
-    return Path(source) if source and Path(source).is_dir() else None
 
 
 def _report(

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgery.checkpoint.digest import file_sha256
+from surgery.checkpoint.reader import SINGLE_NAME
 from surgery.errors import SurgeryError
 
 MODEL_TYPE = "surgery_ensemble"
@@ -109,15 +111,20 @@ def _vocabulary(folder: Path) -> dict[str, Any]:
     return found
 
 
+def member_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of a member's config and weights: an ensemble by reference notices a member that changed."""
+    names = ["config.json"] + sorted(p.name for p in folder.glob("*.safetensors"))
+    if len(names) == 1:
+        raise SurgeryError(f"ensemble: {folder} has no {SINGLE_NAME} or shards")
+    return {name: file_sha256(folder / name) for name in names}
+
+
 def check_member_unchanged(path: Path, sha256: dict[str, str]) -> None:
     """A member by reference must still be the bytes the ensemble was made from."""
-    from huggingface_hub.utils.sha import sha_fileobj
-
     for name, digest in sha256.items():
         file = path / name
         if not file.is_file():
             raise SurgeryError(f"ensemble member {path} lacks {name}; was it moved? re-run the ensemble plan")
-        with open(file, "rb") as f:
-            if sha_fileobj(f).hex() != digest:
-                raise SurgeryError(f"ensemble member {path} changed since the ensemble was made ({name} has another "
-                                   "sha256); re-run the ensemble plan")
+        if file_sha256(file) != digest:
+            raise SurgeryError(f"ensemble member {path} changed since the ensemble was made ({name} has another "
+                               "sha256); re-run the ensemble plan")

@@ -1,8 +1,9 @@
-"""What a checkpoint holds, from its headers: architecture, layers, tensor groups, dtypes, sizes."""
+"""`surgery inspect`: what a checkpoint holds, from its headers: architecture, layers, tensor groups, dtypes, sizes."""
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from surgery.checkpoint.layout import Layout, find_layout, layer_count
@@ -10,9 +11,11 @@ from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint, numel
 from surgery.formats.recursive import is_compact, read_spec
 
 
-def describe(checkpoint: Checkpoint) -> dict[str, Any]:
-    """A JSON-ready summary; `layer_groups` lists each layer tensor once, with the layers that have it.
-    For a compact recursive checkpoint the layers are its shared slots, and `recursive` says how they loop."""
+def inspect(model: str | Path) -> dict[str, Any]:
+    """What a checkpoint holds, JSON-ready; `layer_groups` lists each layer tensor once, with the layers
+    that have it. For a compact recursive checkpoint the layers are its shared slots, and `recursive`
+    says how they loop."""
+    checkpoint = Checkpoint.open(model)
     config, recursive = checkpoint.config, None
     if is_compact(config):
         spec, config = read_spec(checkpoint)

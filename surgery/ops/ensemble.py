@@ -4,12 +4,10 @@ theirs (`combine: logits`, the paper) or whose distribution is their mixture (`c
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from surgery.checkpoint.reader import SINGLE_NAME
 from surgery.diff.bytes import ByteComparer
 from surgery.diff.workers import Workers
 from surgery.errors import SurgeryError
@@ -19,6 +17,7 @@ from surgery.formats.ensemble import (
     Member,
     check_same_tokenizer,
     ensemble_config,
+    member_hashes,
     member_name,
     vocab_size,
 )
@@ -80,7 +79,7 @@ def ensemble(step: EnsembleStep, view: ModelView, context: OpContext) -> ModelVi
         stored, aliases = _copied(members)
         entries = [Member(m.config()) for m in members]
     else:
-        entries = [Member(m.config(), str(f.resolve()), _file_hashes(f)) for m, f in zip(members, folders)]
+        entries = [Member(m.config(), str(f.resolve()), member_hashes(f)) for m, f in zip(members, folders)]
     spec = EnsembleSpec(entries, [w / sum(weights) for w in weights], step.combine, step.layout, aliases)
     description = (f"ensemble of {len(members)} ({step.combine}, {step.layout}): "
                    + ", ".join(f"{ref} x{w:.3g}" for ref, w in zip(step.members, spec.weights)))
@@ -109,20 +108,6 @@ def _same_bytes(comparer: ByteComparer, earlier: TensorRecipe | None, recipe: Te
     if earlier is None or earlier.stored is None or recipe.stored is None:
         return False
     return comparer.identical(earlier.stored, recipe.stored)
-
-
-def _file_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of the member's config and weights: an ensemble by reference notices a member that changed."""
-    from huggingface_hub.utils.sha import sha_fileobj
-
-    names = ["config.json"] + sorted(p.name for p in folder.glob("*.safetensors"))
-    if not any(name.endswith(".safetensors") for name in names):
-        raise SurgeryError(f"ensemble: {folder} has no {SINGLE_NAME} or shards")
-    hashes = {}
-    for name in names:
-        with open(folder / name, "rb") as f:
-            hashes[name] = sha_fileobj(f).hex()
-    return hashes
 
 
 def describe(step: EnsembleStep) -> str:

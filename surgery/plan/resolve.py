@@ -52,6 +52,11 @@ class Recipe:
         """The output's config.json."""
         return self.view.written_config()
 
+    @property
+    def description(self) -> str | None:
+        """What a storage format says the output is, where its layer map does not tell it (an ensemble)."""
+        return self.view.storage.description if self.view.storage is not None else None
+
     def layer_map(self) -> list[LayerOrigin]:
         return [layer.origin for layer in self.view.layers]
 
@@ -78,6 +83,15 @@ class Recipe:
             "layer_map": [str(origin) for origin in self.layer_map()],
             "tensors": len(self.tensors),
             "bytes": self.total_bytes,
+        }
+
+    def summary(self, max_shard_size: int | str) -> dict[str, Any]:
+        """What `check --json` prints: the record, where it goes, its shards, and how each tensor is made."""
+        return self.provenance() | {
+            "output": str(self.output),
+            "shards": [{"file": s.filename, "tensors": len(s.names)} for s in self.shards(max_shard_size)],
+            "recipe": [{"name": name, "dtype": r.dtype, "shape": list(r.shape), "from": r.describe()}
+                       for name, r in self.tensors.items()],
         }
 
 

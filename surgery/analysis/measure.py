@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from surgery.checkpoint.layout import find_layout
+from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint
+from surgery.errors import SurgeryError
 from surgery.evaluation import importance
+from surgery.evaluation.data import load_text
+from surgery.evaluation.loading import load_for_eval
+from surgery.evaluation.models import layer_modules
 
 MAX_BLOCK = 4
 
@@ -38,6 +45,10 @@ class Analysis:
     layers: list[LayerMetrics]
     distances: dict[int, list[float]]  # n -> angular distance from layer i's input to layer i+n's, for each i
     best_blocks: dict[int, int] = field(default_factory=dict)  # n -> first layer of the best block to remove
+
+    def bi_ranks(self) -> dict[int, int]:
+        """Each layer's rank by Block Influence, 1 for the one that changes its input most."""
+        return {m.index: rank + 1 for rank, m in enumerate(sorted(self.layers, key=lambda m: -m.bi))}
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "tokens": self.tokens, "layers": [asdict(m) for m in self.layers],
@@ -132,6 +143,9 @@ def _child(layer: Any, kind: str) -> Any:
 class Session:
     """A loaded model with its measurements: what `--suggest` works from."""
 
+    path: Path
+    data: list[str]
+    device: str  # resolved
     analysis: Analysis
     model: Any
     prefix: str
@@ -139,17 +153,9 @@ class Session:
     input_dims: list[int]
 
 
-def analyze(path: str, data: list[str], samples: int, seq_len: int, device: str) -> Session:
+def analyze(path: str | Path, data: list[str], samples: int, seq_len: int, device: str) -> Session:
     """Load a standard checkpoint and measure it on `samples` rows of `seq_len` tokens of the data; a
     further quarter of rows (at least 2) is held out for `--suggest`."""
-
-    from surgery.checkpoint.layout import find_layout
-    from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint
-    from surgery.errors import SurgeryError
-    from surgery.evaluation.data import load_text
-    from surgery.evaluation.loading import load_for_eval
-    from surgery.evaluation.models import layer_modules
-
     checkpoint = Checkpoint.open(path)
     layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path))
     loaded = load_for_eval(path, device=device, dtype="float32")
@@ -167,34 +173,4 @@ def analyze(path: str, data: list[str], samples: int, seq_len: int, device: str)
     layers = layer_modules(loaded.model, layout.prefix, layout.num_layers)
     analysis = analyze_model(loaded.model, layers, rows[:-held], weights, str(path))
     input_dims = [layer[n].shape[1] for layer, names in zip(by_layer, matrices) for n in names]
-    return Session(analysis, loaded.model, layout.prefix, rows[-held:], input_dims)
-
-
-def plot_analysis(analysis: Analysis, path: str) -> None:
-    """Depth profiles of every metric, and the i -> i+n distance heat map."""
-    try:
-        import matplotlib
-    except ImportError:
-        from surgery.errors import SurgeryError
-
-        raise SurgeryError("--plot needs matplotlib: pip install 'surgery[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (profiles, heat) = plt.subplots(1, 2, figsize=(12, 4.5))
-    depth = range(len(analysis.layers))
-    for metric in ("bi", "zd", "attn", "mlp", "layer"):
-        values = [getattr(m, metric) for m in analysis.layers]
-        if all(v is not None for v in values):
-            profiles.plot(depth, values, marker="o", label=metric)
-    profiles.set(title="per-layer metrics", xlabel="layer", yscale="log")
-    profiles.legend()
-    rows = sorted(analysis.distances)
-    width = len(analysis.layers)
-    grid = [[analysis.distances[n][i] if i < len(analysis.distances[n]) else float("nan") for i in range(width)]
-            for n in rows]
-    image = heat.imshow(grid, aspect="auto", cmap="viridis")
-    heat.set(title="angular distance, layer i to i+n", xlabel="i", ylabel="n", yticks=range(len(rows)), yticklabels=rows)
-    figure.colorbar(image, ax=heat)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    return Session(Path(path), data, loaded.device, analysis, loaded.model, layout.prefix, rows[-held:], input_dims)

@@ -1,35 +1,28 @@
-"""README.md, the model card every output folder carries: written at apply time from surgery.json
-and config.json alone, rewritten when an evaluation is recorded, so the card is in the folder
-before anything is pushed and always says what the folder holds."""
+"""README.md, the model card every output folder carries, made from the output's record
+(surgery.json) and config in memory: written with the output, rewritten with them when an
+evaluation is recorded, so the card is in the folder before anything is pushed and always says
+what the folder holds."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from surgery.checkpoint.reader import read_config
+from surgery.formats import ensemble, recursive
 from surgery.ops.registry import registry
-from surgery.provenance import read_provenance
 
 CARD_NAME = "README.md"
 # A folder that huggingface_hub downloaded: .../models--ORG--NAME/snapshots/REVISION
 _HUB_CACHE = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/")
-_OWN_FORMATS = {"surgery_recursive": "compact recursive", "surgery_ensemble": "ensemble"}
+_OWN_FORMATS = {recursive.MODEL_TYPE: "compact recursive", ensemble.MODEL_TYPE: "ensemble"}
 
 
-def write_card(folder: Path, name: str | None = None) -> None:
-    """`name`: the title, when `folder` is the staging folder of the output that will bear it."""
-    (folder / CARD_NAME).write_text(model_card(folder, name or folder.name))
-
-
-def model_card(folder: Path, name: str) -> str:
+def model_card(provenance: dict[str, Any], config: dict[str, Any], name: str) -> str:
+    """The card of output `name` whose surgery.json is `provenance` and config.json `config`."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    provenance = read_provenance(folder) or {}
-    config = read_config(folder)
     plan = provenance.get("plan", {})
     steps = plan.get("steps", [])
     ops = sorted({step["op"] for step in steps})

@@ -1,6 +1,6 @@
 """Run a recipe into an output folder, streaming, with bounded memory, appearing atomically.
 
-Everything is written under a hidden sibling folder (surgery/partial.py), fsynced, and renamed into
+Everything is written under a hidden sibling folder (output/staging.py), fsynced, and renamed into
 place last, so an interrupted run never leaves a folder under the output name that looks complete;
 the shards it finished are journaled with their hashes, and `--resume` continues from them.
 """
@@ -10,26 +10,23 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from surgery.card import write_card
-from surgery.checkpoint.reader import INDEX_NAME
 from surgery.checkpoint.writer import ShardEntry, ShardPlan, shard_header, write_index, write_shard
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
-from surgery.partial import PartialOutput, ShardRecord, TrailingHash, journaled_bytes, partial_folder
+from surgery.formatting import human_bytes
+from surgery.output.provenance import read_provenance, write_json, write_record
+from surgery.output.side_files import copy_side_files, side_file_bytes
+from surgery.output.staging import PartialOutput, ShardRecord, TrailingHash, journaled_bytes, partial_folder
 from surgery.plan.resolve import Recipe
-from surgery.provenance import PROVENANCE_NAME, read_provenance, write_json
 from surgery.recipe.stream import RecipeStreamer
 
-# Files of a source folder that describe its own weights or card, and so are not carried over.
-NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-NOT_COPIED_NAMES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", PROVENANCE_NAME, "README.md"}
 # Room asked for beyond the shards and side files: config, index, surgery.json, card, journal.
 FREE_SPACE_MARGIN = 16 << 20
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -47,6 +44,14 @@ class Interrupted(SurgeryError):
     exit_code = 130
 
 
+@dataclass(frozen=True)
+class Written:
+    """A finished output folder and what its surgery.json records."""
+
+    folder: Path
+    provenance: dict[str, Any]
+
+
 def execute(
     recipe: Recipe,
     *,
@@ -57,8 +62,8 @@ def execute(
     fsync: bool = True,
     on_bytes: Callable[[int], None] = lambda n: None,
     log: Callable[[str], None] = lambda line: None,
-) -> Path:
-    """Write the recipe's output folder and return its path.
+) -> Written:
+    """Write the recipe's output folder.
 
     With `fsync` every file and the folder reach the disk before the rename, so the output survives
     power loss too; without it the output is still atomic for a killed or crashed process. With
@@ -72,14 +77,15 @@ def execute(
     headers = {shard.filename: shard_header(tensors, shard.names) for shard in shards}
     fingerprint = recipe_fingerprint(recipe, headers, compute_device)
     if out.exists() or out.is_symlink():
-        if resume and not partial_folder(out).exists() and (read_provenance(out) or {}).get("fingerprint") == fingerprint:
+        existing = read_provenance(out) if resume and not partial_folder(out).exists() else None
+        if existing is not None and existing.get("fingerprint") == fingerprint:
             log(f"{out} is already complete")
-            return out
+            return Written(out, existing)
         if not force:
             raise SurgeryError(f"output {out} already exists; pass --force to replace it")
     done = journaled_bytes(partial_folder(out), fingerprint) if resume else 0
     shard_bytes = sum(len(headers[s.filename]) + sum(tensors[n].nbytes for n in s.names) for s in shards)
-    needed = shard_bytes - done + _side_file_bytes(recipe.view.source.path)
+    needed = shard_bytes - done + side_file_bytes(recipe.view.source.path)
     _check_free_space(out, needed)
 
     partial = PartialOutput.open(out, fingerprint, resume=resume, force=force, fsync=fsync)
@@ -88,7 +94,7 @@ def execute(
         _write_shards(recipe, shards, headers, partial, compute_device, on_bytes, log)
         write_index(staging, shards, recipe.total_bytes)
         write_json(staging / "config.json", recipe.config)
-        _copy_side_files(recipe.view.source.path, staging)
+        copy_side_files(recipe.view.source.path, staging)
         for name, text in recipe.view.extra_files.items():
             _inside(staging, name).write_text(text)
         provenance = recipe.provenance() | {
@@ -96,17 +102,8 @@ def execute(
             "output_sha256": {name: record.sha256 for name, record in sorted(partial.shards.items())},
             "fingerprint": fingerprint,
         }
-        write_json(staging / PROVENANCE_NAME, provenance)
-        write_card(staging, out.name)
-        if fsync:
-            _fsync_dir(staging)
-        partial.seal()  # the last moment: a run killed before it resumes from its journal
-        if fsync:
-            _fsync_entries(staging)
-        _replace(staging, out)
-        partial.release()
-        if fsync:
-            _fsync_entries(out.parent)  # the rename itself
+        write_record(staging, provenance, recipe.config, out.name)
+        partial.publish(out)
     except KeyboardInterrupt:
         partial.release()
         raise Interrupted(
@@ -123,7 +120,7 @@ def execute(
     except BaseException:
         partial.discard()
         raise
-    return out
+    return Written(out, provenance)
 
 
 def recipe_fingerprint(recipe: Recipe, headers: dict[str, bytes], device: str) -> str:
@@ -207,16 +204,10 @@ def _check_free_space(out: Path, needed: int) -> None:
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if free < needed + FREE_SPACE_MARGIN:
-        from surgery.formatting import human_bytes
-
         raise SurgeryError(
             f"not enough free space for {out}: it needs {human_bytes(needed + FREE_SPACE_MARGIN)} and "
             f"{folder} has {human_bytes(free)} free; free some space or choose another --out"
         )
-
-
-def _side_file_bytes(source: Path) -> int:
-    return sum(item.stat().st_size for item in _side_files(source))
 
 
 def _inside(folder: Path, name: str) -> Path:
@@ -225,56 +216,3 @@ def _inside(folder: Path, name: str) -> Path:
     if Path(name).name != name or name in ("", ".", "..") or target.parent != folder:
         raise SurgeryError(f"refusing to write {name!r}: output file names must be plain names inside the output folder")
     return target
-
-
-def _side_files(source: Path) -> list[Path]:
-    """Tokenizer, generation config, chat template, sentence-transformers modules...: every file of the
-    source folder that is not weights (nor its card, config or index), subfolders included."""
-    files = []
-    for item in sorted(source.rglob("*")):
-        relative = item.relative_to(source)
-        if any(part.startswith(".") for part in relative.parts) or not item.is_file():
-            continue
-        if (relative.name in NOT_COPIED_NAMES and len(relative.parts) == 1) or item.suffix in NOT_COPIED_SUFFIXES:
-            continue
-        files.append(item)
-    return files
-
-
-def _copy_side_files(source: Path, dest: Path) -> None:
-    for item in _side_files(source):
-        target = dest / item.relative_to(source)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(item, target)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """fsync the small files (shards were fsynced as they closed), then the folder's entries."""
-    for item in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
-        if item.is_dir():
-            _fsync_entries(item)
-        elif item.suffix != ".safetensors":
-            with open(item, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_entries(folder)
-
-
-def _fsync_entries(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Rename the finished folder into place; an existing one (with --force) is moved aside first."""
-    if out.exists() or out.is_symlink():
-        out.rename(out.parent / f".{out.name}.surgery-old-{uuid.uuid4().hex[:8]}")
-    staging.rename(out)
-    leftovers = [item for item in out.parent.iterdir() if item.name.startswith(f".{out.name}.surgery-old-")]
-    for leftover in leftovers:  # the replaced folder, and any a run killed at this point left
-        if leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)

@@ -13,11 +13,11 @@ import json
 import os
 import shutil
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub.utils.sha import sha_fileobj
-
+from surgery.checkpoint.digest import file_sha256
 from surgery.errors import SurgeryError
 
 PARTIAL_TAG = ".surgery-partial"
@@ -40,8 +40,7 @@ class ShardRecord:
 
 def hash_shard(path: Path) -> ShardRecord:
     """A shard on disk, hashed from the file itself: what a journaled or recorded shard is checked against."""
-    with open(path, "rb") as f:
-        return ShardRecord(sha_fileobj(f).hex(), os.fstat(f.fileno()).st_size)
+    return ShardRecord(file_sha256(path), path.stat().st_size)
 
 
 class TrailingHash:
@@ -195,10 +194,19 @@ class PartialOutput:
                 os.fsync(f.fileno())
         os.replace(staging, self.folder / JOURNAL_NAME)
 
-    def seal(self) -> None:
-        """Remove the journal and lock file: what is left is exactly the output folder."""
+    def publish(self, out: Path) -> None:
+        """Sync the finished folder (with fsync), drop the journal and lock, and rename it to `out`: the
+        last moment, so a run killed before it resumes from its journal."""
+        if self.fsync:
+            _fsync_tree(self.folder)
         for name in (JOURNAL_NAME, LOCK_NAME):
             (self.folder / name).unlink(missing_ok=True)
+        if self.fsync:
+            _fsync_entries(self.folder)
+        _replace(self.folder, out)
+        self.release()
+        if self.fsync:
+            _fsync_entries(out.parent)  # the rename itself
 
     def release(self) -> None:
         """Let go of the lock (the folder stays, for --resume)."""
@@ -232,3 +240,35 @@ class PartialOutput:
                 item.unlink()
         if not keep:
             (self.folder / JOURNAL_NAME).unlink(missing_ok=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync the small files (shards were fsynced as they closed), then the folder's entries."""
+    for item in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
+        if item.is_dir():
+            _fsync_entries(item)
+        elif item.suffix != ".safetensors":
+            with open(item, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_entries(folder)
+
+
+def _fsync_entries(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Rename the finished folder into place; an existing one (with --force) is moved aside first."""
+    if out.exists() or out.is_symlink():
+        out.rename(out.parent / f".{out.name}.surgery-old-{uuid.uuid4().hex[:8]}")
+    staging.rename(out)
+    leftovers = [item for item in out.parent.iterdir() if item.name.startswith(f".{out.name}.surgery-old-")]
+    for leftover in leftovers:  # the replaced folder, and any a run killed at this point left
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)

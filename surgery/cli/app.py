@@ -1,0 +1,48 @@
+"""The typer application every command registers on, and the entry point: user errors are one line
+on stderr and the error's exit code (tracebacks only with --debug)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from surgery.cli.console import console, err_console
+from surgery.errors import SurgeryError
+from surgery.version import __version__
+
+app = typer.Typer(
+    name="surgery",
+    help="Model surgery on Hugging Face checkpoints from declarative YAML plans, streamed tensor by tensor.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"surgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def main() -> None:
+    """Entry point: user errors are one line on stderr and exit code 2 (tracebacks only with --debug)."""
+    try:
+        app()
+    except SurgeryError as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)

@@ -1,0 +1,28 @@
+"""`surgery check`: validate a plan and show what would be written, writing nothing."""
+
+from __future__ import annotations
+
+from surgery.cli.app import app
+from surgery.cli.console import console, print_json
+from surgery.cli.options import Device, Json, OutOption, PlanFile, ShardSize, parse_shard_size
+from surgery.cli.render import print_recipe
+
+
+@app.command()
+def check(
+    plan: PlanFile,
+    out: OutOption = None,
+    shard_size: ShardSize = "5GB",
+    as_json: Json = False,
+    device: Device = "auto",
+) -> None:
+    """Validate a plan (headers, plus the data its fits need) and print what would be written.
+    Exit 0 when valid, 2 when not."""
+    from surgery.pipeline import check as check_plan
+
+    recipe = check_plan(plan, out=out, device=device)
+    if as_json:
+        print_json(recipe.summary(parse_shard_size(shard_size)))
+        return
+    print_recipe(recipe, parse_shard_size(shard_size))
+    console.print("[green]plan is valid[/]")

@@ -1,0 +1,39 @@
+"""surgery.json: the record every output folder carries (resolved plan, sources, scores), and the
+model card made from it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from surgery.output.card import CARD_NAME, model_card
+
+PROVENANCE_NAME = "surgery.json"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Indented, sorted keys (as transformers writes config.json); replaced atomically."""
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(staging, path)
+
+
+def read_provenance(folder: Path) -> dict[str, Any] | None:
+    """The folder's surgery.json, or None when it is not a surgery output."""
+    path = folder / PROVENANCE_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def recorded_source(folder: Path) -> Path | None:
+    """The model a surgery output was made from, when its surgery.json names one that still exists."""
+    source = (read_provenance(folder) or {}).get("source_model")
+    return Path(source) if source and Path(source).is_dir() else None
+
+
+def write_record(folder: Path, provenance: dict[str, Any], config: dict[str, Any], name: str | None = None) -> None:
+    """surgery.json and the model card, from memory; `name` is the card's title when `folder` is the
+    staging folder of the output that will bear it."""
+    write_json(folder / PROVENANCE_NAME, provenance)
+    (folder / CARD_NAME).write_text(model_card(provenance, config, name or folder.name))

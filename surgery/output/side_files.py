@@ -1,0 +1,40 @@
+"""The files of a source folder that go with its weights into the output: tokenizer, generation
+config, chat template, sentence-transformers modules... (not its weights, config, index, card or
+surgery record, which describe the source itself)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from surgery.checkpoint.reader import INDEX_NAME
+from surgery.output.card import CARD_NAME
+from surgery.output.provenance import PROVENANCE_NAME
+
+NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+NOT_COPIED_NAMES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", PROVENANCE_NAME, CARD_NAME}
+
+
+def side_files(source: Path) -> list[Path]:
+    """Every file of the source folder that is not weights (nor its card, config or index), subfolders
+    included, hidden ones left out."""
+    files = []
+    for item in sorted(source.rglob("*")):
+        relative = item.relative_to(source)
+        if any(part.startswith(".") for part in relative.parts) or not item.is_file():
+            continue
+        if (relative.name in NOT_COPIED_NAMES and len(relative.parts) == 1) or item.suffix in NOT_COPIED_SUFFIXES:
+            continue
+        files.append(item)
+    return files
+
+
+def side_file_bytes(source: Path) -> int:
+    return sum(item.stat().st_size for item in side_files(source))
+
+
+def copy_side_files(source: Path, dest: Path) -> None:
+    for item in side_files(source):
+        target = dest / item.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(item, target)
