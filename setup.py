@@ -3,4 +3,4 @@ Optional: where it does not compile, the install goes on and diff computes the s
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("surgery.diff._measure", ["surgery/diff/_measure.c"], optional=True)])
+setup(ext_modules=[Extension("surgery.comparison._measure", ["surgery/comparison/_measure.c"], optional=True)])

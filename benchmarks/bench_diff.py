@@ -5,7 +5,7 @@
 A is the 1.1B random TinyLlama-shaped checkpoint of make_checkpoint.py; B1 is a "fine-tune" of it
 (every tensor plus small noise: every tensor changed, statistics computed for all); B2 is the
 drop-layers-8-11 chain output (every tensor identical to one of A's: byte comparisons only).
-Besides the command, the same diff called from Python (`surgery.diff.report.diff`, interpreter
+Besides the command, the same diff called from Python (`surgery.comparison.report.diff`, interpreter
 start included; also with the numpy fallback an install without a C compiler gets), and the
 command's fixed start-up: `surgery diff` of the 6-layer test Llama with itself (1 MB).
 The package is byte-compiled first, as an installed one is.
@@ -72,8 +72,8 @@ def main() -> None:
 
 def measure_all(base: Path, tuned: Path, dropped: Path, runs: int) -> None:
     surgery_diff = [sys.executable, "-m", "surgery", "diff", "--json"]
-    library = "import json, sys; from surgery.diff.report import diff; json.dumps(diff(*sys.argv[1:]).to_dict())"
-    fallback = "import surgery.diff.stats as s; s.fused_measure = None; " + library  # as installed without a compiler
+    library = "import json, sys; from surgery.comparison.report import diff; json.dumps(diff(*sys.argv[1:]).to_dict())"
+    fallback = "import surgery.comparison.stats as s; s.fused_measure = None; " + library  # as installed without a compiler
     shards = lambda folder: [str(p) for p in sorted(folder.glob("*.safetensors"))]  # noqa: E731
     commands = {
         "cat A B1 (read both once)": ["sh", "-c", f"cat {' '.join(shards(base) + shards(tuned))} > /dev/null"],

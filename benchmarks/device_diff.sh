@@ -15,7 +15,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # the working tree is not installed there: build diff's C kernel in place (numpy fallback if no compiler)
 python setup.py -q build_ext --inplace 2>&1 | tail -3 || true
-python -c "import surgery.diff._measure" && echo "kernel: built" || echo "kernel: numpy fallback"
+python -c "import surgery.comparison._measure" && echo "kernel: built" || echo "kernel: numpy fallback"
 { nproc; lscpu | grep -E "Model name|^CPU\(s\)"; python -c "import typer; print('typer', typer.__version__)"; } | tee "$out/machine.txt"
 time python benchmarks/bench_diff.py --runs 5 | tee "$out/bench.txt"
 python benchmarks/diff_timeline.py | tee "$out/timeline.txt"

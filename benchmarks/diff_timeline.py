@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from surgery.diff.workers import available_cores
+from surgery.comparison.workers import available_cores
 
 PART_BYTES = 8 << 20
 
@@ -36,7 +36,7 @@ mark = lambda what: marks.append((what, time.time() - started))
 mark("interpreter started")
 import surgery.cli as cli
 mark("CLI imported")
-import surgery.diff.report as report
+import surgery.comparison.report as report
 mark("diff modules imported")
 pair = report._pair
 def timed_pair(*args, **kwargs):
@@ -63,7 +63,7 @@ def timeline(a: Path, b: Path) -> list[tuple[str, float]]:
 
 def kernel_floor(a: Path, b: Path) -> float:
     """Seconds for the kernel alone over every whole 8 MiB part the two checkpoints' shards share."""
-    from surgery.diff._measure import measure
+    from surgery.comparison._measure import measure
 
     jobs = []
     for shard_a, shard_b in zip(sorted(a.glob("*.safetensors")), sorted(b.glob("*.safetensors"))):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from surgery.checkpoint.reader import read_config
 from surgery.errors import SurgeryError
-from surgery.formats.ensemble import is_ensemble
+from surgery.formats.ensemble_folder import is_ensemble
 from surgery.output.card import CARD_NAME
 from surgery.output.provenance import PROVENANCE_NAME
 

@@ -34,7 +34,7 @@ import torch  # noqa: F401
 import surgery
 import surgery.cli
 import surgery.output.execute
-import surgery.output.staging
+import surgery.output.partial
 import surgery.output.verify
 
 SURGERY_DIR = str(Path(surgery.__file__).parent)
@@ -135,11 +135,11 @@ def kill_experiment(plan: Path, out: Path, points: int, extra: list[str]) -> dic
     results = []
     for kill_at in kill_points:
         shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(surgery.output.staging.partial_folder(out), ignore_errors=True)
+        shutil.rmtree(surgery.output.partial.partial_folder(out), ignore_errors=True)
         status = run_child(["apply", str(plan), "--out", str(out), *extra], kill_at=kill_at)
         state = output_state(out)
-        partial = surgery.output.staging.partial_folder(out)
-        journaled = len(surgery.output.staging.read_journal(partial).get("shards", {})) if partial.exists() else 0
+        partial = surgery.output.partial.partial_folder(out)
+        journaled = len(surgery.output.partial.read_journal(partial).get("shards", {})) if partial.exists() else 0
         resume = ["apply", str(plan), "--out", str(out), "--resume", *extra]
         resume_killed = len(results) % 5 == 4  # every fifth time the resume itself is killed half-way first
         if resume_killed:
@@ -170,10 +170,10 @@ def interrupt_experiment(plan: Path, out: Path, sig: int, extra: list[str]) -> d
     count_file, log = out.parent / "events", out.parent / "stderr"
     assert run_child(["apply", str(plan), "--out", str(out.parent / "reference"), *extra], count_file=count_file) == 0
     status = run_child(["apply", str(plan), "--out", str(out), *extra], int(count_file.read_text()) // 2, sig=sig, stderr=log)
-    partial = surgery.output.staging.partial_folder(out)
+    partial = surgery.output.partial.partial_folder(out)
     report = {"status": status, "stderr": log.read_text().strip().splitlines(), "state": output_state(out),
               "partial_kept": partial.exists(),
-              "journaled_shards": len(surgery.output.staging.read_journal(partial).get("shards", {}))}
+              "journaled_shards": len(surgery.output.partial.read_journal(partial).get("shards", {}))}
     report["resume_status"] = run_child(["apply", str(plan), "--out", str(out), "--resume", *extra], stderr=log)
     report["resume_stderr"] = log.read_text().strip().splitlines()
     report["resumed_identical"] = shard_digests(out) == shard_digests(out.parent / "reference")

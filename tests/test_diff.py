@@ -168,7 +168,7 @@ def test_numpy_decode_equals_torch(dtype, tmp_path):
 
 
 def test_bytes_equal_sees_a_difference_anywhere():
-    from surgery.diff.bytes import bytes_equal
+    from surgery.comparison.bytes import bytes_equal
 
     base = bytes(range(256)) * 4 + b"xyz"
     for position in (0, 7, 8, 500, len(base) - 1):
@@ -183,10 +183,10 @@ def test_bytes_equal_sees_a_difference_anywhere():
 def test_statistics_split_across_many_parts_and_threads(kernel, monkeypatch):
     """Tiny blocks and parts on 3 threads: the sums must not depend on how a tensor is split."""
     from surgery.checkpoint.reader import Checkpoint
+    from surgery.comparison import bytes as byte_module
+    from surgery.comparison import stats
+    from surgery.comparison.workers import Workers
     from surgery.demo_models import demo_model
-    from surgery.diff import bytes as byte_module
-    from surgery.diff import stats
-    from surgery.diff.workers import Workers
 
     if kernel == "numpy":
         monkeypatch.setattr(stats, "fused_measure", None)
@@ -213,8 +213,8 @@ def test_statistics_split_across_many_parts_and_threads(kernel, monkeypatch):
 
 def test_numpy_fallback_reports_what_the_kernel_does(cli, monkeypatch):
     """Installed without a C compiler, diff computes the same report in numpy."""
+    from surgery.comparison import stats
     from surgery.demo_models import demo_model
-    from surgery.diff import stats
 
     if stats.fused_measure is None:
         pytest.skip("the C kernel was not built (no compiler at install)")

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from surgery.checkpoint.blocks import BlockReader
 from surgery.checkpoint.reader import Checkpoint
-from surgery.diff import stats
+from surgery.comparison import stats
 from surgery.errors import SurgeryError
 
 KERNELS = ["fused", "numpy"]
@@ -99,8 +99,8 @@ def test_a_nan_difference_is_reported_not_hidden(kernel, position, tmp_path):
 def test_layer_sketches_dot_to_the_mean_cosine_of_the_samples(tmp_path):
     """A tensor's sketch is its start, middle and end samples as one unit vector, whatever its dtype;
     the dot product of two layers' sketches is the mean cosine over their tensors."""
-    from surgery.diff.bytes import ByteComparer
-    from surgery.diff.workers import Workers
+    from surgery.comparison.bytes import ByteComparer
+    from surgery.comparison.workers import Workers
 
     generator = torch.Generator().manual_seed(2)
     a = [torch.randn(40, 300, generator=generator), torch.randn(64, 100, generator=generator)]

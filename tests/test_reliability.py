@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from surgery.demo_models import demo_model
-from surgery.output.staging import LOCK_NAME, partial_folder
+from surgery.output.partial import LOCK_NAME, partial_folder
 from tests.conftest import REPO, listing, write_plan
 
 # Looped and scaled layers: copied and computed tensors, over 11 shards of at most 1 MB.

@@ -27,17 +27,17 @@ def diff_(
     exit_code: Annotated[bool, typer.Option("--exit-code", help="Exit 1 when the checkpoints differ.")] = False,
 ) -> None:
     """What changed between two checkpoints: config, tensors, and the layer of A each layer of B is."""
-    from surgery.diff.report import diff
+    from surgery.comparison.report import diff
 
     report = diff(a, b, include=include, exclude=exclude, atol=atol, rtol=rtol)
     if plot is not None:
-        from surgery.diff.plot import heat_map
+        from surgery.comparison.plot import heat_map
 
         heat_map(report, plot)
     if as_json:
         print_json(report.to_dict(top))
     else:
-        from surgery.diff.render import print_diff
+        from surgery.comparison.render import print_diff
 
         print_diff(report, console, top)
     if exit_code and report.differs:

@@ -1,7 +1,7 @@
 """Load any model surgery writes, for scoring: every model kind goes through `load_for_eval`.
 
 Standard checkpoints load with plain transformers, compact recursive ones with shared parameters
-(evaluation/compact.py), ensembles as one module over their members (evaluation/ensemble.py). Later
+(evaluation/recursive_model.py), ensembles as one module over their members (evaluation/ensemble_model.py). Later
 model kinds (packed quantized) register a loader in `LOADERS`, so `surgery eval` and plan `evaluate:` score
 every kind with the same code.
 """
@@ -17,10 +17,10 @@ from typing import Any
 from surgery.checkpoint.reader import Checkpoint, read_config
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
-from surgery.evaluation.compact import load_compact
-from surgery.evaluation.ensemble import load_ensemble
+from surgery.evaluation.ensemble_model import load_ensemble
 from surgery.evaluation.models import quiet_transformers, refuse_remote_code, require_causal_lm, resolve_dtype
-from surgery.formats.ensemble import is_ensemble
+from surgery.evaluation.recursive_model import load_compact
+from surgery.formats.ensemble_folder import is_ensemble
 from surgery.formats.recursive import is_compact
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt")

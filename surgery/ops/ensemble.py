@@ -8,11 +8,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from surgery.diff.bytes import ByteComparer
-from surgery.diff.workers import Workers
+from surgery.comparison.bytes import ByteComparer
+from surgery.comparison.workers import Workers
 from surgery.errors import SurgeryError
 from surgery.evaluation.models import require_causal_lm
-from surgery.formats.ensemble import (
+from surgery.formats.ensemble_folder import (
     EnsembleSpec,
     Member,
     check_same_tokenizer,

@@ -10,13 +10,13 @@ from typing import Any
 
 import yaml
 
-from surgery.formats import ensemble, recursive
+from surgery.formats import ensemble_folder, recursive
 from surgery.ops.registry import registry
 
 CARD_NAME = "README.md"
 # A folder that huggingface_hub downloaded: .../models--ORG--NAME/snapshots/REVISION
 _HUB_CACHE = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/")
-_OWN_FORMATS = {recursive.MODEL_TYPE: "compact recursive", ensemble.MODEL_TYPE: "ensemble"}
+_OWN_FORMATS = {recursive.MODEL_TYPE: "compact recursive", ensemble_folder.MODEL_TYPE: "ensemble"}
 
 
 def model_card(provenance: dict[str, Any], config: dict[str, Any], name: str) -> str:

@@ -1,6 +1,6 @@
 """Run a recipe into an output folder, streaming, with bounded memory, appearing atomically.
 
-Everything is written under a hidden sibling folder (output/staging.py), fsynced, and renamed into
+Everything is written under a hidden sibling folder (output/partial.py), fsynced, and renamed into
 place last, so an interrupted run never leaves a folder under the output name that looks complete;
 the shards it finished are journaled with their hashes, and `--resume` continues from them.
 """
@@ -21,9 +21,9 @@ from surgery.checkpoint.writer import ShardEntry, ShardPlan, shard_header, write
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
 from surgery.formatting import human_bytes
+from surgery.output.partial import PartialOutput, ShardRecord, TrailingHash, journaled_bytes, partial_folder
 from surgery.output.provenance import read_provenance, write_json, write_record
 from surgery.output.side_files import copy_side_files, side_file_bytes
-from surgery.output.staging import PartialOutput, ShardRecord, TrailingHash, journaled_bytes, partial_folder
 from surgery.plan.resolve import Recipe
 from surgery.recipe.stream import RecipeStreamer
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from surgery.checkpoint.reader import INDEX_NAME, Checkpoint, read_config, read_shard_header
 from surgery.errors import SurgeryError
-from surgery.formats.ensemble import check_member_unchanged, is_ensemble, read_spec
+from surgery.formats.ensemble_folder import check_member_unchanged, is_ensemble, read_spec
+from surgery.output.partial import hash_shard
 from surgery.output.provenance import PROVENANCE_NAME, read_provenance
-from surgery.output.staging import hash_shard
 
 
 @dataclass(frozen=True)

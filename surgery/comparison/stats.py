@@ -14,10 +14,10 @@ import numpy as np
 
 from surgery.checkpoint.blocks import BlockReader, decode
 from surgery.checkpoint.reader import DTYPE_SIZES, TensorInfo, numel
-from surgery.diff.workers import Workers
+from surgery.comparison.workers import Workers
 
 try:
-    from surgery.diff._measure import measure as fused_measure
+    from surgery.comparison._measure import measure as fused_measure
 except ImportError:  # installed without a C compiler
     fused_measure = None
 

@@ -14,7 +14,7 @@ import torch
 
 from surgery.checkpoint.reader import Checkpoint, read_config
 from surgery.evaluation.models import context_length
-from surgery.formats.ensemble import EnsembleSpec, check_member_unchanged, member_name, read_spec
+from surgery.formats.ensemble_folder import EnsembleSpec, check_member_unchanged, member_name, read_spec
 
 LoadModel = Callable[[Path, str, Any], Any]  # (folder, device, dtype) -> the module of any model kind
 

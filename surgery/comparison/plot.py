@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from surgery.checkpoint.modules import MODULE_KINDS
-from surgery.diff.report import DiffReport
+from surgery.comparison.report import DiffReport
 from surgery.errors import SurgeryError
 
 

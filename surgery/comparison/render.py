@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from surgery.checkpoint.modules import MODULE_KINDS
-from surgery.diff.report import DiffReport
+from surgery.comparison.report import DiffReport
 from surgery.recipe.view import LayerOrigin, format_layer_map
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from surgery.checkpoint.blocks import BlockReader
 from surgery.checkpoint.reader import DTYPE_SIZES, TensorInfo, numel
-from surgery.diff.workers import Workers
+from surgery.comparison.workers import Workers
 
 CHUNK_BYTES = 1 << 20  # both chunks stay in cache while compared
 PART_BYTES = 2 << 20  # one task of the pool

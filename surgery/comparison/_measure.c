@@ -2,7 +2,7 @@
 
 numpy needs nine passes over memory for the same numbers (decode each side in two, subtract, three
 dots, max, min); fused, a pair of weights costs about what reading it costs. Optional: without a C
-compiler the package falls back to numpy (surgery/diff/stats.py), with the same results to float32
+compiler the package falls back to numpy (surgery/comparison/stats.py), with the same results to float32
 rounding.
 
 measure(a, a_dtype, b, b_dtype, atol, rtol) -> (diff_sq, a_sq, dot_ad, max_abs, within)

@@ -18,9 +18,9 @@ import numpy as np
 from surgery.checkpoint.layout import Layout, find_layout
 from surgery.checkpoint.modules import module_kind
 from surgery.checkpoint.reader import Checkpoint, TensorInfo
-from surgery.diff.bytes import ByteComparer
-from surgery.diff.stats import ZERO, Change, Sketches, measure, total
-from surgery.diff.workers import Workers
+from surgery.comparison.bytes import ByteComparer
+from surgery.comparison.stats import ZERO, Change, Sketches, measure, total
+from surgery.comparison.workers import Workers
 from surgery.errors import SurgeryError
 
 SIMILAR_ENOUGH = 0.5  # mean cosine below which a changed layer is matched to no layer of A
