@@ -64,7 +64,9 @@ def check(plan: str | Path | Plan, *, out: str | Path | None = None, device: str
     """Validate a plan against the real checkpoints and return what `apply` would write.
 
     Args: `plan` is a plan file or a Plan (its relative paths against `base_dir`); `out` overrides
-    its `output`; `device` runs the data-dependent fits. Raises SurgeryError on any bad input.
+    its `output`; `device` runs the data-dependent fits. Returns the Recipe: every output tensor and
+    how it is made, the config, the shards (`.summary(shard_size)` is what `check --json` prints).
+    Raises SurgeryError on any bad input.
     """
     return resolve(plan, out, device, base_dir)
 

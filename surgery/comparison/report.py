@@ -102,7 +102,12 @@ def diff(
     a_path: str | Path, b_path: str | Path, *, include: str | None = None, exclude: str | None = None,
     atol: float = 0.0, rtol: float = 0.0,
 ) -> DiffReport:
-    """Everything that differs from checkpoint A to checkpoint B."""
+    """Everything that differs from checkpoint A to checkpoint B, read straight from their files.
+
+    Args: `a_path`, `b_path` are model folders; `include`/`exclude` are regular expressions on tensor
+    names; a tensor whose every element is within `atol + rtol * |a|` counts as unchanged.
+    Returns a DiffReport (`.to_dict()` is what `surgery diff --json` prints); raises SurgeryError.
+    """
     a, b = Checkpoint.open(a_path), Checkpoint.open(b_path)
     report = DiffReport(a=str(a_path), b=str(b_path))
     _diff_config(a.config, b.config, report)

@@ -83,7 +83,12 @@ def load_model(folder: Path, device: str, dtype: Any) -> Any:
 
 
 def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """The model and tokenizer in `path`, on `device`, ready for `perplexity`."""
+    """Load any model surgery writes, ready to score or generate with.
+
+    Args: `path` is the model folder; `device` is auto (CUDA when present), cpu, cuda or cuda:N;
+    `dtype` is auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16 or float16.
+    Returns a LoadedModel: `.model` maps input_ids to logits, `.tokenizer` is its tokenizer.
+    """
     from transformers import AutoTokenizer
 
     folder = Path(path)

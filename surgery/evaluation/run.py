@@ -68,8 +68,15 @@ class EvalReport:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def evaluate(model_path: str | Path, settings: EvalSettings, compare: str | Path | None = None) -> EvalReport:
-    """Perplexity and throughput of `model_path` on each text; with `compare`, the reference too."""
+def evaluate(model_path: str | Path, settings: EvalSettings = EvalSettings(),
+             compare: str | Path | None = None) -> EvalReport:
+    """Perplexity and throughput of a model on each text; with `compare`, its reference too, on the same tokens.
+
+    Args: `model_path` is any folder surgery can load (standard, compact recursive, ensemble, packed);
+    `settings` says what to score and where (texts, tokens, window, device, dtype, lm-eval tasks);
+    `compare` is the reference model. Returns an EvalReport; raises SurgeryError (e.g. when the two
+    tokenize the text differently).
+    """
     texts = [load_text(spec) for spec in settings.data]
     if settings.tasks:
         check_tasks(list(settings.tasks))

@@ -12,9 +12,13 @@ from surgery.formats.recursive import is_compact, read_spec
 
 
 def inspect(model: str | Path) -> dict[str, Any]:
-    """What a checkpoint holds, JSON-ready; `layer_groups` lists each layer tensor once, with the layers
-    that have it. For a compact recursive checkpoint the layers are its shared slots, and `recursive`
-    says how they loop."""
+    """What a checkpoint holds, from its headers alone.
+
+    Args: `model` is a model folder. Returns a JSON-ready dict (what `surgery inspect --json` prints):
+    architecture, layers, parameters, bytes, dtypes, shards; `layer_groups` lists each layer tensor
+    once, with the layers that have it. For a compact recursive checkpoint the layers are its shared
+    slots, and `recursive` says how they loop. Raises SurgeryError for a folder that is not a model.
+    """
     checkpoint = Checkpoint.open(model)
     config, recursive = checkpoint.config, None
     if is_compact(config):

@@ -80,8 +80,8 @@ def _evaluation_table(evaluation: dict[str, Any]) -> list[str]:
 def _how_to_load(own_format: str | None, config: dict[str, Any]) -> list[str]:
     if own_format:
         return [f"This folder is a surgery {own_format} model: plain transformers refuses it by its model type.",
-                "", "```python", "from surgery.evaluation.loading import load_for_eval",
-                "loaded = load_for_eval(\"PATH\")  # .model maps input_ids to logits; .tokenizer", "```",
+                "", "```python", "import surgery", "",
+                "loaded = surgery.load_for_eval(\"PATH\")  # .model maps input_ids to logits; .tokenizer", "```",
                 "", "or `surgery eval PATH`. `surgery materialize` turns a compact model into a standard one."]
     quantized = (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
     return (["Packed compressed-tensors weights: `pip install compressed-tensors` first (vLLM loads it too).", ""]

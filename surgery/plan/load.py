@@ -21,7 +21,10 @@ MAX_NODES = 100_000
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Parse and validate a plan; any problem is one SurgeryError naming file, line and field."""
+    """Parse and validate a plan file (bounded, safe YAML) into a Plan.
+
+    Returns the Plan; any problem is one SurgeryError naming file, line and field.
+    """
     path = Path(path)
     data, root = _read_yaml(path)
     if data is None:
