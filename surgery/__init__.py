@@ -41,7 +41,10 @@ _EXPORTS = {
     "inspect": "surgery.formats.inspection", "load_for_eval": "surgery.evaluation.loading",
     "LoadedModel": "surgery.evaluation.loading", "SurgeryError": "surgery.errors",
 }
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "Applied", "DiffReport", "EvalReport", "EvalSettings", "Hooks", "LoadedModel", "Plan", "Recipe", "SurgeryError",
+    "__version__", "apply", "check", "diff", "evaluate", "inspect", "load_for_eval", "load_plan",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,7 @@ from tests.conftest import REPO
 
 
 def test_every_public_name_resolves_and_documents_itself():
+    assert set(surgery.__all__) == {"__version__", *surgery._EXPORTS}
     for name in surgery.__all__:
         value = getattr(surgery, name)
         if callable(value) and not inspect.isclass(value):
