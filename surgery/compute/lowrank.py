@@ -12,11 +12,11 @@ one plan agree:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from surgery.checkpoint.blocks import torch_dtype
+from surgery.recipe.tensor import Unprepared
 
 if TYPE_CHECKING:
     import torch
@@ -38,13 +38,11 @@ def rounded(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Mean:
+class Mean(Unprepared):
     """The shared weight: the mean of the tied layers' tensors (a copy when there is one)."""
 
     elementwise = True
 
-    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Mean:
-        return self
 
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         return mean_of(inputs)
@@ -62,7 +60,7 @@ class SvdCache:
 
 
 @dataclass(frozen=True)
-class ResidualFactors:
+class ResidualFactors(Unprepared):
     """Inputs: the depth's own tensor, then the tied layers the shared one is the mean of.
     Outputs one factor of the rank-r truncated SVD of the residual: B = U_r S_r, or A = V_r^T."""
 
@@ -72,8 +70,6 @@ class ResidualFactors:
     cache: SvdCache = field(default_factory=SvdCache, compare=False, repr=False)
     elementwise = False
 
-    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> ResidualFactors:
-        return self
 
     def factors(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(shared, B, A), each rounded to the stored dtype, in float32."""
@@ -109,13 +105,11 @@ def low_rank_sum(shared: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torc
 
 
 @dataclass(frozen=True)
-class LowRankSum:
+class LowRankSum(Unprepared):
     """Inputs: shared, B, A as stored in a compact checkpoint; output shared + B A."""
 
     elementwise = False
 
-    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> LowRankSum:
-        return self
 
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         shared, b, a = inputs

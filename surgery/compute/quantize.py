@@ -11,11 +11,11 @@ q_max), and w ~ (q - zero) * scale, computed in the stored dtype.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from surgery.checkpoint.blocks import torch_dtype
+from surgery.recipe.tensor import Unprepared
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +76,7 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Rtn:
+class Rtn(Unprepared):
     """RTN of a whole matrix; outputs the dequantized weight or one part of the packed format."""
 
     bits: int
@@ -86,8 +86,6 @@ class Rtn:
     part: Part = "dense"
     elementwise = False
 
-    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Rtn:
-        return self
 
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         quantized = quantize(inputs[0], self.bits, self.group_size, self.symmetric, torch_dtype(self.dtype))
@@ -106,14 +104,12 @@ class Rtn:
 
 
 @dataclass(frozen=True)
-class Constant:
+class Constant(Unprepared):
     """A tensor computed from no data (the `weight_shape` the packed format stores)."""
 
     values: tuple[int, ...]
     elementwise = False
 
-    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Constant:
-        return self
 
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         import torch

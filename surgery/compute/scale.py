@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
+
+from surgery.recipe.tensor import Blocks
 
 if TYPE_CHECKING:
     import torch
@@ -24,7 +25,7 @@ class Scaled:
     def elementwise(self) -> bool:
         return self.inner is None or self.inner.elementwise
 
-    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Scaled:
+    def prepare(self, blocks: Blocks) -> Scaled:
         return self if self.inner is None else replace(self, inner=self.inner.prepare(blocks))
 
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:

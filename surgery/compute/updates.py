@@ -8,26 +8,23 @@ update, so LiNeS composes with any merge without losing precision to an intermed
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
+
+from surgery.recipe.tensor import Blocks, Unprepared
 
 if TYPE_CHECKING:
     import torch
 
-Blocks = Callable[[], Iterator[list["torch.Tensor"]]]
 
-
-class Update:
+class Update(Unprepared):
     """base + (an update made of the task vectors)."""
 
     elementwise = True
 
     def scaled(self, factor: float) -> Update:
         raise NotImplementedError
-
-    def prepare(self, blocks: Blocks) -> Update:
-        return self
 
 
 @dataclass(frozen=True)

@@ -89,11 +89,8 @@ class BitsStep(StepModel):
             raise ValueError("score: manual needs 'manual': the bits of every layer, e.g. {0: 8, 1: 4}")
         return self
 
-    def placement_error(self, index: int, steps: int, plan_model: str | None) -> str | None:
-        if self.format == "compressed-tensors" and index < steps - 1:
-            return (f"step {index}: bits with format: compressed-tensors must be the last step (packed weights are "
-                    "a storage format); use format: dense to keep editing after it")
-        return None
+    def storage_format(self) -> tuple[str, str] | None:
+        return ("compressed-tensors", "dense") if self.format == "compressed-tensors" else None
 
 
 def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:

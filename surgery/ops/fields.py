@@ -26,8 +26,18 @@ class StepModel(Strict):
         """The model a plan without `model:` starts from, when this step names one."""
         return None
 
+    def storage_format(self) -> tuple[str, str] | None:
+        """(its `format`, the one to use instead) when the step writes a storage format of surgery's own,
+        which nothing can edit after it."""
+        return None
+
     def placement_error(self, index: int, steps: int, plan_model: str | None) -> str | None:
         """Why this step cannot stand at `index` of `steps` (in a plan whose `model:` is `plan_model`), if it cannot."""
+        storage = self.storage_format()
+        if storage is not None and index < steps - 1:
+            written, instead = storage
+            return (f"step {index}: {self.op} with format: {written} must be the last step ({written} is a storage "
+                    f"format); use format: {instead} to keep editing after it")
         return None
 
 

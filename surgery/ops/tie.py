@@ -72,11 +72,8 @@ class TieStep(StepModel):
                              "tied into each slot), not both or neither")
         return self
 
-    def placement_error(self, index: int, steps: int, plan_model: str | None) -> str | None:
-        if self.format == "compact" and index < steps - 1:
-            return (f"step {index}: tie with format: compact must be the last step (compact is a storage format); "
-                    "use format: materialized to keep editing after it")
-        return None
+    def storage_format(self) -> tuple[str, str] | None:
+        return ("compact", "materialized") if self.format == "compact" else None
 
 
 def tie(step: TieStep, view: ModelView, context: OpContext) -> ModelView:

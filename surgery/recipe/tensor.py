@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from surgery.checkpoint.reader import DTYPE_SIZES, TensorInfo, numel
 
 if TYPE_CHECKING:
     import torch
+
+
+Blocks = Callable[[], Iterator[list["torch.Tensor"]]]  # a fresh pass over a recipe's input blocks
+_Self = TypeVar("_Self")
 
 
 class Compute(Protocol):
@@ -30,9 +34,16 @@ class Compute(Protocol):
 
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor: ...
 
-    def prepare(self, blocks: Callable[[], Iterator[list[torch.Tensor]]]) -> Compute: ...
+    def prepare(self, blocks: Blocks) -> Compute: ...
 
     def describe(self) -> str: ...
+
+
+class Unprepared:
+    """Base of the computes that need no whole-tensor statistics before their first block."""
+
+    def prepare(self: _Self, blocks: Blocks) -> _Self:
+        return self
 
 
 @dataclass(frozen=True)
