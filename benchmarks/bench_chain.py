@@ -41,6 +41,13 @@ def timed(cmd: list[str], cleanup: Path | None = None) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss * 1024
 
 
+def surgery_at(checkout: Path) -> list[str]:
+    """The `surgery` command of another checkout (e.g. a `git worktree` of an older commit), run with
+    this Python: that checkout's package goes first on sys.path, ahead of the installed one."""
+    start = f"import sys; sys.path.insert(0, {str(checkout.resolve())!r}); from surgery.cli import main; main()"
+    return [sys.executable, "-c", start]
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
@@ -69,9 +76,7 @@ def main() -> None:
         commands[f"surgery {label}"] = (surgery + [str(plan)], work / "out", "cp -r; sync")
         commands[f"surgery {label} --no-fsync"] = (surgery + [str(plan), "--no-fsync"], work / "out", "cp -r")
         if args.baseline:
-            # sys.path[0], ahead of the current folder and the installed surgery
-            start = f"import sys; sys.path.insert(0, {str(args.baseline.resolve())!r}); from surgery.cli import main; main()"
-            baseline = [sys.executable, "-c", start, "apply", str(plan)]
+            baseline = [*surgery_at(args.baseline), "apply", str(plan)]
             commands[f"baseline {label}"] = (baseline, work / "out", "cp -r; sync")
             commands[f"baseline {label} --no-fsync"] = (baseline + ["--no-fsync"], work / "out", "cp -r")
         if args.mergekit:

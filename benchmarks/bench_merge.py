@@ -1,7 +1,7 @@
 """Side-by-side timing of `surgery apply` task-vector merges against mergekit (when installed).
 
     python benchmarks/bench_merge.py [--data bench-data] [--runs 3] [--mergekit PATH/mergekit-yaml] [--threads 2]
-                                     [--device cpu]
+                                     [--device cpu] [--baseline OTHER-CHECKOUT]
 
 Generates (once) the ~1.1B-parameter random bf16 Llama of bench_chain.py and two noisy variants of
 it (fine-tune stand-ins), then times base + 2 variants merged with task_arithmetic (weights 0.5) and
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_chain import timed
+from bench_chain import surgery_at, timed
 
 MERGES = {
     "task_arithmetic": ("", ""),
@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="mergekit-yaml to compare with")
     parser.add_argument("--device", default="cpu", help="surgery's --device (cuda: arithmetic on the GPU)")
     parser.add_argument("--threads", type=int, default=2, help="mergekit's -j (2 was its fastest here)")
+    parser.add_argument("--baseline", type=Path, help="another checkout of surgery (e.g. a `git worktree` of an older "
+                        "commit) to time beside this one, with the same Python")
     args = parser.parse_args()
     data = args.data.resolve()
     base, variants = data / "tinyllama-1.1b-random", [data / f"tinyllama-1.1b-noisy{seed}" for seed in (1, 2)]
@@ -55,6 +57,8 @@ def main() -> None:
         plan.write_text(f"base: {base}\noutput: {work / 'out'}\nsteps:\n  - op: {op}{ours}\n    models:{models}\n")
         surgery = [sys.executable, "-m", "surgery", "apply", str(plan), "--no-fsync", "--device", args.device]
         commands[f"surgery {label}"] = (surgery, work / "out")
+        if args.baseline:
+            commands[f"baseline {label}"] = ([*surgery_at(args.baseline), *surgery[3:]], work / "out")
         if args.mergekit:
             mk = work / f"mk-{op}.yaml"
             entries = "".join(f"\n  - model: {v}\n    parameters: {{weight: 0.5{theirs}}}" for v in variants)
@@ -73,6 +77,8 @@ def main() -> None:
     for name, runs in results.items():
         print(f"| {name} | {medians[name]:.2f} | {statistics.median(r for _, r in runs) / 2**20:.0f} |")
     for label in MERGES:
+        if f"baseline {label}" in medians:
+            print(f"\nsurgery / baseline, {label}: {medians[f'surgery {label}'] / medians[f'baseline {label}']:.2f}", end="")
         theirs = medians.get(f"mergekit {label} -j {args.threads}")
         if theirs:
             print(f"\nmergekit / surgery, {label}: {theirs / medians[f'surgery {label}']:.1f}x", end="")
