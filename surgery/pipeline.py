@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surgery.plan.resolve import Recipe, resolve
-from surgery.plan.schema import Plan
+from surgery.plan.schema import Plan, PushSection
 
 if TYPE_CHECKING:
     from surgery.evaluation.run import EvalReport
@@ -50,13 +50,6 @@ class Applied:
     seconds: float
     evaluation: EvalReport | None = None
     pushed: PushResult | None = None
-
-
-@dataclass(frozen=True)
-class _PushTarget:
-    repo: str
-    private: bool = False
-    revision: str | None = None
 
 
 def check(plan: str | Path | Plan, *, out: str | Path | None = None, device: str = "auto",
@@ -120,11 +113,12 @@ def materialize_plan(compact: Path) -> Plan:
     return Plan(model=str(compact.resolve()), steps=[MaterializeStep(op="materialize")])
 
 
-def _push_target(recipe: Recipe, push_to: str | None) -> _PushTarget | None:
+def _push_target(recipe: Recipe, push_to: str | None) -> PushSection | None:
+    """Where the output goes: the plan's `push:` section, its repo replaced by `push_to` when given."""
     section = recipe.plan.push
-    if push_to is None and section is None:
-        return None
-    return _PushTarget(push_to or section.repo, bool(section and section.private), section.revision if section else None)
+    if push_to is None:
+        return section
+    return PushSection(repo=push_to) if section is None else section.model_copy(update={"repo": push_to})
 
 
 def _evaluate(recipe: Recipe, written: Written, device: str) -> EvalReport:
