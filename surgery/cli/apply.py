@@ -32,8 +32,7 @@ def apply(
                                                 help="Push the output to this Hub repo after it is written (and scored).")] = None,
 ) -> None:
     """Validate a plan against the real checkpoints, then stream the edit into the output folder."""
-    from surgery.pipeline import Hooks
-    from surgery.pipeline import apply as apply_plan
+    from surgery import pipeline
 
     size = parse_shard_size(shard_size)
 
@@ -41,10 +40,10 @@ def apply(
         print_recipe(recipe, size)
         console.print(f"[green]wrote[/] {folder} in {seconds:.2f}s")
 
-    hooks = Hooks(log=log, progress=byte_progress, written=written, evaluated=print_eval)
+    hooks = pipeline.Hooks(log=log, progress=byte_progress, written=written, evaluated=print_eval)
     with terminate_as_interrupt():
-        result = apply_plan(plan, out=out, force=force, resume=resume, device=device, shard_size=size, fsync=fsync,
-                            push_to=push_to, hooks=hooks)
+        result = pipeline.apply(plan, out=out, force=force, resume=resume, device=device, shard_size=size, fsync=fsync,
+                                push_to=push_to, hooks=hooks)
     if result.pushed is not None:
         pushed = result.pushed
         console.print(f"[green]pushed[/] {pushed.files} files ({human_bytes(pushed.bytes)}) to {pushed.repo}: {pushed.url}")

@@ -18,9 +18,9 @@ def check(
 ) -> None:
     """Validate a plan (headers, plus the data its fits need) and print what would be written.
     Exit 0 when valid, 2 when not."""
-    from surgery.pipeline import check as check_plan
+    from surgery import pipeline
 
-    recipe = check_plan(plan, out=out, device=device)
+    recipe = pipeline.check(plan, out=out, device=device)
     if as_json:
         print_json(recipe.summary(parse_shard_size(shard_size)))
         return
