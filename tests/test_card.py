@@ -28,6 +28,7 @@ def test_cards_describe_each_kind_of_output(cli, tmp_path, tiny):
     assert chain.data.base_model == [str(llama)] and chain.data.library_name == "transformers"
     assert chain.data.get("base_model_relation") is None and chain.data.tags == ["surgery", "chain"]
     assert "source layers 0, 0, 1" in chain.text and "AutoModelForCausalLM" in chain.text and "op: chain" in chain.text
+    assert "Methods: CoLa, Li et al. 2025" in chain.text  # each op names its paper
 
     ties = _card(cli, tmp_path, f"base: {base}\nsteps:\n  - op: ties\n    models: [{prose}, {code}]\n", "ties")
     assert ties.data.base_model_relation == "merge" and len(ties.data.base_model) == 3

@@ -37,6 +37,8 @@ def model_card(provenance: dict[str, Any], config: dict[str, Any], name: str) ->
     body = [f"# {name}", "", f"Made with surgery {provenance.get('surgery_version', '')} from "
             + ", ".join(f"`{s}`" for s in sources) + ".", "", "## What was done", ""]
     body += [f"{i + 1}. {describe_step(step)}" for i, step in enumerate(steps)]
+    papers = dict.fromkeys(registry()[step["op"]].paper for step in steps)
+    body += ["", "Methods: " + "; ".join(papers) + "." if papers else ""]
     body += ["", "## Plan", "", "```yaml", yaml.safe_dump(plan, sort_keys=False).rstrip(), "```", ""]
     evaluation = provenance.get("evaluation")
     if evaluation:
