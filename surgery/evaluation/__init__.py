@@ -1,1 +1,2 @@
-"""Scoring models: perplexity with a sliding window and throughput, on CPU or GPU."""
+"""Scoring models: the texts (built-in corpora, files), sliding-window perplexity and throughput on
+CPU or GPU, the loaders of every model kind surgery writes, per-layer importance, lm-eval tasks."""
