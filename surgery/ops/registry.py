@@ -37,6 +37,8 @@ def registry() -> dict[str, Op]:
     for module in pkgutil.iter_modules(package.__path__):
         op = getattr(importlib.import_module(f"{package.__name__}.{module.name}"), "OP", None)
         if isinstance(op, Op):
+            if op.name in found:  # a developer's slip, caught at the first plan rather than shadowing an op
+                raise RuntimeError(f"two op modules register {op.name!r}: {module.name} and another")
             found[op.name] = op
     return dict(sorted(found.items()))
 
