@@ -21,8 +21,9 @@ def check(
     from surgery import pipeline
 
     recipe = pipeline.check(plan, out=out, device=device)
+    size = parse_shard_size(shard_size)
     if as_json:
-        print_json(recipe.summary(parse_shard_size(shard_size)))
+        print_json(recipe.summary(size))
         return
-    print_recipe(recipe, parse_shard_size(shard_size))
+    print_recipe(recipe, size)
     console.print("[green]plan is valid[/]")

@@ -61,25 +61,21 @@ def _load_standard(folder: Path, device: str, dtype: Any) -> Any:
     return model.to(device).eval()
 
 
-def _kind(config: Callable[[dict[str, Any]], bool]) -> Callable[[Path], bool]:
-    """A recogniser of folders whose config.json `config` accepts."""
-    return lambda folder: (folder / "config.json").is_file() and config(read_config(folder))
-
-
-# (recognise, load) pairs, most specific first; a later issue adds quantized kinds.
-LOADERS: list[tuple[Callable[[Path], bool], Callable[[Path, str, Any], Any]]] = [
-    (_kind(is_ensemble), lambda folder, device, dtype: load_ensemble(folder, device, dtype, load_model)),
-    (_kind(is_compact), load_compact),
-    (lambda folder: (folder / "config.json").is_file(), _load_standard),
+# (recognise by config.json, load) pairs, most specific first; a later issue adds quantized kinds.
+LOADERS: list[tuple[Callable[[dict[str, Any]], bool], Callable[[Path, str, Any], Any]]] = [
+    (is_ensemble, lambda folder, device, dtype: load_ensemble(folder, device, dtype, load_model)),
+    (is_compact, load_compact),
+    (lambda config: True, _load_standard),
 ]
 
 
 def load_model(folder: Path, device: str, dtype: Any) -> Any:
     """The module of any model kind surgery writes, by the first loader in `LOADERS` that recognises it."""
-    for recognise, load in LOADERS:
-        if recognise(folder):
-            return load(folder, device, dtype)
-    raise SurgeryError(f"{folder}: not a model surgery can load (no config.json)")
+    if not (folder / "config.json").is_file():
+        raise SurgeryError(f"{folder}: not a model surgery can load (no config.json)")
+    config = read_config(folder)
+    load = next(load for recognise, load in LOADERS if recognise(config))
+    return load(folder, device, dtype)
 
 
 def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:

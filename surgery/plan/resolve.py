@@ -135,11 +135,12 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
             raise SurgeryError(
                 f"output {out} overlaps the input model {checkpoint.path}; inputs are never modified, pick another --out"
             )
-    reference = None
-    if plan.evaluate is not None:
-        reference = _reference_model(plan, plan.evaluate, lambda ref: resolve_model_path(ref, folder), view.source.path)
-        _check_evaluation(plan.evaluate, view.written_config(), reference)
-    return Recipe(plan, plan_path, out, view, sources, tuple(fits), reference)
+    if plan.evaluate is None:
+        return Recipe(plan, plan_path, out, view, sources, tuple(fits))
+    reference = _reference_model(plan, plan.evaluate, lambda ref: resolve_model_path(ref, folder), view.source.path)
+    recipe = Recipe(plan, plan_path, out, view, sources, tuple(fits), reference)
+    _check_evaluation(plan.evaluate, recipe.config, reference)
+    return recipe
 
 
 def _output_folder(plan: Plan, output: str | Path | None, folder: Path, where: str) -> Path:
