@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgery.checkpoint.layout import find_layout
-from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint
+from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.evaluation import importance
 from surgery.evaluation.data import load_text
 from surgery.evaluation.loading import load_for_eval
 from surgery.evaluation.models import layer_modules
+from surgery.recipe.view import standard_view
 
 MAX_BLOCK = 4
 
@@ -69,8 +69,9 @@ class _Accumulator:
         self.tokens = 0
 
 
-def analyze_model(model: Any, layers: Any, batches: Any, weights: list[list[Any]], label: str) -> Analysis:
-    """Metrics of a loaded model whose layer modules are `layers`, on token batches (rows)."""
+def analyze_model(model: Any, layers: Any, batches: Any, zd: list[float], label: str) -> Analysis:
+    """Metrics of a loaded model whose layer modules are `layers`, on token batches (rows); `zd` is
+    each layer's ZD, measured from the weights."""
     import torch
 
     depth = len(layers)
@@ -119,7 +120,6 @@ def analyze_model(model: Any, layers: Any, batches: Any, weights: list[list[Any]
             handle.remove()
     count = sums.tokens
     cosines = [c / count for c in sums.cos]
-    zd = [importance.zero_deviation(matrices) for matrices in weights]
     metrics = [LayerMetrics(i, importance.block_influence(cosines)[i], importance.lim(cosines)[i], zd[i],
                             sums.attn[i] / count if has_parts["attn"] else None,
                             sums.mlp[i] / count if has_parts["mlp"] else None, sums.layer[i] / count)
@@ -156,8 +156,8 @@ class Session:
 def analyze(path: str | Path, data: list[str], samples: int, seq_len: int, device: str) -> Session:
     """Load a standard checkpoint and measure it on `samples` rows of `seq_len` tokens of the data; a
     further quarter of rows (at least 2) is held out for `--suggest`."""
-    checkpoint = Checkpoint.open(path)
-    layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path))
+    view = standard_view(Checkpoint.open(path), str(path))
+    layout = view.layout
     loaded = load_for_eval(path, device=device, dtype="float32")
     text = "\n\n".join(load_text(spec).text for spec in data)
     held = max(2, samples // 4)
@@ -166,11 +166,7 @@ def analyze(path: str | Path, data: list[str], samples: int, seq_len: int, devic
         raise SurgeryError(f"analyze: the data gives {len(rows)} rows of {seq_len} tokens; give more text or a "
                            "smaller --seq-len")
     held = min(held, len(rows) // 3)
-    _, by_layer = layout.group(checkpoint.tensors)
-    matrices = [[n for n in sorted(layer) if len(layer[n].shape) == 2 and layer[n].dtype in FLOAT_DTYPES]
-                for layer in by_layer]
-    weights = [[checkpoint.load(layer[n].name) for n in names] for layer, names in zip(by_layer, matrices)]
     layers = layer_modules(loaded.model, layout.prefix, layout.num_layers)
-    analysis = analyze_model(loaded.model, layers, rows[:-held], weights, str(path))
-    input_dims = [layer[n].shape[1] for layer, names in zip(by_layer, matrices) for n in names]
+    analysis = analyze_model(loaded.model, layers, rows[:-held], importance.zero_deviations(view), str(path))
+    input_dims = [r.shape[1] for layer in view.layers for r in importance.layer_matrices(layer).values()]
     return Session(Path(path), data, loaded.device, analysis, loaded.model, layout.prefix, rows[-held:], input_dims)

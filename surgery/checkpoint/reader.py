@@ -1,7 +1,7 @@
 """Open a Hugging Face checkpoint folder by its headers alone.
 
-Nothing here reads tensor data until asked: the planner works from names, dtypes, shapes and
-byte ranges, and the executor copies those byte ranges or decodes single tensors lazily.
+Nothing here reads tensor data: the planner works from names, dtypes, shapes and byte ranges, and
+the executor copies those byte ranges or streams them block by block (recipe/stream.py).
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from surgery.errors import SurgeryError, one_line
-
-if TYPE_CHECKING:
-    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -260,14 +257,6 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
-
-    def load(self, name: str) -> torch.Tensor:
-        """Decode one tensor (memory-mapped by safetensors; only this tensor is materialised)."""
-        from safetensors import safe_open
-
-        info = self.tensors[name]
-        with safe_open(info.file, framework="pt") as f:
-            return f.get_tensor(name)
 
 
 def read_config(folder: Path) -> dict[str, Any]:

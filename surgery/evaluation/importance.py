@@ -13,7 +13,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from surgery.checkpoint.reader import FLOAT_DTYPES
 from surgery.errors import SurgeryError
+from surgery.recipe.stream import RecipeStreamer
+from surgery.recipe.tensor import TensorRecipe
+from surgery.recipe.view import Layer, ModelView
 
 if TYPE_CHECKING:
     import torch
@@ -87,6 +91,20 @@ def outlier_fraction(weight: torch.Tensor) -> float:
 def zero_deviation(matrices: list[torch.Tensor]) -> float:
     """ZD of a layer: the mean over its matrices of their outlier fractions."""
     return sum(outlier_fraction(w) for w in matrices) / len(matrices)
+
+
+def layer_matrices(layer: Layer) -> dict[str, TensorRecipe]:
+    """A layer's weight matrices by suffix: its 2-D floating-point tensors."""
+    return {s: r for s, r in layer.tensors.items() if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES}
+
+
+def zero_deviations(view: ModelView) -> list[float]:
+    """ZD of every layer of a view, each matrix read through its recipe."""
+    streamer = RecipeStreamer()
+    try:
+        return [zero_deviation([streamer.whole(r) for r in layer_matrices(layer).values()]) for layer in view.layers]
+    finally:
+        streamer.close()
 
 
 def calibration_batches(tokenizer: Any, text: str, samples: int, seq_len: int, where: str) -> torch.Tensor:

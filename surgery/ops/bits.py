@@ -16,15 +16,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from surgery.checkpoint.reader import FLOAT_DTYPES
 from surgery.compute.quantize import Constant, Rtn
 from surgery.errors import SurgeryError
+from surgery.evaluation import importance
 from surgery.formats.compressed_tensors import PACKED_BITS, quantization_config
 from surgery.formats.gguf import TENSOR_TYPES_FILE, tensor_types_file
 from surgery.ops.context import OpContext
 from surgery.ops.fields import StepModel, Strict
 from surgery.ops.registry import Op
-from surgery.recipe.stream import RecipeStreamer
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import Layer, ModelView, Storage
 
@@ -141,34 +140,25 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
 
 def layer_scores(step: BitsStep, view: ModelView, context: OpContext) -> list[float] | None:
     """Importance per layer (higher: more important), measured as the step says; None when manual."""
-    from surgery.evaluation import importance
-
     if step.score == "manual":
         return None
     if step.score == "zd":
-        streamer = RecipeStreamer()
-        try:
-            return [importance.zero_deviation([streamer.whole(r) for r in layer.tensors.values()
-                                               if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES])
-                    for layer in view.layers]
-        finally:
-            streamer.close()
+        return importance.zero_deviations(view)
     cosines = _cosines(step, view, context)
     return importance.lim(cosines) if step.score == "lim" else importance.block_influence(cosines)
 
 
 def _cosines(step: BitsStep, view: ModelView, context: OpContext) -> list[float]:
     from surgery.evaluation.data import load_text
-    from surgery.evaluation.importance import calibration_batches, layer_cosines
     from surgery.evaluation.loading import load_for_eval
     from surgery.evaluation.models import layer_modules
 
     calibration = step.calibration
     loaded = load_for_eval(view.source.path, context.device, "float32")
-    batches = calibration_batches(loaded.tokenizer, load_text(calibration.data).text, calibration.samples,
+    batches = importance.calibration_batches(loaded.tokenizer, load_text(calibration.data).text, calibration.samples,
                                   calibration.seq_len, "bits.calibration")
     context.log(f"bits: scoring {len(view.layers)} layers on {batches.numel()} calibration tokens ({loaded.device})")
-    return layer_cosines(loaded.model, layer_modules(loaded.model, view.layout.prefix, len(view.layers)), batches)
+    return importance.layer_cosines(loaded.model, layer_modules(loaded.model, view.layout.prefix, len(view.layers)), batches)
 
 
 def assign_bits(assign: BitAssignment | None, scores: list[float] | None, depths: int, manual: dict[int, int]) -> list[int]:
@@ -203,8 +193,7 @@ def assign_bits(assign: BitAssignment | None, scores: list[float] | None, depths
 
 def quantized_tensors(layer: Layer, keep: list[str]) -> list[str]:
     """The layer's matrices not kept by name (`norms` keeps every 1-D tensor, which is never quantized anyway)."""
-    return [s for s, r in layer.tensors.items()
-            if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES and not any(k in s for k in keep if k != "norms")]
+    return [s for s in importance.layer_matrices(layer) if not any(k in s for k in keep if k != "norms")]
 
 
 def _check_unedited(view: ModelView) -> None:
