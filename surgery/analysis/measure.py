@@ -168,5 +168,5 @@ def analyze(path: str | Path, data: list[str], samples: int, seq_len: int, devic
     held = min(held, len(rows) // 3)
     layers = layer_modules(loaded.model, layout.prefix, layout.num_layers)
     analysis = analyze_model(loaded.model, layers, rows[:-held], importance.zero_deviations(view), str(path))
-    input_dims = [r.shape[1] for layer in view.layers for r in importance.layer_matrices(layer).values()]
+    input_dims = [r.shape[1] for layer in view.layers for r in layer.matrices().values()]
     return Session(Path(path), data, loaded.device, analysis, loaded.model, layout.prefix, rows[-held:], input_dims)

@@ -13,11 +13,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from surgery.checkpoint.reader import FLOAT_DTYPES
 from surgery.errors import SurgeryError
 from surgery.recipe.stream import RecipeStreamer
-from surgery.recipe.tensor import TensorRecipe
-from surgery.recipe.view import Layer, ModelView
+from surgery.recipe.view import ModelView
 
 if TYPE_CHECKING:
     import torch
@@ -93,16 +91,11 @@ def zero_deviation(matrices: list[torch.Tensor]) -> float:
     return sum(outlier_fraction(w) for w in matrices) / len(matrices)
 
 
-def layer_matrices(layer: Layer) -> dict[str, TensorRecipe]:
-    """A layer's weight matrices by suffix: its 2-D floating-point tensors."""
-    return {s: r for s, r in layer.tensors.items() if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES}
-
-
 def zero_deviations(view: ModelView) -> list[float]:
     """ZD of every layer of a view, each matrix read through its recipe."""
     streamer = RecipeStreamer()
     try:
-        return [zero_deviation([streamer.whole(r) for r in layer_matrices(layer).values()]) for layer in view.layers]
+        return [zero_deviation([streamer.whole(r) for r in layer.matrices().values()]) for layer in view.layers]
     finally:
         streamer.close()
 

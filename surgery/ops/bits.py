@@ -193,7 +193,7 @@ def assign_bits(assign: BitAssignment | None, scores: list[float] | None, depths
 
 def quantized_tensors(layer: Layer, keep: list[str]) -> list[str]:
     """The layer's matrices not kept by name (`norms` keeps every 1-D tensor, which is never quantized anyway)."""
-    return [s for s in importance.layer_matrices(layer) if not any(k in s for k in keep if k != "norms")]
+    return [s for s in layer.matrices() if not any(k in s for k in keep if k != "norms")]
 
 
 def _check_unedited(view: ModelView) -> None:

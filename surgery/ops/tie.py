@@ -176,7 +176,7 @@ def relaxed_ranks(relax: RelaxSettings | None, layer: Layer, context: OpContext)
     """Relaxed matrix suffix -> rank, the requested rank capped at min(out, in) (capping is reported)."""
     if relax is None:
         return {}
-    matrices = {s: r for s, r in layer.tensors.items() if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES}
+    matrices = layer.matrices()
     if relax.modules is None:
         chosen = sorted(matrices)
     else:

@@ -14,7 +14,7 @@ from typing import Any
 
 from surgery.checkpoint.config import LayerConfig, per_layer_values, rewrite_config
 from surgery.checkpoint.layout import Layout, find_layout
-from surgery.checkpoint.reader import Checkpoint
+from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint
 from surgery.recipe.tensor import TensorRecipe
 
 
@@ -41,6 +41,10 @@ class Layer:
     tensors: dict[str, TensorRecipe]
     config: LayerConfig
     origin: LayerOrigin
+
+    def matrices(self) -> dict[str, TensorRecipe]:
+        """Its weight matrices by suffix: the 2-D floating-point tensors (what is relaxed, quantized, scored)."""
+        return {s: r for s, r in self.tensors.items() if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES}
 
 
 @dataclass(frozen=True)
