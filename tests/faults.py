@@ -197,6 +197,10 @@ def main() -> None:
     fill.add_argument("--out", type=Path, required=True)
     fill.add_argument("--leave", type=int, default=64 << 10, help="bytes left free")
     args, extra = parser.parse_known_args()
+    if args.command != "fill-disk":
+        # Resolved once here, so each forked run starts with what resolving imports (transformers, for
+        # the structure check) already loaded, as in a long-lived caller: the kills land in the writes.
+        surgery.check(args.plan, out=args.out)
     if args.command == "kill":
         result = kill_experiment(args.plan, args.out, args.points, extra)
         if args.summary:

@@ -34,6 +34,10 @@ def inspect(
         f"dtypes {', '.join(f'{k} x{v}' for k, v in info['dtypes'].items())}, tied embeddings: "
         f"{info['tie_word_embeddings']}"
     )
+    others = [s for s in info["stacks"] if not s["edited"]]
+    if others:
+        console.print("other stacks (copied as they are): " + ", ".join(
+            f"{s['name']} {s['layers']} layers under {s['prefix']}.N ({s['count_key']})" for s in others))
     if "recursive" in info:
         recursive = info["recursive"]
         relaxed = ", ".join(f"{s} r{r}" for s, r in recursive["relaxed"].items()) or "none"

@@ -20,6 +20,8 @@ def print_recipe(recipe: Recipe, shard_size: int | str) -> None:
     console.print(f"[bold]{recipe.plan_path or 'plan'}[/] -> {recipe.output}")
     layers = recipe.layer_map()
     console.print(recipe.description or f"layer map ({len(layers)} layers): {format_layer_map(layers)}")
+    if recipe.verification.note != "layer structure unchanged":
+        console.print(recipe.verification.note)
     console.print(
         f"{len(recipe.tensors)} tensors, {human_bytes(recipe.total_bytes)} in {len(shards)} shard(s): "
         + ", ".join(s.filename for s in shards)

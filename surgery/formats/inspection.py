@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from surgery.checkpoint.layout import Layout, find_layout, layer_count
+from surgery.checkpoint.layout import Layout, find_layout, layer_count, stack_name, stacks
 from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint, numel
 from surgery.formats.recursive import is_compact, read_spec
 
@@ -16,7 +16,8 @@ def inspect(model: str | Path) -> dict[str, Any]:
 
     Args: `model` is a model folder. Returns a JSON-ready dict (what `surgery inspect --json` prints):
     architecture, layers, parameters, bytes, dtypes, shards; `layer_groups` lists each layer tensor
-    once, with the layers that have it. For a compact recursive checkpoint the layers are its shared
+    once, with the layers that have it; `stacks` lists every layer stack (a VLM's language model and
+    vision tower, an encoder and a decoder), `edited` marking the one plans edit. For a compact recursive checkpoint the layers are its shared
     slots, and `recursive` says how they loop. Raises SurgeryError for a folder that is not a model.
     """
     checkpoint = Checkpoint.open(model)
@@ -44,7 +45,10 @@ def inspect(model: str | Path) -> dict[str, Any]:
         "model_type": config.get("model_type"),
         "layers": layout.num_layers,
         "layer_prefix": layout.prefix,
-        "layer_count_key": layout.count_key,
+        "layer_count_key": ".".join((*layout.config_path, layout.count_key)),
+        "stacks": [{"name": stack_name(s), "prefix": s.prefix, "layers": s.num_layers,
+                    "count_key": ".".join((*s.config_path, s.count_key)), "edited": s.prefix == layout.prefix}
+                   for s in stacks(config, checkpoint.tensors)],
         "tie_word_embeddings": config.get("tie_word_embeddings"),
         "parameters": parameters,
         "bytes": checkpoint.total_bytes,

@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from surgery.architecture.verify import Verification, verify
 from surgery.checkpoint.reader import Checkpoint
 from surgery.checkpoint.writer import ShardPlan, plan_shards
 from surgery.devices import check_device_name
@@ -41,6 +42,7 @@ class Recipe:
     sources: dict[str, Checkpoint]
     fits: tuple[dict[str, Any], ...] = ()  # what data-dependent fits found, by step
     evaluation_reference: Path | None = None  # the model scored beside the output, when the plan evaluates
+    verification: Verification = Verification(True, "layer structure unchanged")
 
     @cached_property
     def tensors(self) -> dict[str, TensorRecipe]:
@@ -81,6 +83,7 @@ class Recipe:
             "source_model": str(self.view.source.path),
             **({"fits": list(self.fits)} if self.fits else {}),
             "layer_map": [str(origin) for origin in self.layer_map()],
+            "structure": self.verification.note,
             "tensors": len(self.tensors),
             "bytes": self.total_bytes,
         }
@@ -128,6 +131,7 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
         view = op_of(step).build(step, view, context)
         fits.extend({"step": index, "op": step.op, **found} for found in context.fits)
         context.fits.clear()
+    verification = verify(view, views)
     out = _output_folder(plan, output, folder, where)
     for checkpoint in sources.values():
         source, target = checkpoint.path.resolve(), out.resolve()
@@ -136,9 +140,9 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
                 f"output {out} overlaps the input model {checkpoint.path}; inputs are never modified, pick another --out"
             )
     if plan.evaluate is None:
-        return Recipe(plan, plan_path, out, view, sources, tuple(fits))
+        return Recipe(plan, plan_path, out, view, sources, tuple(fits), verification=verification)
     reference = _reference_model(plan, plan.evaluate, lambda ref: resolve_model_path(ref, folder), view.source.path)
-    recipe = Recipe(plan, plan_path, out, view, sources, tuple(fits), reference)
+    recipe = Recipe(plan, plan_path, out, view, sources, tuple(fits), reference, verification)
     _check_evaluation(plan.evaluate, recipe.config, reference)
     return recipe
 

@@ -94,7 +94,8 @@ class ModelView:
     def config(self) -> dict[str, Any]:
         """The config of the model the view computes: the source's, with the layer count and per-layer
         lists following the layers (its storage aside)."""
-        return rewrite_config(self.source.config, self.layout.count_key, [layer.config for layer in self.layers])
+        return rewrite_config(self.source.config, self.layout.count_key, [layer.config for layer in self.layers],
+                              self.layout.config_path)
 
     def written_tensors(self) -> dict[str, TensorRecipe]:
         """Every tensor written, by name: the storage's, or the model's own."""
@@ -109,7 +110,7 @@ def standard_view(checkpoint: Checkpoint, label: str) -> ModelView:
     """The identity view of a standard checkpoint: every tensor a raw copy of itself."""
     layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path))
     outside, by_layer = layout.group({name: TensorRecipe.copy_of(info) for name, info in checkpoint.tensors.items()})
-    configs = per_layer_values(checkpoint.config, layout.num_layers, checkpoint.path)
+    configs = per_layer_values(checkpoint.config, layout.num_layers, checkpoint.path, layout.config_path)
     layers = tuple(Layer(tensors=t, config=c, origin=LayerOrigin(label, i)) for i, (t, c) in enumerate(zip(by_layer, configs)))
     return ModelView(source=checkpoint, layout=layout, outside=outside, layers=layers, label=label)
 

@@ -1,0 +1,181 @@
+"""Tiny random checkpoints of every model type the installed transformers ships, for the architecture tests.
+
+Each model type's own config class gives the defaults; the sizes are shrunk to a few thousand
+parameters (every key the config has among `SIZES`, in nested sub-configs too), so a model of each
+type builds in well under a second. Types whose config cannot be made small this way are reported
+with the reason, not hidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Small values for the config keys that size a model; a key is set only where the config has it.
+SIZES: dict[str, int] = {
+    "hidden_size": 64, "n_embd": 64, "d_model": 64, "embed_dim": 64, "dim": 64,
+    "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128, "ffn_hidden_size": 128, "linear_units": 128,
+    "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "n_heads": 4, "attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "kv_channels": 16,
+    "num_hidden_layers": 4, "n_layer": 4, "num_layers": 4, "n_layers": 4,
+    "vocab_size": 256, "max_position_embeddings": 512, "n_positions": 512,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "expert_intermediate_size": 32,
+    "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16,
+    "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+    "mamba_d_state": 8, "ssm_state_size": 8, "state_size": 8, "mamba_n_heads": 4, "mamba_d_head": 32,
+    "mamba_head_dim": 32, "mamba_expand": 2, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "lru_width": 64, "attention_window_size": 16,
+    "sliding_window": 16, "image_size": 32, "patch_size": 8, "num_channels": 3, "rotary_dim": 8,
+    "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+    "encoder_layers": 4, "decoder_layers": 4, "projector_hidden_size": 64, "out_hidden_size": 64,
+    "vision_output_dim": 64, "projector_input_dim": 64, "projector_output_dim": 64, "intermediate_size_mlp": 128,
+}
+# Vision-language families whose language model is edited (the issue's list); built with their own class.
+VLM_TYPES = ("gemma3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3", "llama4", "idefics3", "smolvlm",
+             "paligemma")
+TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
+                 "cls_token_id", "unk_token_id", "mask_token_id")
+MAX_PARAMETERS = 3_000_000
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One model type: its tiny config (None when none could be built) and why not."""
+
+    model_type: str
+    config: Any = None
+    problem: str | None = None
+
+
+def causal_lm_types() -> list[str]:
+    """Every model type the installed transformers maps to a causal-LM class."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def shrunk(values: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with every size key it has made small, sub-configs included."""
+    out = dict(values)
+    layers, small = values.get("num_hidden_layers"), SIZES["num_hidden_layers"]
+    for key, value in values.items():
+        if isinstance(value, dict) and "mrope_section" in value:  # multimodal rotary sections sum to head_dim / 2
+            out[key] = value | {"mrope_section": [2, 3, 3]}
+            continue
+        per_layer = isinstance(value, list) or key == "hybrid_override_pattern"
+        if per_layer and isinstance(layers, int) and layers > small and len(value) == layers:
+            out[key] = value[:small]  # a per-layer list follows the layer count
+            continue
+        if isinstance(value, dict) and ("model_type" in value or key.endswith("_config")):
+            out[key] = shrunk(value)
+        elif key in SIZES and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = SIZES[key]
+        elif key in TOKEN_ID_KEYS and isinstance(value, int) and value >= SIZES["vocab_size"]:
+            out[key] = 1
+    if "_vl" in str(out.get("model_type")) and isinstance(out.get("rope_parameters"), dict):
+        out["rope_parameters"] = out["rope_parameters"] | {"mrope_section": [2, 3, 3]}  # sums to head_dim / 2
+    if "kv_lora_rank" in out and "num_key_value_heads" in out:  # latent attention: one key-value head per head
+        out["num_key_value_heads"] = out.get("num_attention_heads", SIZES["num_attention_heads"])
+    return out
+
+
+def tiny_config(model_type: str) -> Any:
+    """The model type's default config, shrunk; raises what transformers raises when it cannot be."""
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model(model_type).to_dict()
+    values = shrunk(defaults)
+    values.pop("model_type", None)
+    values.pop("transformers_version", None)
+    return AutoConfig.for_model(model_type, **values)
+
+
+def auto_class(model_type: str) -> Any:
+    """The auto class that builds a model type: the causal-LM one, else image-text-to-text (a VLM)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type in VLM_TYPES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def build(config: Any, device: str = "cpu") -> Any:
+    """The module of `config` with its random initialisation (seeded), or on the meta device."""
+    import torch
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return auto_class(config.model_type).from_config(config)
+
+
+def zoo(model_types: list[str] | None = None) -> Iterator[ZooEntry]:
+    """A tiny config for each causal-LM model type, or the reason it has none."""
+    from surgery.evaluation.models import quiet_transformers
+
+    with quiet_transformers():
+        for model_type in model_types or causal_lm_types():
+            try:
+                config = tiny_config(model_type)
+                parameters = sum(p.numel() for p in build(config, "meta").parameters())
+                if parameters <= MAX_PARAMETERS:
+                    model = build(config).eval()
+                    logits_of(model, model.get_input_embeddings().weight.shape[0])  # it runs as configured
+            except Exception as e:  # each type's own reason, reported in the architecture table
+                yield ZooEntry(model_type, problem=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                continue
+            if parameters > MAX_PARAMETERS:
+                yield ZooEntry(model_type, problem=f"smallest config found has {parameters:,} parameters")
+            else:
+                yield ZooEntry(model_type, config)
+
+
+def logits_of(model: Any, vocab: int) -> Any:
+    """The model's logits on a fixed token sequence (no cache, so a layer's slot does not matter)."""
+    import torch
+
+    ids = torch.randint(0, vocab, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def save_tiny(config: Any, folder: Path) -> Path:
+    """Write a tiny random model of `config` to `folder` as transformers saves it."""
+    from surgery.evaluation.models import quiet_transformers
+
+    with quiet_transformers():
+        build(config).save_pretrained(folder)
+    return folder
+
+
+def zoo_folder() -> Path:
+    """Where the tiny checkpoints are cached, by transformers version (each version builds its own)."""
+    import transformers
+
+    from surgery.demo_models.cache import cache_root
+
+    return cache_root() / f"zoo-transformers-{transformers.__version__}"
+
+
+def tiny_checkpoint(entry: ZooEntry) -> Path:
+    """The cached tiny checkpoint of a model type, built on first use (written aside, then renamed)."""
+    import shutil
+    import uuid
+
+    folder = zoo_folder() / entry.model_type
+    if not (folder / "config.json").is_file():
+        staging = folder.with_name(f".{entry.model_type}.{uuid.uuid4().hex}")
+        save_tiny(entry.config, staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # built by another process meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def zoo_types() -> list[str]:
+    """The model types the architecture tests cover: every causal-LM type, and the VLM families."""
+    return sorted({*causal_lm_types(), *VLM_TYPES})

@@ -1,0 +1,156 @@
+"""Every architecture transformers ships: an exact edit, or a refusal before anything is written.
+
+Each model type's tiny random checkpoint (surgery/demo_models/zoo.py, cached) goes through drop,
+loop and reorder; the output must load with no key problems and give the logits of the same edit
+done in memory on the transformers module, or surgery must refuse in one line. docs/architectures.md
+is generated from the same run (benchmarks/architectures.py) and must still say what this finds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+from safetensors import safe_open
+
+from benchmarks.architectures import report, row
+from surgery.checkpoint import config as layer_config
+from surgery.demo_models.zoo import tiny_checkpoint, zoo, zoo_types
+from tests.conftest import REPO, write_plan
+
+ZOO = zoo_types()
+PAGE = REPO / "docs" / "architectures.md"
+
+
+@pytest.fixture(scope="session")
+def entries():
+    return {entry.model_type: entry for entry in zoo(ZOO)}
+
+
+@pytest.fixture(scope="session")
+def page() -> tuple[str | None, dict[str, list[str]]]:
+    """The page's transformers version and its table rows by model type."""
+    text = PAGE.read_text()
+    version = next((line.split()[1].rstrip(":") for line in text.splitlines() if line.startswith("transformers ")), None)
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| model type"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return version, rows
+
+
+@pytest.fixture
+def checkpoint(entries):
+    def build(model_type):
+        entry = entries[model_type]
+        assert entry.config is not None, entry.problem
+        return tiny_checkpoint(entry)
+    return build
+
+
+@pytest.mark.parametrize("model_type", ZOO)
+def test_every_edit_is_exact_or_refused_in_one_line(model_type, entries, page, tmp_path):
+    found = report(entries[model_type], tmp_path)
+    for result in found.results:
+        assert result.outcome in ("exact", "refused"), f"{model_type} {result.edit}: {result.detail}"
+        assert "\n" not in result.detail
+    version, rows = page
+    if version == transformers.__version__:  # the page was generated with this transformers
+        assert rows.get(model_type) == row(found), "docs/architectures.md is stale: python benchmarks/architectures.py"
+
+
+def test_the_page_covers_every_model_type_of_its_transformers(page):
+    version, rows = page
+    if version != transformers.__version__:
+        pytest.skip(f"docs/architectures.md was generated with transformers {version}")
+    assert sorted(rows) == ZOO
+
+
+def test_a_dense_prefix_follows_its_layers_or_refuses(cli, checkpoint, tmp_path):
+    """DeepSeek-V3's first_k_dense_replace=1: dropping layer 0 leaves no dense layer (k becomes 0);
+    a dense layer after an MoE one cannot be described, and nothing is written."""
+    source = checkpoint("deepseek_v3")
+    out = tmp_path / "drop0"
+    plan = write_plan(tmp_path, f"model: {source}\noutput: {out}\nsteps:\n  - op: chain\n    layers: [1-3]\n")
+    assert cli("apply", plan).code == 0
+    assert json.loads((out / "config.json").read_text())["first_k_dense_replace"] == 0
+
+    bad = tmp_path / "bad"
+    plan = write_plan(tmp_path, f"model: {source}\noutput: {bad}\nsteps:\n  - op: chain\n    layers: [1, 0, 2, 3]\n")
+    result = cli("apply", plan)
+    assert result.code == 2 and "first_k_dense_replace" in result.err and len(result.err.strip().splitlines()) == 1
+    assert not bad.exists()
+    check = cli("check", plan)
+    assert check.code == 2 and check.err == result.err
+
+
+def test_a_rule_surgery_does_not_know_is_caught_by_transformers_build(cli, checkpoint, tmp_path, monkeypatch):
+    """The safety net: with the dense-prefix rule unknown, dropping layer 0 would put an MoE layer's
+    tensors where transformers builds a dense MLP; the meta-device check refuses it."""
+    rules = tuple(r for r in layer_config.RULES if not isinstance(r, layer_config.PrefixRule))
+    monkeypatch.setattr(layer_config, "RULES", rules)
+    out = tmp_path / "out"
+    plan = write_plan(tmp_path, f"model: {checkpoint('deepseek_v3')}\noutput: {out}\nsteps:\n  - op: chain\n"
+                      "    layers: [1-3]\n")
+    result = cli("apply", plan)
+    assert result.code == 2 and not out.exists()
+    assert "output layer 0" in result.err and "DeepseekV3MoE" in result.err and "DeepseekV3MLP" in result.err
+
+
+def test_periodic_layers_refuse_an_order_no_period_describes(cli, checkpoint, tmp_path):
+    plan = write_plan(tmp_path, f"model: {checkpoint('jamba')}\noutput: {tmp_path / 'out'}\nsteps:\n"
+                      "  - op: chain\n    layers: [0, 1, 3]\n")
+    result = cli("apply", plan)
+    assert result.code == 2 and "expert_layer_period" in result.err and not (tmp_path / "out").exists()
+
+
+def test_a_pattern_of_block_types_is_written_out_per_layer(cli, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    plan = write_plan(tmp_path, f"model: {checkpoint('recurrent_gemma')}\noutput: {out}\nsteps:\n"
+                      "  - op: chain\n    layers: [2, 0, 1, 3]\n")
+    assert cli("apply", plan).code == 0
+    source = json.loads((checkpoint("recurrent_gemma") / "config.json").read_text())["block_types"]
+    written = json.loads((out / "config.json").read_text())["block_types"]
+    assert written == [source[i % len(source)] for i in (2, 0, 1, 3)]
+
+
+def test_a_vlm_edits_its_language_model_and_copies_the_vision_tower_byte_for_byte(cli, checkpoint, tmp_path):
+    source = checkpoint("gemma3")
+    out = tmp_path / "out"
+    plan = write_plan(tmp_path, f"model: {source}\noutput: {out}\nsteps:\n  - op: chain\n    layers: [0, 2, 3]\n")
+    result = cli("apply", plan)
+    assert result.code == 0, result.err
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 3 and len(config["text_config"]["layer_types"]) == 3
+    with safe_open(source / "model.safetensors", "pt") as a, safe_open(out / "model.safetensors", "pt") as b:
+        vision = [n for n in a.keys() if not n.startswith("language_model.model.layers.")]
+        assert any("vision_tower" in n for n in vision)
+        for name in vision:
+            assert a.get_tensor(name).equal(b.get_tensor(name)), name
+    assert "Gemma3ForConditionalGeneration" in json.loads((out / "surgery.json").read_text())["structure"]
+
+
+def test_inspect_shows_every_stack(cli, checkpoint):
+    result = cli("inspect", checkpoint("gemma3"), "--json")
+    assert result.code == 0, result.err
+    stacks = {s["name"]: s for s in json.loads(result.out)["stacks"]}
+    assert stacks["text"]["prefix"] == "language_model.model.layers" and stacks["text"]["edited"]
+    assert stacks["vision"]["prefix"] == "vision_tower.encoder.layers" and not stacks["vision"]["edited"]
+
+
+def test_a_model_type_transformers_does_not_ship_is_edited_unverified(cli, tiny, tmp_path):
+    """Only the layer count changes in its config, and the record says the structure was not verified."""
+    import shutil
+
+    source = tmp_path / "custom"
+    shutil.copytree(tiny("llama"), source)
+    config = json.loads((source / "config.json").read_text())
+    config.update(model_type="my_private_llama", architectures=["MyPrivateLlamaForCausalLM"])
+    (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    result = cli("apply", write_plan(tmp_path, f"model: {source}\noutput: {out}\nsteps:\n  - op: chain\n"
+                                     "    layers: [0, 1, 3]\n"))
+    assert result.code == 0, result.err
+    assert json.loads((out / "surgery.json").read_text())["structure"].startswith("not verified")
