@@ -154,3 +154,77 @@ def test_a_model_type_transformers_does_not_ship_is_edited_unverified(cli, tiny,
                                      "    layers: [0, 1, 3]\n"))
     assert result.code == 0, result.err
     assert json.loads((out / "surgery.json").read_text())["structure"].startswith("not verified")
+
+
+def test_a_plan_can_edit_the_vision_tower_of_a_vlm(cli, checkpoint, tmp_path):
+    """`stack: vision` drops a vision layer: image features equal the same edit in memory, and the
+    language model is copied byte for byte."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    source = checkpoint("gemma3")
+    out = tmp_path / "out"
+    plan = write_plan(tmp_path, f"model: {source}\noutput: {out}\nstack: vision\nsteps:\n  - op: chain\n"
+                      "    layers: [0, 1, 3]\n")
+    result = cli("apply", plan)
+    assert result.code == 0, result.err
+    assert json.loads((out / "config.json").read_text())["vision_config"]["num_hidden_layers"] == 3
+    reference = AutoModelForImageTextToText.from_pretrained(source).eval()
+    layers = reference.model.vision_tower.encoder.layers
+    reference.model.vision_tower.encoder.layers = torch.nn.ModuleList([layers[i] for i in (0, 1, 3)])
+    edited = AutoModelForImageTextToText.from_pretrained(out).eval()
+    size = reference.config.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference.model.get_image_features(pixel_values=pixels).pooler_output
+        got = edited.model.get_image_features(pixel_values=pixels).pooler_output
+    assert torch.equal(got, expected)
+    with safe_open(source / "model.safetensors", "pt") as a, safe_open(out / "model.safetensors", "pt") as b:
+        for name in (n for n in a.keys() if n.startswith("language_model.")):
+            assert a.get_tensor(name).equal(b.get_tensor(name)), name
+
+
+def test_a_plan_names_the_decoder_of_an_encoder_decoder_model(cli, tmp_path):
+    """T5 has two stacks of one size: a plan must say which; dropping a decoder layer gives the logits of
+    the same edit in memory, and dropping layer 0 (it alone holds the relative position bias) is refused."""
+    import torch
+    from transformers import AutoConfig, T5ForConditionalGeneration
+
+    from surgery.demo_models.zoo import shrunk
+
+    values = shrunk(AutoConfig.for_model("t5").to_dict())
+    values.pop("model_type")
+    torch.manual_seed(0)
+    source = tmp_path / "t5"
+    T5ForConditionalGeneration(AutoConfig.for_model("t5", **values)).save_pretrained(source)
+    chain = "steps:\n  - op: chain\n    layers: [0, 1, 3]\n"
+    result = cli("apply", write_plan(tmp_path, f"model: {source}\noutput: {tmp_path / 'x'}\n{chain}", "a.yaml"))
+    assert result.code == 2 and "stack: NAME" in result.err and "decoder" in result.err
+
+    out = tmp_path / "out"
+    result = cli("apply", write_plan(tmp_path, f"model: {source}\noutput: {out}\nstack: decoder\n{chain}", "b.yaml"))
+    assert result.code == 0, result.err
+    assert json.loads((out / "config.json").read_text())["num_decoder_layers"] == 3
+    reference = T5ForConditionalGeneration.from_pretrained(source).eval()
+    reference.decoder.block = torch.nn.ModuleList([reference.decoder.block[i] for i in (0, 1, 3)])
+    edited = T5ForConditionalGeneration.from_pretrained(out).eval()
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(input_ids=ids, decoder_input_ids=ids).logits
+        got = edited(input_ids=ids, decoder_input_ids=ids).logits
+    assert torch.equal(got, expected)
+
+    plan = f"model: {source}\noutput: {tmp_path / 'y'}\nstack: decoder\nsteps:\n  - op: chain\n    layers: [1-3]\n"
+    result = cli("apply", write_plan(tmp_path, plan, "c.yaml"))
+    assert result.code == 2 and "output layer 0" in result.err and not (tmp_path / "y").exists()
+
+
+def test_a_stack_is_refused_for_steps_that_run_the_language_model(cli, tiny, tmp_path):
+    plan = write_plan(tmp_path, f"model: {tiny('llama')}\noutput: {tmp_path / 'out'}\nstack: vision\nsteps:\n"
+                      "  - op: tie\n    loops: 2\n")
+    result = cli("check", plan)
+    assert result.code == 2 and "edits the language model only" in result.err
+    plan = write_plan(tmp_path, f"model: {tiny('llama')}\noutput: {tmp_path / 'out'}\nstack: vision\nsteps:\n"
+                      "  - op: chain\n    layers: [0]\n")
+    result = cli("check", plan)
+    assert result.code == 2 and "no 'vision' stack" in result.err

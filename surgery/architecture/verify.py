@@ -79,14 +79,14 @@ class _Built:
         self.problems = loading_problems(self.model, {name: r.shape for name, r in view.tensors().items()})
 
 
-_SOURCES: dict[tuple[str, str, str], _Built] = {}
+_SOURCES: dict[tuple[str, str, str, str], _Built] = {}
 
 
 def _source_built(cls: type, source: ModelView) -> _Built:
     """A source's build, kept for the process: `check` then `apply`, or a notebook's runs, reuse it."""
     config = source.config()
     shapes = sorted((name, r.shape) for name, r in source.tensors().items())
-    key = (cls.__qualname__, json.dumps(config, sort_keys=True, default=str), repr(shapes))
+    key = (cls.__qualname__, source.layout.prefix, json.dumps(config, sort_keys=True, default=str), repr(shapes))
     if key not in _SOURCES:
         if len(_SOURCES) >= 8:
             _SOURCES.pop(next(iter(_SOURCES)))

@@ -21,6 +21,8 @@ from surgery.checkpoint.config import ConfigPath, stack_config
 from surgery.errors import SurgeryError
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
+# Counts of the other stacks a checkpoint can have (an encoder, a decoder, a vision tower).
+STACK_COUNT_KEYS = (*LAYER_COUNT_KEYS, "encoder_layers", "num_encoder_layers", "num_decoder_layers", "depth")
 # Per-layer lists whose length is the layer count where no count is written (Nemotron-H).
 COUNTING_LISTS = ("layers_block_type", "layer_types", "hybrid_override_pattern")
 T = TypeVar("T")
@@ -83,16 +85,21 @@ def language_model_path(config: dict[str, Any]) -> ConfigPath:
     return (nested[0],) if len(nested) == 1 else ()
 
 
-def find_layout(config: dict[str, Any], tensor_names: Iterable[str], where: str = "checkpoint") -> Layout:
-    """Locate the language model's layer container: the numbered group whose indices are exactly 0..L-1."""
+def find_layout(config: dict[str, Any], tensor_names: Iterable[str], where: str = "checkpoint",
+                stack: str | None = None) -> Layout:
+    """Locate the layer container edited: the named stack's, else the language model's numbered group
+    whose indices are exactly 0..L-1."""
+    names = list(tensor_names)
+    if stack is not None:
+        return _named_stack(config, names, where, stack)
     path = language_model_path(config)
     count_key, num_layers = layer_count(config, path)
-    indices = _numbered_groups(tensor_names)
+    indices = _numbered_groups(names)
     candidates = [p for p, seen in indices.items() if seen == set(range(num_layers))]
     if len(candidates) > 1:
         language = [p for p in candidates if "language_model" in p or "text_model" in p]
         text = [p for p in candidates if not any(w in p for w in ("vision", "visual", "image", "audio"))]
-        candidates = language or text or candidates
+        candidates = language or (text if len(text) == 1 else candidates)
     if len(candidates) == 1:
         return Layout(prefix=candidates[0], num_layers=num_layers, count_key=count_key, config_path=path)
     key = ".".join((*path, count_key))
@@ -102,10 +109,23 @@ def find_layout(config: dict[str, Any], tensor_names: Iterable[str], where: str 
             f"{where}: cannot place the layer tensors: config says {key}={num_layers} but the numbered "
             f"tensor groups are {found}; this layout is not supported"
         )
+    named = sorted({stack_name(s) for s in stacks(config, names)})
     raise SurgeryError(
-        f"{where}: ambiguous layout: {', '.join(sorted(candidates))} all have {num_layers} layers; "
-        "this layout is not supported"
+        f"{where}: {', '.join(sorted(candidates))} all have {num_layers} layers; say which the plan edits with "
+        f"'stack: NAME' ({', '.join(named) or 'no stack found'})"
     )
+
+
+def _named_stack(config: dict[str, Any], names: list[str], where: str, stack: str) -> Layout:
+    found = stacks(config, names)
+    chosen = [s for s in found if stack_name(s) == stack]
+    if len(chosen) == 1:
+        return chosen[0]
+    known = ", ".join(f"{stack_name(s)} ({s.prefix})" for s in found) or "none"
+    if not chosen:
+        raise SurgeryError(f"{where} has no {stack!r} stack; its stacks: {known}")
+    raise SurgeryError(f"{where} has several {stack!r} stacks ({', '.join(s.prefix for s in chosen)}); "
+                       "this layout is not supported")
 
 
 def stacks(config: dict[str, Any], tensor_names: Iterable[str]) -> list[Layout]:
@@ -116,7 +136,7 @@ def stacks(config: dict[str, Any], tensor_names: Iterable[str]) -> list[Layout]:
     paths: list[ConfigPath] = [()] + [(k,) for k, v in config.items() if isinstance(v, dict)]
     for path in paths:
         counts = [(k, v) for k, v in stack_config(config, path).items()
-                  if (k in LAYER_COUNT_KEYS or k.endswith("_layers")) and isinstance(v, int) and not isinstance(v, bool)]
+                  if k in STACK_COUNT_KEYS and isinstance(v, int) and not isinstance(v, bool)]
         for key, count in counts:
             for prefix, seen in sorted(groups.items()):
                 if seen == set(range(count)) and count > 0:
@@ -138,10 +158,17 @@ def stack_name(layout: Layout) -> str:
     return "text"
 
 
+_STACK_WORDS = ("text", "vision", "audio", "encoder", "decoder")
+
+
 def _named_alike(layout: Layout) -> int:
-    """1 when the stack's config key names what its prefix holds (vision_config for a vision tower)."""
-    words = [w for key in layout.config_path for w in key.removesuffix("_config").split("_") if w]
-    return int(any(w in layout.prefix for w in words)) if words else 0
+    """How well a stack's count names what its prefix holds: vision_config for a vision tower,
+    num_decoder_layers for `decoder.block` (+1), a count naming another stack (-1)."""
+    words = {w for key in (*layout.config_path, layout.count_key) for w in key.removesuffix("_config").split("_")
+             if w in _STACK_WORDS}
+    if not words:
+        return 0
+    return 1 if any(w in layout.prefix for w in words) else -1
 
 
 def _count_in(config: dict[str, Any]) -> tuple[str, int] | None:

@@ -31,6 +31,7 @@ SIZES: dict[str, int] = {
     "sliding_window": 16, "image_size": 32, "patch_size": 8, "num_channels": 3, "rotary_dim": 8,
     "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
     "encoder_layers": 4, "decoder_layers": 4, "projector_hidden_size": 64, "out_hidden_size": 64,
+    "mm_tokens_per_image": 16, "d_ff": 128, "d_kv": 16, "num_decoder_layers": 4, "depth": 4,
     "vision_output_dim": 64, "projector_input_dim": 64, "projector_output_dim": 64, "intermediate_size_mlp": 128,
 }
 # Vision-language families whose language model is edited (the issue's list); built with their own class.
@@ -162,10 +163,12 @@ def zoo_folder() -> Path:
 
 def tiny_checkpoint(entry: ZooEntry) -> Path:
     """The cached tiny checkpoint of a model type, built on first use (written aside, then renamed)."""
+    import hashlib
     import shutil
     import uuid
 
-    folder = zoo_folder() / entry.model_type
+    digest = hashlib.sha256(entry.config.to_json_string().encode()).hexdigest()[:10]
+    folder = zoo_folder() / f"{entry.model_type}-{digest}"  # a changed tiny config builds a new one
     if not (folder / "config.json").is_file():
         staging = folder.with_name(f".{entry.model_type}.{uuid.uuid4().hex}")
         save_tiny(entry.config, staging)

@@ -8,7 +8,7 @@ tensors are raw copies unless the entry scales some of them.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -39,6 +39,8 @@ class LayerEntry(Strict):
 
 class ChainStep(StepModel):
     """Write a model whose layers are any sequence of source layers."""
+
+    edits_any_stack: ClassVar[bool] = True
 
     op: Literal["chain"]
     layers: list[LayerEntry] = Field(min_length=1)

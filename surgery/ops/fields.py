@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -21,6 +21,9 @@ class StepModel(Strict):
     """One step of a plan; each op's model adds `op: Literal[NAME]` and its fields."""
 
     op: str
+    # Whether the step can edit any layer stack (a vision tower, an encoder): false where it runs
+    # the language model (a fit, a calibration) or writes a format only a language model loads.
+    edits_any_stack: ClassVar[bool] = False
 
     def starting_model(self) -> str | None:
         """The model a plan without `model:` starts from, when this step names one."""

@@ -10,7 +10,7 @@ On one fine-tune beta defaults to 1 - alpha. After a merge, alpha defaults to
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -29,6 +29,8 @@ from surgery.recipe.view import ModelView
 
 class LinesStep(StepModel):
     """Scale the current update by depth, alpha + beta * l / (L - 1)."""
+
+    edits_any_stack: ClassVar[bool] = True
 
     op: Literal["lines"]
     alpha: float | None = Field(default=None, description="Scale of the first layer and of tensors outside the layers.")

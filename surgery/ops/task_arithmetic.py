@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -16,6 +16,8 @@ from surgery.recipe.view import ModelView
 
 class TaskArithmeticStep(StepModel):
     """Add the weighted task vectors of the listed models to the base."""
+
+    edits_any_stack: ClassVar[bool] = True
 
     op: Literal["task_arithmetic"]
     models: list[MergeModel] = Field(min_length=1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -16,6 +16,8 @@ from surgery.recipe.view import ModelView
 
 class TiesStep(StepModel):
     """Trim, elect sign, disjoint mean, then base + lambda * merged."""
+
+    edits_any_stack: ClassVar[bool] = True
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

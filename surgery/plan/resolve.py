@@ -118,7 +118,7 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
         if ref not in views:
             checkpoint = Checkpoint.open(resolve_model_path(ref, folder))
             sources[ref] = checkpoint
-            views[ref] = open_view(checkpoint, label=ref)
+            views[ref] = open_view(checkpoint, label=ref, stack=plan.stack)
         return views[ref]
 
     primary = plan.starting_model()

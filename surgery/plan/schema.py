@@ -49,6 +49,9 @@ class Plan(Strict):
     model: str | None = Field(default=None, description="The model the steps edit (path or demo:NAME).")
     base: str | None = Field(default=None, description="The pretrained model edits are measured against.")
     output: str | None = Field(default=None, description="Output folder; `--out` overrides it.")
+    stack: str | None = Field(default=None, description="The layer stack the steps edit where a model has several "
+                              "(text, vision, audio, encoder, decoder; `surgery inspect` lists them). Default: the "
+                              "language model.")
     steps: list[Step] = Field(min_length=1)
     evaluate: EvaluateSection | None = None
     push: PushSection | None = None
@@ -71,6 +74,9 @@ class Plan(Strict):
             problem = step.placement_error(index, len(self.steps), self.model)
             if problem is not None:
                 raise ValueError(problem)
+            if self.stack is not None and not step.edits_any_stack:
+                raise ValueError(f"step {index}: {step.op} edits the language model only; leave 'stack: {self.stack}' "
+                                 "out (chain, lines and the merges can edit another stack)")
         return self
 
     def starting_model(self) -> str | None:

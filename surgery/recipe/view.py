@@ -106,9 +106,10 @@ class ModelView:
         return self.storage.config if self.storage is not None else self.config()
 
 
-def standard_view(checkpoint: Checkpoint, label: str) -> ModelView:
-    """The identity view of a standard checkpoint: every tensor a raw copy of itself."""
-    layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path))
+def standard_view(checkpoint: Checkpoint, label: str, stack: str | None = None) -> ModelView:
+    """The identity view of a standard checkpoint: every tensor a raw copy of itself; its layers are
+    those of `stack` (default: the language model)."""
+    layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path), stack=stack)
     outside, by_layer = layout.group({name: TensorRecipe.copy_of(info) for name, info in checkpoint.tensors.items()})
     configs = per_layer_values(checkpoint.config, layout.num_layers, checkpoint.path, layout.config_path)
     layers = tuple(Layer(tensors=t, config=c, origin=LayerOrigin(label, i)) for i, (t, c) in enumerate(zip(by_layer, configs)))
