@@ -23,3 +23,17 @@ def module_kind(name: str) -> str:
     if any(p in _MLP for p in parts) or parts[-1:] == ["output"] or ".output.dense" in f".{name}":
         return "mlp"
     return "other"
+
+
+# Name parts of an MoE router (or a shared expert's gate): the module that picks the experts each token runs.
+ROUTER_PARTS = frozenset({"gate", "router", "shared_expert_gate"})
+
+
+def is_router(name: str) -> bool:
+    """An MoE router's tensor: `mlp.gate.weight`, `mlp.router.weight`, `block_sparse_moe.gate.weight`."""
+    return any(part in ROUTER_PARTS for part in name.split(".")[:-1])
+
+
+def is_expert(name: str) -> bool:
+    """An MoE expert's tensor, stored one by one (`mlp.experts.3.up_proj.weight`) or fused (`mlp.experts.gate_up_proj`)."""
+    return "experts" in name.split(".")[:-1]

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from surgery.checkpoint.modules import is_expert, is_router
 from surgery.compute.quantize import Constant, Rtn
 from surgery.errors import SurgeryError
 from surgery.evaluation import importance
@@ -95,11 +96,11 @@ class BitsStep(StepModel):
 def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
     _check_unedited(view)
     depths = len(view.layers)
-    targets = quantized_tensors(view.layers[0], step.keep)
+    targets = [quantized_tensors(layer, step.keep) for layer in view.layers]  # dense and MoE layers differ
     _check_quantizer(step, view, targets)
     scores = layer_scores(step, view, context)
     widths = assign_bits(step.assign, scores, depths, step.manual or {})
-    _check_widths(step, widths)
+    _check_widths(step, widths, targets)
     average = sum(widths) / depths
     context.fits.append({"score": step.score, "scores": scores, "bits": widths, "average_bits": average})
     context.log(f"bits: {', '.join(f'{i}:{b}' for i, b in enumerate(widths))} (average {average:.3g})")
@@ -107,12 +108,13 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
     layers = []
     for depth, (layer, width) in enumerate(zip(view.layers, widths)):
         tensors = dict(layer.tensors)
-        for suffix in targets if width < KEEP_BITS else []:
+        for suffix in targets[depth] if width < KEEP_BITS else []:
             recipe = tensors[suffix]
             tensors[suffix] = TensorRecipe.computed(recipe.dtype, recipe.shape, (recipe,),
                                                     Rtn(width, q.group_size, q.symmetric, recipe.dtype))
         layers.append(Layer(tensors=tensors, config=layer.config, origin=layer.origin.edited(f"{width}-bit")))
-    dense = replace(view.with_layers(layers), extra_files={TENSOR_TYPES_FILE: tensor_types_file(targets, widths)})
+    every_target = sorted({suffix for suffixes in targets for suffix in suffixes})
+    dense = replace(view.with_layers(layers), extra_files={TENSOR_TYPES_FILE: tensor_types_file(every_target, widths)})
     if step.format == "dense":
         return dense
     stored: dict[str, TensorRecipe] = dict(view.outside)
@@ -120,7 +122,7 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
     for depth, (layer, width) in enumerate(zip(view.layers, widths)):
         for suffix, recipe in layer.tensors.items():
             name = view.layout.layer_name(depth, suffix)
-            if suffix not in targets or width >= KEEP_BITS:
+            if suffix not in targets[depth] or width >= KEEP_BITS:
                 stored[name] = recipe
                 continue
             module = name.removesuffix(".weight")
@@ -192,8 +194,10 @@ def assign_bits(assign: BitAssignment | None, scores: list[float] | None, depths
 
 
 def quantized_tensors(layer: Layer, keep: list[str]) -> list[str]:
-    """The layer's matrices not kept by name (`norms` keeps every 1-D tensor, which is never quantized anyway)."""
-    return [s for s in layer.matrices() if not any(k in s for k in keep if k != "norms")]
+    """The layer's matrices not kept by name (`norms` keeps every 1-D tensor, which is never quantized
+    anyway); an MoE router is never quantized: it picks the experts each token runs."""
+    return [s for s in layer.matrices() if not any(k in s for k in keep if k != "norms") and not is_router(s)]
+
 
 
 def _check_unedited(view: ModelView) -> None:
@@ -203,23 +207,29 @@ def _check_unedited(view: ModelView) -> None:
                                "steps to a checkpoint and quantize that")
 
 
-def _check_widths(step: BitsStep, widths: list[int]) -> None:
+def _check_widths(step: BitsStep, widths: list[int], targets: list[list[str]]) -> None:
     supported = PACKED_BITS if step.format == "compressed-tensors" else tuple(range(2, 9))
     for layer, width in enumerate(widths):
         if width not in supported and width < KEEP_BITS:
             raise SurgeryError(f"bits: layer {layer} gets {width} bits but format {step.format} supports "
                                f"{', '.join(map(str, supported))}" + (" (use format: dense to simulate others)"
                                                                        if step.format != "dense" else ""))
+    packed = {w for w, suffixes in zip(widths, targets) if w < KEEP_BITS and suffixes}
+    experts = any(is_expert(s) for suffixes in targets for s in suffixes)
+    if step.format == "compressed-tensors" and experts and len(packed) > 1:
+        raise SurgeryError(f"bits: format compressed-tensors with MoE experts needs one bit width for every quantized "
+                           f"layer (the widths here are {sorted(packed)}): transformers unpacks every expert with one "
+                           "width, so mixed widths would load wrong; use format: dense, or one width")
 
 
-def _check_quantizer(step: BitsStep, view: ModelView, targets: list[str]) -> None:
+def _check_quantizer(step: BitsStep, view: ModelView, targets: list[list[str]]) -> None:
     if step.format == "compressed-tensors" and not step.quantizer.symmetric:
         raise SurgeryError("bits: format compressed-tensors needs quantizer.symmetric: true (asymmetric packed zero "
                            "points do not load in transformers 5 with compressed-tensors 0.20); use format: dense "
                            "to simulate asymmetric quantization")
     group = step.quantizer.group_size
-    for suffix in targets:
-        out, columns = view.layers[0].tensors[suffix].shape
+    for suffix, layer in {s: layer for layer, suffixes in zip(view.layers, targets) for s in suffixes}.items():
+        out, columns = layer.tensors[suffix].shape
         if columns % group:
             raise SurgeryError(f"bits.quantizer: group_size {group} does not divide the input dimension {columns} "
                                f"of {suffix}; use a divisor of {columns}")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from surgery.checkpoint.modules import is_expert, is_router
 from surgery.checkpoint.reader import FLOAT_DTYPES
 from surgery.compute.lowrank import Mean, ResidualFactors, SvdCache
 from surgery.errors import SurgeryError
@@ -31,7 +32,8 @@ class RelaxSettings(Strict):
 
     rank: int | Literal["full"] = Field(default=16, description="LoRA rank r (capped at min(out, in)), or full.")
     modules: list[str] | None = Field(
-        default=None, description="Linear modules relaxed, e.g. [q_proj, down_proj]; default every matrix of a layer."
+        default=None, description="Linear modules relaxed, e.g. [q_proj, down_proj]; default every matrix of a "
+        "layer but an MoE expert's or router's (those are shared unrelaxed)."
     )
     vectors: Literal["per_depth", "shared"] = Field(
         default="per_depth", description="Norm weights and biases: kept per depth (default) or tied like the matrices."
@@ -176,13 +178,19 @@ def relaxed_ranks(relax: RelaxSettings | None, layer: Layer, context: OpContext)
     """Relaxed matrix suffix -> rank, the requested rank capped at min(out, in) (capping is reported)."""
     if relax is None:
         return {}
-    matrices = layer.matrices()
+    everything = layer.matrices()
+    # MoE experts and routers stay shared: transformers loads them as fused or router modules, not
+    # linear ones, so there is no linear for a depth's B A to attach to (the attention is relaxed).
+    matrices = {s: r for s, r in everything.items() if not is_expert(s) and not is_router(s)}
     if relax.modules is None:
         chosen = sorted(matrices)
     else:
         chosen = []
         for module in relax.modules:
             matched = [s for s in matrices if f".{module}." in f".{s}"]
+            if not matched and any(f".{module}." in f".{s}" for s in everything):
+                raise SurgeryError(f"tie: relax module {module!r} is an MoE expert or router; those are shared "
+                                   "unrelaxed (transformers loads them as fused modules); relax the attention instead")
             if not matched:
                 names = sorted({s.removesuffix(".weight").split(".")[-1] for s in matrices})
                 raise SurgeryError(f"tie: relax module {module!r} matches no matrix of the layers; matrices there: "

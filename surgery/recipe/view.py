@@ -43,8 +43,10 @@ class Layer:
     origin: LayerOrigin
 
     def matrices(self) -> dict[str, TensorRecipe]:
-        """Its weight matrices by suffix: the 2-D floating-point tensors (what is relaxed, quantized, scored)."""
-        return {s: r for s, r in self.tensors.items() if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES}
+        """Its weight matrices by suffix: the 2-D floating-point tensors but biases (an MoE's per-expert
+        biases are 2-D), what is relaxed, quantized, scored."""
+        return {s: r for s, r in self.tensors.items()
+                if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES and "bias" not in s.rsplit(".", 1)[-1]}
 
 
 @dataclass(frozen=True)
