@@ -31,7 +31,8 @@ SIZES: dict[str, int] = {
     "sliding_window": 16, "image_size": 32, "patch_size": 8, "num_channels": 3, "rotary_dim": 8,
     "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
     "encoder_layers": 4, "decoder_layers": 4, "projector_hidden_size": 64, "out_hidden_size": 64,
-    "mm_tokens_per_image": 16, "d_ff": 128, "d_kv": 16, "num_decoder_layers": 4, "depth": 4,
+    "mm_tokens_per_image": 16, "d_ff": 128, "d_kv": 16, "d_head": 16, "mamba_d_ssm": 128,
+    "attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16, "adapter_rank": 8, "num_decoder_layers": 4, "depth": 4,
     "vision_output_dim": 64, "projector_input_dim": 64, "projector_output_dim": 64, "intermediate_size_mlp": 128,
 }
 # Vision-language families whose language model is edited (the issue's list); built with their own class.
@@ -61,7 +62,8 @@ def causal_lm_types() -> list[str]:
 def shrunk(values: dict[str, Any]) -> dict[str, Any]:
     """A config dict with every size key it has made small, sub-configs included."""
     out = dict(values)
-    layers, small = values.get("num_hidden_layers"), SIZES["num_hidden_layers"]
+    counts = [values[k] for k in ("num_hidden_layers", "num_layers", "n_layer", "n_layers") if isinstance(values.get(k), int)]
+    layers, small = (counts[0] if counts else None), SIZES["num_hidden_layers"]
     for key, value in values.items():
         if isinstance(value, dict) and "mrope_section" in value:  # multimodal rotary sections sum to head_dim / 2
             out[key] = value | {"mrope_section": [2, 3, 3]}
@@ -74,10 +76,16 @@ def shrunk(values: dict[str, Any]) -> dict[str, Any]:
             out[key] = shrunk(value)
         elif key in SIZES and isinstance(value, int) and not isinstance(value, bool):
             out[key] = SIZES[key]
+        elif key in ("head_dim", "num_key_value_heads") and value is None:  # derived from sizes shrunk above
+            out[key] = SIZES[key]
         elif key in TOKEN_ID_KEYS and isinstance(value, int) and value >= SIZES["vocab_size"]:
             out[key] = 1
     if "_vl" in str(out.get("model_type")) and isinstance(out.get("rope_parameters"), dict):
         out["rope_parameters"] = out["rope_parameters"] | {"mrope_section": [2, 3, 3]}  # sums to head_dim / 2
+    if isinstance(out.get("expand"), int) and isinstance(out.get("head_dim"), int) and "num_heads" in out:
+        out["num_heads"] = out.get("hidden_size", 64) * out["expand"] // out["head_dim"]  # Mamba-2's heads fill it
+    if isinstance(out.get("attention_types"), list):  # GPT-Neo: [[pattern, repeats]] spans the layers
+        out["attention_types"] = [[["global", "local"], SIZES["num_layers"] // 2]]
     if "kv_lora_rank" in out and "num_key_value_heads" in out:  # latent attention: one key-value head per head
         out["num_key_value_heads"] = out.get("num_attention_heads", SIZES["num_attention_heads"])
     return out
