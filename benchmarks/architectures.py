@@ -47,7 +47,7 @@ class EditResult:
 
 
 def edited_in_memory(model: Any, prefix: str, layer_tensor: str, order: tuple[int, ...],
-                     config_path: tuple[str, ...] = ()) -> Any:
+                     config_path: tuple[str, ...] = (), count_key: str = "num_hidden_layers") -> Any:
     """The reference: the same edit done on the transformers module, its layer modules placed in the
     new order (a looped layer is the same module twice) and the per-layer config lists reordered."""
     import copy
@@ -68,8 +68,8 @@ def edited_in_memory(model: Any, prefix: str, layer_tensor: str, order: tuple[in
     for key, value in list(vars(config).items()):
         if isinstance(value, list) and len(value) == count and key != "architectures" and not key.endswith("_token_id"):
             setattr(config, key, [value[i] for i in order])
-    if isinstance(getattr(config, "num_hidden_layers", None), int):
-        config.num_hidden_layers = len(order)
+    if isinstance(getattr(config, count_key, None), int):  # else the count is a per-layer list's length
+        setattr(config, count_key, len(order))
     return reference
 
 
@@ -118,7 +118,7 @@ def check_edits(folder: Path, work: Path, edits: tuple[tuple[str, tuple[int, ...
                 results.append(EditResult(edit, "wrong", f"transformers loads it with {problems}"))
                 continue
             first = next(name for name in checkpoint.tensors if (layout.split(name) or (None,))[0] == 0)
-            reference = edited_in_memory(source, layout.prefix, first, order, layout.config_path)
+            reference = edited_in_memory(source, layout.prefix, first, order, layout.config_path, layout.count_key)
             expected = logits_of(reference.eval(), vocab)
             got = logits_of(model.eval(), vocab)
             difference = (got - expected).abs().max().item()

@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 from surgery.checkpoint.config import ConfigPath, stack_config
 from surgery.errors import SurgeryError
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers")
 # Counts of the other stacks a checkpoint can have (an encoder, a decoder, a vision tower).
-STACK_COUNT_KEYS = (*LAYER_COUNT_KEYS, "encoder_layers", "num_encoder_layers", "num_decoder_layers", "depth")
+STACK_COUNT_KEYS = (*LAYER_COUNT_KEYS, "encoder_layers", "num_encoder_layers", "depth")
 # Per-layer lists whose length is the layer count where no count is written (Nemotron-H).
 COUNTING_LISTS = ("layers_block_type", "layer_types", "hybrid_override_pattern")
 T = TypeVar("T")
