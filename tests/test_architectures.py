@@ -228,3 +228,14 @@ def test_a_stack_is_refused_for_steps_that_run_the_language_model(cli, tiny, tmp
                       "  - op: chain\n    layers: [0]\n")
     result = cli("check", plan)
     assert result.code == 2 and "no 'vision' stack" in result.err
+
+
+def test_settings_keyed_by_layer_index_follow_their_layers(tmp_path):
+    """Gemma 4's `per_layer_config` keys its overrides by layer ("05"): they move with their layers,
+    keys written as they were."""
+    config = {"model_type": "x", "num_hidden_layers": 12, "per_layer_config": {"05": {"head_dim": 512}, "11": {"head_dim": 512}}}
+    layers = layer_config.per_layer_values(config, 12, tmp_path)
+    order = [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 5]  # layer 5 moved last, layer 11 now at 10
+    out = layer_config.rewrite_config(config, "num_hidden_layers", [layers[i] for i in order])
+    assert out["per_layer_config"] == {"10": {"head_dim": 512}, "11": {"head_dim": 512}}
+    assert config["per_layer_config"] == {"05": {"head_dim": 512}, "11": {"head_dim": 512}}  # the source's untouched

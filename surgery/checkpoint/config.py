@@ -4,7 +4,8 @@ transformers builds each layer from the config by one of a few kinds of rule: a 
 per layer (`layer_types`, `mlp_layer_types`, Nemotron-H's `hybrid_override_pattern`), a list of the
 indices that have some property (`mlp_only_layers`, `moe_layers`), a pattern repeated over the
 layers (RecurrentGemma's `block_types`), a count of leading layers (DeepSeek's
-`first_k_dense_replace`), or a period and offset (Jamba). Each rule is read into one value per
+`first_k_dense_replace`), a period and offset (Jamba), or settings keyed by layer index (Gemma 4's
+`per_layer_config`). Each rule is read into one value per
 layer; a changed layer structure writes each rule again from the values its output layers carry,
 or refuses, naming the rule, where the rule cannot describe the new order. Scalar settings from
 which transformers derives per-layer lists (`max_window_layers`, `sliding_window_pattern`) are
@@ -129,11 +130,30 @@ class PeriodicRule:
         )
 
 
-Rule = ListRule | CyclicRule | IndexRule | PrefixRule | PeriodicRule
+@dataclass(frozen=True)
+class KeyedRule:
+    """Settings for some layers, keyed by layer index (Gemma 4's `per_layer_config: {"05": {...}}`)."""
+
+    key: str
+
+    def read(self, config: dict[str, Any], count: int) -> list[Any] | None:
+        value = config.get(self.key)
+        if not isinstance(value, dict) or not all(str(k).isdigit() for k in value):
+            return None
+        by_index = {int(k): v for k, v in value.items()}
+        return [by_index.get(i) for i in range(count)]
+
+    def write(self, config: dict[str, Any], values: list[Any]) -> dict[str, Any]:
+        width = max((len(str(k)) for k in config[self.key]), default=1)  # keys written as they were: "05"
+        return {self.key: {f"{i:0{width}d}": v for i, v in enumerate(values) if v is not None}}
+
+
+Rule = ListRule | CyclicRule | IndexRule | KeyedRule | PrefixRule | PeriodicRule
 RULES: tuple[Rule, ...] = (
     *(ListRule(k) for k in ("layer_types", "mlp_layer_types", "no_rope_layers", "layers_block_type",
                             "hybrid_override_pattern", "attention_layer_types", "layers_attention_type")),
     CyclicRule("block_types"),
+    KeyedRule("per_layer_config"),
     *(IndexRule(k) for k in ("mlp_only_layers", "moe_layers", "full_attn_idxs", "attn_layer_indices",
                              "swa_layers", "global_attn_layers")),
     *(PrefixRule(k) for k in ("first_k_dense_replace", "num_dense_layers", "moe_layer_start_index")),
