@@ -32,7 +32,8 @@ SIZES: dict[str, int] = {
     "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
     "encoder_layers": 4, "decoder_layers": 4, "projector_hidden_size": 64, "out_hidden_size": 64,
     "mm_tokens_per_image": 16, "d_ff": 128, "d_kv": 16, "d_head": 16, "mamba_d_ssm": 128,
-    "attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16, "adapter_rank": 8, "num_decoder_layers": 4, "depth": 4,
+    "attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16, "adapter_rank": 8,
+    "vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16, "global_head_dim": 32, "num_decoder_layers": 4, "depth": 4,
     "vision_output_dim": 64, "projector_input_dim": 64, "projector_output_dim": 64, "intermediate_size_mlp": 128,
 }
 # Vision-language families whose language model is edited (the list); built with their own class.
@@ -64,13 +65,20 @@ def shrunk(values: dict[str, Any]) -> dict[str, Any]:
     out = dict(values)
     counts = [values[k] for k in ("num_hidden_layers", "num_layers", "n_layer", "n_layers") if isinstance(values.get(k), int)]
     layers, small = (counts[0] if counts else None), SIZES["num_hidden_layers"]
+    keyed = values.get("per_layer_config")  # Gemma 4: overrides keyed by layer index ("05")
+    keyed = keyed if isinstance(keyed, dict) and keyed and all(str(k).isdigit() for k in keyed) else None
+    # The tiny model keeps a window of the layers; with keyed overrides, one that holds the first of them.
+    start = max(0, min(int(k) for k in keyed) - small + 1) if keyed else 0
     for key, value in values.items():
+        if key == "per_layer_config" and keyed:
+            out[key] = {f"{int(k) - start:0{len(str(k))}d}": v for k, v in keyed.items() if start <= int(k) < start + small}
+            continue
         if isinstance(value, dict) and "mrope_section" in value:  # multimodal rotary sections sum to head_dim / 2
             out[key] = value | {"mrope_section": [2, 3, 3]}
             continue
         per_layer = isinstance(value, list) or key == "hybrid_override_pattern"
         if per_layer and isinstance(layers, int) and layers > small and len(value) == layers:
-            out[key] = value[:small]  # a per-layer list follows the layer count
+            out[key] = value[start:start + small]  # a per-layer list follows the layer count
             continue
         if isinstance(value, dict) and ("model_type" in value or key.endswith("_config")):
             out[key] = shrunk(value)
