@@ -110,24 +110,34 @@ def layer_signature(layer: Any) -> dict[str, Part]:
     return signature
 
 
-def signature_difference(built: dict[str, Part], source: dict[str, Part]) -> str | None:
-    """The first submodule where two signatures differ, in words; None when they are alike."""
+@dataclass(frozen=True)
+class Difference:
+    """Where two layers are built differently: in their modules (a kind the config decides) or in a
+    setting of one module (derived from the position or the layer count), in words."""
+
+    in_modules: bool
+    text: str
+
+
+def signature_difference(built: dict[str, Part], source: dict[str, Part]) -> Difference | None:
+    """The first submodule where two signatures differ; None when they are alike."""
     for path in sorted(set(built) | set(source), key=lambda p: (p.count("."), p)):
         mine, theirs = built.get(path), source.get(path)
         if mine == theirs:
             continue
         where = path or "the layer"
         if mine is None or theirs is None:
-            return f"{where} is {'absent' if mine is None else mine.cls} where the source layer has " \
-                   f"{'none' if theirs is None else theirs.cls}"
+            return Difference(True, f"{where} is {'absent' if mine is None else mine.cls} where the source layer "
+                                    f"has {'none' if theirs is None else theirs.cls}")
         if mine.cls != theirs.cls:
-            return f"{where} is a {mine.cls} where the source layer has a {theirs.cls}"
+            return Difference(True, f"{where} is a {mine.cls} where the source layer has a {theirs.cls}")
         ours, others = dict(mine.settings), dict(theirs.settings)
         changed = [k for k in sorted(set(ours) | set(others)) if ours.get(k) != others.get(k)]
         if changed:
-            return "; ".join(f"{where}.{k} would be {ours.get(k)!r} where the source layer has {others.get(k)!r}"
-                             for k in changed[:2])
-        return f"{where} has parameters {dict(mine.shapes)} where the source layer has {dict(theirs.shapes)}"
+            return Difference(False, "; ".join(f"{where}.{k} would be {ours.get(k)!r} where the source layer has "
+                                               f"{others.get(k)!r}" for k in changed[:2]))
+        return Difference(False, f"{where} has parameters {dict(mine.shapes)} where the source layer has "
+                                 f"{dict(theirs.shapes)}")
     return None
 
 

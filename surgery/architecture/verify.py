@@ -39,6 +39,9 @@ class Verification:
     note: str
 
 
+UNCHANGED = Verification(True, "layer structure unchanged")  # nothing to check: the layers stay in place
+
+
 def structure_changed(view: ModelView, sources: Mapping[str, ModelView]) -> bool:
     """Whether the plan moves, drops, repeats or brings in layers (a merge or a rescale does not)."""
     origins = [(layer.origin.model, layer.origin.index) for layer in view.layers]
@@ -49,7 +52,7 @@ def structure_changed(view: ModelView, sources: Mapping[str, ModelView]) -> bool
 def verify(view: ModelView, sources: Mapping[str, ModelView]) -> Verification:
     """Check the model `view` computes against transformers; raise SurgeryError where it differs."""
     if not view.layers or not structure_changed(view, sources):  # an ensemble computes no model of its own
-        return Verification(True, "layer structure unchanged")
+        return UNCHANGED
     import transformers
 
     from surgery.evaluation.models import quiet_transformers
@@ -102,14 +105,14 @@ def _check_layers(view: ModelView, built: _Built, label: str, source: _Built) ->
         if difference is None:
             continue
         rules = "; ".join(rule_settings(view.source.config, view.layout.config_path))
-        if " is a " in difference or " is absent" in difference:
+        if difference.in_modules:
             why = (f"the config decides each layer's kind ({rules}), so keep layers of each kind where it puts that kind"
                    if rules else "transformers builds this layer by its position, so it cannot move there")
         else:
             why = ("transformers derives that setting from the layer's position or the layer count"
                    + (f" (or {rules})" if rules else "") + ", so this edit cannot be exact for this architecture")
         raise SurgeryError(f"output layer {position} (from {label} layer {layer.origin.index}) would not be built as "
-                           f"its source layer: {difference}; {why}")
+                           f"its source layer: {difference.text}; {why}")
 
 
 def _check_loading(view: ModelView, built: _Built, sources: Iterable[_Built]) -> None:

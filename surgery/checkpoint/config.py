@@ -178,7 +178,7 @@ def rule_settings(config: dict[str, Any], path: ConfigPath = ()) -> list[str]:
     stack = stack_config(config, path)
     settings = []
     for rule in RULES:
-        keys = (rule.period_key, rule.offset_key) if isinstance(rule, PeriodicRule) else (rule.key,)
+        keys = _rule_keys(rule)
         if all(k in stack for k in keys):
             settings.append(", ".join(f"{k}={_brief(stack[k])}" for k in keys))
     return settings

@@ -36,7 +36,7 @@ def inspect(
     )
     others = [s for s in info["stacks"] if not s["edited"]]
     if others:
-        console.print("other stacks (copied as they are): " + ", ".join(
+        console.print("other stacks (a plan's 'stack:' names one to edit): " + ", ".join(
             f"{s['name']} {s['layers']} layers under {s['prefix']}.N ({s['count_key']})" for s in others))
     if "recursive" in info:
         recursive = info["recursive"]

@@ -14,13 +14,14 @@ if TYPE_CHECKING:
 
 def print_recipe(recipe: Recipe, shard_size: int | str) -> None:
     """Where it goes, its layer map (or what its format says it is), its tensors, bytes and shards."""
+    from surgery.architecture.verify import UNCHANGED
     from surgery.recipe.view import format_layer_map
 
     shards = recipe.shards(shard_size)
     console.print(f"[bold]{recipe.plan_path or 'plan'}[/] -> {recipe.output}")
     layers = recipe.layer_map()
     console.print(recipe.description or f"layer map ({len(layers)} layers): {format_layer_map(layers)}")
-    if recipe.verification.note != "layer structure unchanged":
+    if recipe.verification != UNCHANGED:
         console.print(recipe.verification.note)
     console.print(
         f"{len(recipe.tensors)} tensors, {human_bytes(recipe.total_bytes)} in {len(shards)} shard(s): "

@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from surgery.architecture.verify import Verification, verify
+from surgery.architecture.verify import UNCHANGED, Verification, verify
 from surgery.checkpoint.reader import Checkpoint
 from surgery.checkpoint.writer import ShardPlan, plan_shards
 from surgery.devices import check_device_name
@@ -42,7 +42,7 @@ class Recipe:
     sources: dict[str, Checkpoint]
     fits: tuple[dict[str, Any], ...] = ()  # what data-dependent fits found, by step
     evaluation_reference: Path | None = None  # the model scored beside the output, when the plan evaluates
-    verification: Verification = Verification(True, "layer structure unchanged")
+    verification: Verification = UNCHANGED
 
     @cached_property
     def tensors(self) -> dict[str, TensorRecipe]:
