@@ -239,3 +239,13 @@ def test_settings_keyed_by_layer_index_follow_their_layers(tmp_path):
     out = layer_config.rewrite_config(config, "num_hidden_layers", [layers[i] for i in order])
     assert out["per_layer_config"] == {"10": {"head_dim": 512}, "11": {"head_dim": 512}}
     assert config["per_layer_config"] == {"05": {"head_dim": 512}, "11": {"head_dim": 512}}  # the source's untouched
+
+
+def test_tying_a_vlm_is_refused_in_the_compact_format(cli, checkpoint, tmp_path):
+    """The compact recursive format reads its layer count from the top of config.json: a VLM's is in
+    text_config, so a compact output would not load back; it is refused before writing."""
+    plan = write_plan(tmp_path, f"model: {checkpoint('gemma3')}\noutput: {tmp_path / 'out'}\nsteps:\n"
+                      "  - op: tie\n    loops: 2\n")
+    result = cli("apply", plan)
+    assert result.code == 2 and "text_config.num_hidden_layers" in result.err and "materialized" in result.err
+    assert not (tmp_path / "out").exists()

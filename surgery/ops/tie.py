@@ -79,6 +79,10 @@ class TieStep(StepModel):
 
 
 def tie(step: TieStep, view: ModelView, context: OpContext) -> ModelView:
+    if step.format == "compact" and view.layout.config_path:
+        where = ".".join((*view.layout.config_path, view.layout.count_key))
+        raise SurgeryError(f"tie: the compact format needs the layer count at the top of config.json, but this model "
+                           f"counts its layers in {where} (a vision-language model); use format: materialized")
     depths = len(view.layers)
     groups = slot_groups(step, depths)
     loop_map = [0] * depths
