@@ -99,6 +99,24 @@ def test_a_rule_surgery_does_not_know_is_caught_by_transformers_build(cli, check
     assert "output layer 0" in result.err and "DeepseekV3MoE" in result.err and "DeepseekV3MLP" in result.err
 
 
+def test_a_second_layer_count_is_rewritten_or_the_edit_refused(cli, checkpoint, tmp_path, monkeypatch):
+    """xLSTM builds `num_blocks` blocks beside `num_hidden_layers`: both follow the edit; were the
+    second count unknown, transformers would build the old count and the check refuses (no crash)."""
+    source = checkpoint("xlstm")
+    out = tmp_path / "out"
+    plan = write_plan(tmp_path, f"model: {source}\noutput: {out}\nsteps:\n  - op: chain\n    layers: [0, 1, 2, 1, 2, 3]\n")
+    assert cli("apply", plan).code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_blocks"] == config["num_hidden_layers"] == 6
+
+    monkeypatch.setattr(layer_config, "COUNT_ALIASES", {})
+    again = tmp_path / "again"
+    plan = write_plan(tmp_path, f"model: {source}\noutput: {again}\nsteps:\n  - op: chain\n    layers: [0, 1, 3]\n")
+    result = cli("apply", plan)
+    assert result.code == 2 and not again.exists()
+    assert "transformers would build 4 layers from the output config where the plan writes 3" in result.err
+
+
 def test_periodic_layers_refuse_an_order_no_period_describes(cli, checkpoint, tmp_path):
     plan = write_plan(tmp_path, f"model: {checkpoint('jamba')}\noutput: {tmp_path / 'out'}\nsteps:\n"
                       "  - op: chain\n    layers: [0, 1, 3]\n")

@@ -61,11 +61,15 @@ def config_object(config: Mapping[str, Any]) -> Any:
 
 
 def build_on_meta(cls: type, config: Any) -> Any:
-    """The model transformers builds for `config`, with no memory behind its tensors."""
+    """The model transformers builds for `config`, with no memory behind its tensors; where its own
+    code fails on the config (a rule the edit broke), one line saying so."""
     import torch
 
-    with torch.device("meta"):
-        return cls._from_config(config)
+    try:
+        with torch.device("meta"):
+            return cls._from_config(config)
+    except Exception as e:  # noqa: BLE001 - whatever the model's constructor raises is the reason
+        raise SurgeryError(f"transformers cannot build {cls.__name__} from the output config: {_first_line(e)}") from None
 
 
 def loading_problems(model: Any, shapes: Shapes) -> set[Problem]:

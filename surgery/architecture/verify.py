@@ -98,6 +98,10 @@ def _source_built(cls: type, source: ModelView) -> _Built:
 
 
 def _check_layers(view: ModelView, built: _Built, label: str, source: _Built) -> None:
+    if len(built.signatures) != len(view.layers):
+        raise SurgeryError(f"transformers would build {len(built.signatures)} layers from the output config where the "
+                           f"plan writes {len(view.layers)}: this architecture's layer count is set by more than "
+                           f"{view.layout.count_key}, so surgery cannot change it")
     for position, layer in enumerate(view.layers):
         if layer.origin.model != label:
             continue

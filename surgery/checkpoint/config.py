@@ -205,6 +205,10 @@ def per_layer_values(config: dict[str, Any], count: int, folder: Path, path: Con
     return layers
 
 
+# Keys some configs keep beside the layer count, with the same value (xLSTM builds num_blocks blocks).
+COUNT_ALIASES: dict[str, tuple[str, ...]] = {"num_hidden_layers": ("num_blocks",)}
+
+
 def rewrite_config(config: dict[str, Any], count_key: str, layers: Sequence[LayerConfig],
                    path: ConfigPath = ()) -> dict[str, Any]:
     """config.json for a model whose layers carry `layers` (one per output layer, in order); each rule
@@ -212,7 +216,10 @@ def rewrite_config(config: dict[str, Any], count_key: str, layers: Sequence[Laye
     out = _copy_along(config, path)
     stack = stack_config(out, path)
     if not isinstance(stack.get(count_key), (list, str)):  # a count written as a number (else a list's length)
-        stack[count_key] = len(layers)
+        count = stack.get(count_key)
+        for key in (count_key, *COUNT_ALIASES.get(count_key, ())):
+            if key == count_key or stack.get(key) == count:
+                stack[key] = len(layers)
     keys = {k for layer in layers for k in layer}
     rules = {rule.key: rule for rule in RULES}
     for key in sorted(keys):

@@ -35,10 +35,37 @@ SIZES: dict[str, int] = {
     "attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16, "adapter_rank": 8,
     "vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16, "global_head_dim": 32, "num_decoder_layers": 4, "depth": 4,
     "vision_output_dim": 64, "projector_input_dim": 64, "projector_output_dim": 64, "intermediate_size_mlp": 128,
+    "dim_ff": 128, "dff": 128, "mlp_dim": 128, "expert_ffn_hidden_size": 32, "emb_dim": 64, "decoder_vocab_size": 256,
+    "unpadded_vocab_size": 256, "shape_vocab_size": 256, "shape_embed_dim": 16, "pronunciation_vocab_size": 256,
+    "pronunciation_embed_dim": 16, "encoder_hash_byte_group_vocab": 256, "hidden_size_global": 64,
+    "linear_head_dim": 16, "linear_num_heads": 4, "num_experts_per_token": 2, "num_expert_group": 1,
+    "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 16, "sliding_window_size": 16,
+    "moe_topk": 2, "zero_expert_num": 2, "ext_pw_out_channel": 64, "depthwise_separable_out_channel": 64,
+    "nemo_conv_channels": 64, "embedding_dim": 64, "moe_k": 2, "moe_layer_end_index": 3,
+    "num_blocks": 4, "n_shared_experts": 1,
 }
 # Vision-language families whose language model is edited (the issue's list); built with their own class.
 VLM_TYPES = ("gemma3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3", "llama4", "idefics3", "smolvlm",
              "paligemma")
+# Qwen4-Exp's default leaves its sparse-attention indexer unset, and sizes its n-gram tables in millions.
+_QWEN4_EXP = {"indexer_n_heads": 4, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+              "indexer_compress_ratio": 2, "ngram_vocab_size_base": 256, "hc_lowrank": 16, "ple_embed_dim": 64,
+              "split_ngram_parts": 4, "make_ngram_vocab_size_divisible_by": 8}
+# Settings a type's own validator ties to others, or its default leaves unset, where no size key says so.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "qwen4_exp_text": _QWEN4_EXP, "qwen4_exp": {"text_config": _QWEN4_EXP},
+    "zaya": {"num_experts_per_tok": 1}, "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}}, "reformer": {"is_decoder": True, "axial_pos_embds": False},
+    "cohere_compass_text": {"rope_parameters": {kind: {"rope_type": "default", "rope_theta": 10000.0}
+                                                for kind in ("full_attention", "sliding_attention")}},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},  # its default has none
+    # Dory's config.json counts each layer's attention and MLP as two blocks.
+    "dory": {"num_hidden_layers": 8, "n_input_layers": 2, "n_recurrent_layers": 4, "n_output_layers": 2,
+             "layer_types": ["sliding_attention", "mlp", "sliding_attention", "mlp", "sliding_attention", "mlp",
+                             "full_attention", "mlp"]},
+}
+# Keys a default config leaves None that its model needs (derived from others, or unset in the default).
+DERIVED_WHEN_NONE = ("head_dim", "num_key_value_heads", "num_experts_per_tok", "n_routed_experts", "n_group",
+                     "topk_group", "n_shared_experts")
 TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
                  "cls_token_id", "unk_token_id", "mask_token_id")
 MAX_PARAMETERS = 3_000_000
@@ -46,11 +73,13 @@ MAX_PARAMETERS = 3_000_000
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """One model type: its tiny config (None when none could be built) and why not."""
+    """One model type: its tiny config (None when none could be built) and why not; `forward_problem`
+    where transformers builds and loads it but its own forward fails (weights can still be compared)."""
 
     model_type: str
     config: Any = None
     problem: str | None = None
+    forward_problem: str | None = None
 
 
 def causal_lm_types() -> list[str]:
@@ -78,13 +107,17 @@ def shrunk(values: dict[str, Any]) -> dict[str, Any]:
             continue
         per_layer = isinstance(value, list) or key == "hybrid_override_pattern"
         if per_layer and isinstance(layers, int) and layers > small and len(value) == layers:
-            out[key] = value[start:start + small]  # a per-layer list follows the layer count
+            value = value[start:start + small]  # a per-layer list follows the layer count
+            sized = key in SIZES and all(isinstance(v, int) for v in value)
+            out[key] = [SIZES[key]] * small if sized else value  # per-layer sizes (Gemma 3n) shrink too
             continue
         if isinstance(value, dict) and ("model_type" in value or key.endswith("_config")):
             out[key] = shrunk(value)
-        elif key in SIZES and isinstance(value, int) and not isinstance(value, bool):
+        elif key == "num_kv_shared_layers" and isinstance(value, int) and isinstance(layers, int):
+            out[key] = small if value >= layers else min(value, small // 2)  # all shared stays all shared
+        elif key in SIZES and isinstance(value, int) and not isinstance(value, bool) and value:
             out[key] = SIZES[key]
-        elif key in ("head_dim", "num_key_value_heads") and value is None:  # derived from sizes shrunk above
+        elif key in DERIVED_WHEN_NONE and value is None:  # derived from sizes shrunk above, or left unset
             out[key] = SIZES[key]
         elif key in TOKEN_ID_KEYS and isinstance(value, int) and value >= SIZES["vocab_size"]:
             out[key] = 1
@@ -94,6 +127,8 @@ def shrunk(values: dict[str, Any]) -> dict[str, Any]:
         out["num_heads"] = out.get("hidden_size", 64) * out["expand"] // out["head_dim"]  # Mamba-2's heads fill it
     if isinstance(out.get("attention_types"), list):  # GPT-Neo: [[pattern, repeats]] spans the layers
         out["attention_types"] = [[["global", "local"], SIZES["num_layers"] // 2]]
+    if isinstance(out.get("qk_head_dim"), int) and "qk_nope_head_dim" in out:  # latent attention's query width
+        out["qk_head_dim"] = out["qk_nope_head_dim"] + out["qk_rope_head_dim"]
     if "kv_lora_rank" in out and "num_key_value_heads" in out:  # latent attention: one key-value head per head
         out["num_key_value_heads"] = out.get("num_attention_heads", SIZES["num_attention_heads"])
     return out
@@ -105,6 +140,8 @@ def tiny_config(model_type: str) -> Any:
 
     defaults = AutoConfig.for_model(model_type).to_dict()
     values = shrunk(defaults)
+    for key, value in OVERRIDES.get(model_type, {}).items():
+        values[key] = values[key] | value if isinstance(value, dict) else value
     values.pop("model_type", None)
     values.pop("transformers_version", None)
     return AutoConfig.for_model(model_type, **values)
@@ -138,16 +175,26 @@ def zoo(model_types: list[str] | None = None) -> Iterator[ZooEntry]:
             try:
                 config = tiny_config(model_type)
                 parameters = sum(p.numel() for p in build(config, "meta").parameters())
-                if parameters <= MAX_PARAMETERS:
-                    model = build(config).eval()
-                    logits_of(model, model.get_input_embeddings().weight.shape[0])  # it runs as configured
+                model = build(config).eval() if parameters <= MAX_PARAMETERS else None
             except Exception as e:  # each type's own reason, reported in the architecture table
-                yield ZooEntry(model_type, problem=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                yield ZooEntry(model_type, problem=_reason(e))
                 continue
-            if parameters > MAX_PARAMETERS:
+            if model is None:
                 yield ZooEntry(model_type, problem=f"smallest config found has {parameters:,} parameters")
-            else:
-                yield ZooEntry(model_type, config)
+                continue
+            try:
+                logits_of(model, model.get_input_embeddings().weight.shape[0])  # it runs as configured
+            except Exception as e:  # transformers' own forward fails: only the weights can be compared
+                yield ZooEntry(model_type, config, forward_problem=_reason(e))
+                continue
+            yield ZooEntry(model_type, config)
+
+
+def _reason(error: Exception) -> str:
+    """The error in one line: its first line, and the next where the first only introduces it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return f"{type(error).__name__}: {text[:200]}"
 
 
 def logits_of(model: Any, vocab: int) -> Any:
