@@ -120,6 +120,8 @@ def test_tying_layers_of_two_kinds_is_refused(moe, cli, tmp_path):
 @pytest.mark.parametrize("packed", [False, True])
 def test_bits_quantizes_experts_and_keeps_routers_at_full_precision(model_type, packed, moe, cli, tmp_path):
     base, _, _ = moe(model_type)
+    if packed and model_type == "gpt_oss":
+        pytest.skip("fused 3-D experts are not packed: test_fused_experts_are_quantized_expert_by_expert")
     fmt = "    format: compressed-tensors\n" if packed else ""
     out = _apply(cli, tmp_path, f"model: {base}\nsteps:\n  - op: bits\n    score: manual\n"
                  "    manual: {0: 4, 1: 4, 2: 4, 3: 4}\n    quantizer: {group_size: 16, symmetric: true}\n" + fmt, "bits")
@@ -130,7 +132,8 @@ def test_bits_quantizes_experts_and_keeps_routers_at_full_precision(model_type, 
         assert torch.equal(written[name], source[name]), name  # byte for byte
     matrices = [n for n, t in source.items() if t.dim() == 2 and ".layers." in n and n not in routers
                 and not n.endswith("bias")]
-    assert any(".experts." in n for n in matrices) or model_type == "gpt_oss"  # gpt-oss's experts are 3-D
+    matrices += [n for n, t in source.items() if t.dim() == 3 and is_expert(n)]  # gpt-oss's experts are fused
+    assert any(".experts." in n for n in matrices)
     for name in matrices:
         if packed:
             assert name.removesuffix(".weight") + ".weight_packed" in written, name
@@ -139,6 +142,44 @@ def test_bits_quantizes_experts_and_keeps_routers_at_full_precision(model_type, 
     if packed:
         config = json.loads((out / "config.json").read_text())["quantization_config"]
         assert all(r.removesuffix(".weight") in config["ignore"] for r in routers)
+
+
+def test_fused_experts_are_quantized_expert_by_expert_along_their_input(moe, cli, tmp_path):
+    """gpt-oss stores each projection's experts as one (experts, input, output) tensor: each expert is
+    the reference RTN of its (output, input) matrix, with groups along the input; the output loads in
+    transformers; the packed format refuses them, and `keep: [experts]` leaves them byte for byte."""
+    from surgery.compute.quantize import integer_range
+
+    base, _, _ = moe("gpt_oss")
+    step = "steps:\n  - op: bits\n    score: manual\n    manual: {0: 4, 1: 4, 2: 4, 3: 4}\n" \
+           "    quantizer: {group_size: 16, symmetric: true}\n"
+    out = _apply(cli, tmp_path, f"model: {base}\n{step}", "dense")
+    source, written = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    fused = [n for n, t in source.items() if t.dim() == 3 and is_expert(n)]
+    assert fused
+    def rtn(matrix: torch.Tensor) -> torch.Tensor:  # 4-bit symmetric RTN, groups of 16 along the last axis
+        groups = matrix.reshape(matrix.shape[0], -1, 16)
+        scale = groups.abs().amax(-1, keepdim=True) / 7.5  # the tiny model is float32: scales too
+        low, high = integer_range(4)
+        return ((groups / scale).round().clamp(low, high) * scale).reshape(matrix.shape)
+
+    for name in fused:
+        for expert, weight in enumerate(source[name].float()):  # (input, output)
+            got = written[name][expert].float()
+            assert torch.allclose(got, rtn(weight.T).T, rtol=0, atol=1e-6), name
+            assert not torch.allclose(got, rtn(weight), rtol=0, atol=1e-6), name  # not along the output axis
+    with quiet_transformers():
+        from transformers import AutoModelForCausalLM
+
+        _, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+    refused = cli("apply", write_plan(tmp_path, f"model: {base}\noutput: {tmp_path / 'packed'}\n{step}"
+                                      "    format: compressed-tensors\n", "packed.yaml"))
+    assert refused.code == 2 and "fused in one 3-D tensor" in refused.err and not (tmp_path / "packed").exists()
+    kept = _apply(cli, tmp_path, f"model: {base}\n{step}    keep: [embed, lm_head, norms, experts]\n", "kept")
+    kept_tensors = load_file(kept / "model.safetensors")
+    assert all(torch.equal(kept_tensors[name], source[name]) for name in fused)
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)

@@ -11,7 +11,7 @@ expert fusing included), and each output layer's module tree is compared with it
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,25 @@ def build_on_meta(cls: type, config: Any) -> Any:
             return cls._from_config(config)
     except Exception as e:  # noqa: BLE001 - whatever the model's constructor raises is the reason
         raise SurgeryError(f"transformers cannot build {cls.__name__} from the output config: {_first_line(e)}") from None
+
+
+def experts_transposed(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, bool | None]:
+    """For fused 3-D expert tensors, whether transformers stores each expert as (input, output), the
+    transpose of a linear layer's weight (gpt-oss), as its experts module says; None where it does not."""
+    names = list(names)
+    cls = model_class(config)
+    if cls is None or not names:
+        return dict.fromkeys(names)
+    model = build_on_meta(cls, config_object(config))
+    found: dict[str, bool | None] = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name.rpartition(".")[0])
+        except AttributeError:
+            module = None
+        transposed = getattr(module, "is_transposed", None)
+        found[name] = transposed if isinstance(transposed, bool) else None
+    return found
 
 
 def loading_problems(model: Any, shapes: Shapes) -> set[Problem]:

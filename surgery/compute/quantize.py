@@ -77,20 +77,27 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Rtn(Unprepared):
-    """RTN of a whole matrix; outputs the dequantized weight or one part of the packed format."""
+    """RTN of a whole matrix; outputs the dequantized weight or one part of the packed format. A 3-D
+    tensor of fused experts is quantized expert by expert along each expert's input dimension (the
+    middle one where `transposed`: stored (input, output), as gpt-oss does); only `dense` for those."""
 
     bits: int
     group_size: int
     symmetric: bool
     dtype: str
     part: Part = "dense"
+    transposed: bool = False
     elementwise = False
 
 
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        quantized = quantize(inputs[0], self.bits, self.group_size, self.symmetric, torch_dtype(self.dtype))
+        weight = inputs[0].transpose(-1, -2) if self.transposed else inputs[0]
+        shape = weight.shape  # groups run along the last axis; each row of each expert is a row
+        quantized = quantize(weight.reshape(-1, shape[-1]), self.bits, self.group_size, self.symmetric,
+                             torch_dtype(self.dtype))
         if self.part == "dense":
-            return quantized.dequantized()
+            dense = quantized.dequantized().reshape(shape)
+            return dense.transpose(-1, -2) if self.transposed else dense
         if self.part == "packed":
             return pack(quantized.values, self.bits)
         return quantized.scale
@@ -100,7 +107,8 @@ class Rtn(Unprepared):
 
     def describe(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
-        return f"RTN {self.bits}-bit {kind}, groups of {self.group_size}, {self.part}"
+        layout = ", experts stored (input, output)" if self.transposed else ""
+        return f"RTN {self.bits}-bit {kind}, groups of {self.group_size}{layout}, {self.part}"
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,8 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
     _check_unedited(view)
     depths = len(view.layers)
     targets = [quantized_tensors(layer, step.keep) for layer in view.layers]  # dense and MoE layers differ
-    _check_quantizer(step, view, targets)
+    transposed = experts_layout(view, targets)
+    _check_quantizer(step, view, targets, transposed)
     scores = layer_scores(step, view, context)
     widths = assign_bits(step.assign, scores, depths, step.manual or {})
     _check_widths(step, widths, targets)
@@ -110,8 +111,8 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
         tensors = dict(layer.tensors)
         for suffix in targets[depth] if width < KEEP_BITS else []:
             recipe = tensors[suffix]
-            tensors[suffix] = TensorRecipe.computed(recipe.dtype, recipe.shape, (recipe,),
-                                                    Rtn(width, q.group_size, q.symmetric, recipe.dtype))
+            rtn = Rtn(width, q.group_size, q.symmetric, recipe.dtype, transposed=transposed.get(suffix, False))
+            tensors[suffix] = TensorRecipe.computed(recipe.dtype, recipe.shape, (recipe,), rtn)
         layers.append(Layer(tensors=tensors, config=layer.config, origin=layer.origin.edited(f"{width}-bit")))
     every_target = sorted({suffix for suffixes in targets for suffix in suffixes})
     dense = replace(view.with_layers(layers), extra_files={TENSOR_TYPES_FILE: tensor_types_file(every_target, widths)})
@@ -194,9 +195,33 @@ def assign_bits(assign: BitAssignment | None, scores: list[float] | None, depths
 
 
 def quantized_tensors(layer: Layer, keep: list[str]) -> list[str]:
-    """The layer's matrices not kept by name (`norms` keeps every 1-D tensor, which is never quantized
-    anyway); an MoE router is never quantized: it picks the experts each token runs."""
-    return [s for s in layer.matrices() if not any(k in s for k in keep if k != "norms") and not is_router(s)]
+    """The layer's matrices and fused 3-D experts not kept by name (`norms` keeps every 1-D tensor, which
+    is never quantized anyway); an MoE router is never quantized: it picks the experts each token runs."""
+    return [s for s in [*layer.matrices(), *layer.fused_experts()]
+            if not any(k in s for k in keep if k != "norms") and not is_router(s)]
+
+
+def experts_layout(view: ModelView, targets: list[list[str]]) -> dict[str, bool]:
+    """Whether each fused expert tensor quantized is stored transposed, as transformers' experts module
+    says (the quantizer's groups run along each expert's input); refused where it does not say."""
+    from surgery.architecture.structure import experts_transposed
+    from surgery.evaluation.models import quiet_transformers
+
+    first: dict[str, str] = {}  # a fused tensor's name in the first layer that has it
+    for index, suffixes in enumerate(targets):
+        for suffix in suffixes:
+            if len(view.layers[index].tensors[suffix].shape) == 3:
+                first.setdefault(suffix, view.layout.layer_name(index, suffix))
+    if not first:
+        return {}
+    names = {name: suffix for suffix, name in first.items()}
+    with quiet_transformers():
+        found = experts_transposed(view.config(), names)
+    for name, transposed in found.items():
+        if transposed is None:
+            raise SurgeryError(f"bits: {name} holds fused experts whose input axis transformers does not say, so "
+                               "they cannot be quantized along it; add 'experts' to keep to leave them unquantized")
+    return {names[name]: transposed for name, transposed in found.items()}
 
 
 
@@ -222,14 +247,19 @@ def _check_widths(step: BitsStep, widths: list[int], targets: list[list[str]]) -
                            "width, so mixed widths would load wrong; use format: dense, or one width")
 
 
-def _check_quantizer(step: BitsStep, view: ModelView, targets: list[list[str]]) -> None:
+def _check_quantizer(step: BitsStep, view: ModelView, targets: list[list[str]], transposed: dict[str, bool]) -> None:
     if step.format == "compressed-tensors" and not step.quantizer.symmetric:
         raise SurgeryError("bits: format compressed-tensors needs quantizer.symmetric: true (asymmetric packed zero "
                            "points do not load in transformers 5 with compressed-tensors 0.20); use format: dense "
                            "to simulate asymmetric quantization")
     group = step.quantizer.group_size
     for suffix, layer in {s: layer for layer, suffixes in zip(view.layers, targets) for s in suffixes}.items():
-        out, columns = layer.tensors[suffix].shape
+        shape = layer.tensors[suffix].shape
+        if len(shape) == 3 and step.format == "compressed-tensors":
+            raise SurgeryError(f"bits: format compressed-tensors cannot pack {suffix}: its experts are fused in one "
+                               "3-D tensor, and the format packs 2-D weights only; use format: dense, or add "
+                               "'experts' to keep")
+        columns = shape[-2] if transposed.get(suffix) else shape[-1]
         if columns % group:
             raise SurgeryError(f"bits.quantizer: group_size {group} does not divide the input dimension {columns} "
                                f"of {suffix}; use a divisor of {columns}")

@@ -48,6 +48,12 @@ class Layer:
         return {s: r for s, r in self.tensors.items()
                 if len(r.shape) == 2 and r.dtype in FLOAT_DTYPES and "bias" not in s.rsplit(".", 1)[-1]}
 
+    def fused_experts(self) -> dict[str, TensorRecipe]:
+        """Its MoE experts stored as one 3-D tensor per projection (gpt-oss, Llama 4): experts by matrices."""
+        return {s: r for s, r in self.tensors.items()
+                if len(r.shape) == 3 and r.dtype in FLOAT_DTYPES and "experts" in s.split(".")[:-1]
+                and "bias" not in s.rsplit(".", 1)[-1]}
+
 
 @dataclass(frozen=True)
 class Storage:
