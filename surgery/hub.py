@@ -42,6 +42,10 @@ def upload_list(folder: Path) -> list[tuple[str, int]]:
     if not (folder / PROVENANCE_NAME).is_file() or not (folder / "config.json").is_file():
         raise SurgeryError(f"{folder} is not a surgery output (no {PROVENANCE_NAME} or config.json); "
                            "push folders written by `surgery apply`")
+    links = sorted(p for p in folder.rglob("*") if p.is_symlink())
+    if links:
+        raise SurgeryError(f"{links[0]} is a link; surgery never writes links into an output, so this one was put "
+                           "there: remove it (nothing is uploaded through a link)")
     files = sorted(p for p in folder.rglob("*")
                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not any(p.suffix in WEIGHT_SUFFIXES for p in files) and not is_ensemble(read_config(folder)):
@@ -69,11 +73,11 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
         large_folder = getattr(api, "upload_large_folder", None)
         if total > LARGE_FOLDER_BYTES and large_folder is not None and not create_pr:
             large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision, private=private,
-                         print_report=False)
+                         print_report=False, allow_patterns=[name for name, _ in files])
             url = f"{api.endpoint}/{repo_id}/tree/{revision or 'main'}"
         else:
             info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message,
-                                     create_pr=create_pr)
+                                     create_pr=create_pr, allow_patterns=[name for name, _ in files])
             url = info.pr_url or info.commit_url
     return PushResult(repo_id, url, len(files), total)
 

@@ -61,7 +61,16 @@ def check(plan: str | Path | Plan, *, out: str | Path | None = None, device: str
     how it is made, the config, the shards (`.summary(shard_size)` is what `check --json` prints).
     Raises SurgeryError on any bad input.
     """
-    return resolve(plan, out, device, base_dir)
+    return _checked(resolve(plan, out, device, base_dir))
+
+
+def _checked(recipe: Recipe) -> Recipe:
+    """What resolving the plan leaves to the output's side: the source's side files it will copy
+    (a link out of the model folder is refused here, before anything is written)."""
+    from surgery.output.side_files import side_files
+
+    side_files(recipe.view.source.path)
+    return recipe
 
 
 def apply(plan: str | Path | Plan, *, out: str | Path | None = None, force: bool = False, resume: bool = False,
@@ -77,7 +86,7 @@ def apply(plan: str | Path | Plan, *, out: str | Path | None = None, force: bool
     """
     from surgery.output.execute import execute
 
-    recipe = resolve(plan, out, device, base_dir)
+    recipe = _checked(resolve(plan, out, device, base_dir))
     target = _push_target(recipe, push_to)
     if target is not None:
         from surgery.hub import ready_to_push

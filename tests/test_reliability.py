@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from surgery.demo_models import demo_model
-from surgery.output.partial import LOCK_NAME, partial_folder
+from surgery.output.partial import lock_path, partial_folder
 from tests.conftest import REPO, listing, write_plan
 
 # Looped and scaled layers: copied and computed tensors, over 11 shards of at most 1 MB.
@@ -107,7 +107,7 @@ def test_resume_refuses_the_partial_output_of_another_plan(cli, plan, tmp_path):
     (partial / ".surgery-journal.json").write_text(json.dumps({"fingerprint": "another", "shards": {}}))
     result = cli("apply", plan, "--out", out, "--resume", *SHARDS)
     assert result.code == 2 and "another plan" in result.err and "--force" in result.err
-    assert listing(partial) == [".surgery-journal.json", LOCK_NAME]
+    assert listing(partial) == [".surgery-journal.json"] and not lock_path(out).exists()
 
 
 def test_resume_of_a_finished_output_is_a_no_op(cli, plan, tmp_path):
@@ -122,7 +122,7 @@ def test_resume_of_a_finished_output_is_a_no_op(cli, plan, tmp_path):
 def test_a_second_run_on_the_same_output_waits_its_turn(cli, plan, tmp_path):
     out = tmp_path / "out"
     partial_folder(out).mkdir()
-    with open(partial_folder(out) / LOCK_NAME, "w") as lock:
+    with open(lock_path(out), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = cli("apply", plan, "--out", out, "--resume", *SHARDS)
     assert result.code == 2 and "another surgery run is writing" in result.err

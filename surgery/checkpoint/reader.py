@@ -259,11 +259,28 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+def inside_model(folder: Path, path: Path) -> Path:
+    """`path`, a file of model folder `folder`, refused where it is a link leading out of the folder:
+    surgery copies and uploads what it reads, and a link to a token file must never travel with a model.
+    A Hub cache snapshot's links into its own repo's `blobs/` are the one exception."""
+    try:
+        target, root = path.resolve(), folder.resolve()
+    except RuntimeError:  # a symlink loop
+        raise SurgeryError(f"{path}: cannot resolve it (a link on the way leads back to itself)") from None
+    if target.is_relative_to(root):
+        return path
+    if root.parent.name == "snapshots" and target.is_relative_to(root.parent.parent / "blobs"):
+        return path
+    raise SurgeryError(f"{path}: is a link to {target}, outside the model folder; surgery never reads or copies a file "
+                       "through a link that leaves the model folder: copy the file in, or remove the link")
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     """config.json as a dict: the architecture, layer count and everything the planner reads."""
     config_path = folder / "config.json"
     if not config_path.exists():
         raise SurgeryError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+    inside_model(folder, config_path)
     try:
         raw = config_path.read_bytes()
     except OSError as e:
@@ -304,6 +321,9 @@ def _shard_files(folder: Path, weight_map: dict[str, str] | None) -> list[Path]:
 
     Files the index does not name are ignored, as transformers ignores them.
     """
+    if weight_map is not None and (folder / SINGLE_NAME).exists():
+        raise SurgeryError(f"{folder}: has both {SINGLE_NAME} and {INDEX_NAME}; transformers reads {SINGLE_NAME}, vLLM "
+                           "the shards the index names: remove whichever is stale")
     if weight_map is not None:
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (folder / n).is_file()]

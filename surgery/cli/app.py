@@ -46,3 +46,10 @@ def main() -> None:
             raise
         err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # a filesystem failure no check foresaw: still one line naming the path
+        if _state["debug"]:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        err_console.print(f"error: {where}{e.strerror or e} (check the path, its permissions and free space)",
+                          markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)

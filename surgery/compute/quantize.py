@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from surgery.checkpoint.blocks import torch_dtype
+from surgery.errors import SurgeryError
 from surgery.recipe.tensor import Unprepared
 
 if TYPE_CHECKING:
@@ -91,6 +92,12 @@ class Rtn(Unprepared):
 
 
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        finite = torch.isfinite(inputs[0])
+        if not finite.all():  # its group's scale would be inf, and every weight of the group NaN
+            raise SurgeryError(f"holds {int((~finite).sum())} non-finite value(s) (inf or NaN), which RTN cannot "
+                               "scale: fix the input, or leave the tensor unquantized with bits.keep")
         weight = inputs[0].transpose(-1, -2) if self.transposed else inputs[0]
         shape = weight.shape  # groups run along the last axis; each row of each expert is a row
         quantized = quantize(weight.reshape(-1, shape[-1]), self.bits, self.group_size, self.symmetric,

@@ -12,9 +12,10 @@ _SINGLE = re.compile(r"^\s*(\d+)\s*$")
 
 
 class Strict(BaseModel):
-    """A part of a plan: unknown keys are errors (a typo must never pass silently), values are frozen."""
+    """A part of a plan: unknown keys are errors (a typo must never pass silently), values are frozen,
+    and a number is finite (YAML's .nan and .inf would write a model of NaN nobody asked for)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class StepModel(Strict):

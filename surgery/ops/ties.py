@@ -19,7 +19,7 @@ class TiesStep(StepModel):
 
     edits_any_stack: ClassVar[bool] = True
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     op: Literal["ties"]
     models: list[MergeModel] = Field(min_length=1)

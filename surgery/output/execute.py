@@ -11,7 +11,7 @@ import errno
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,12 +125,21 @@ def execute(
 
 def recipe_fingerprint(recipe: Recipe, headers: dict[str, bytes], device: str) -> str:
     """What must match for a resumed run to finish the same bytes: the resolved plan, the sources'
-    headers, the fits, the tool version, every shard header, and the compute device."""
+    headers, the fits, the tool version, every shard header, the compute device, and each source
+    shard's size and modification time (tensor bytes rewritten under an unchanged header change it)."""
     provenance = recipe.provenance()
     provenance.pop("plan_file", None)  # the same plan named from another folder is the same plan
     digests = {filename: hashlib.sha256(header).hexdigest() for filename, header in headers.items()}
-    text = json.dumps({"recipe": provenance, "shards": digests, "device": device}, sort_keys=True, default=str)
+    files = {str(shard.path.resolve()): _stamp(shard.path) for checkpoint in recipe.sources.values()
+             for shard in checkpoint.shards}
+    text = json.dumps({"recipe": provenance, "shards": digests, "device": device, "source_files": files},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_size, status.st_mtime_ns
 
 
 def _write_shards(
@@ -177,9 +186,17 @@ def _entries(recipe: Recipe, shard: ShardPlan, streamer: RecipeStreamer) -> list
     entries = []
     for name in shard.names:
         tensor = recipe.tensors[name]
-        produce = None if tensor.stored is not None else (lambda t=tensor: streamer.encoded(t))
+        produce = None if tensor.stored is not None else (lambda t=tensor, n=name: _named(n, streamer.encoded(t)))
         entries.append(ShardEntry(name, tensor.dtype, tensor.shape, tensor.stored, produce))
     return entries
+
+
+def _named(name: str, blocks: Iterator[memoryview]) -> Iterator[memoryview]:
+    """A tensor's blocks; a refusal raised computing them names the tensor."""
+    try:
+        yield from blocks
+    except SurgeryError as e:
+        raise type(e)(f"{name}: {e}") from None
 
 
 def _journal_finished(partial: PartialOutput, pending: list[tuple[str, Future[ShardRecord]]], wait: bool) -> None:

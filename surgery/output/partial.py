@@ -1,5 +1,7 @@
-"""The partial output of a run: a hidden sibling of the output folder, locked while it is written,
-with a journal of the shards finished so far, so `apply --resume` continues an interrupted run.
+"""The partial output of a run: a hidden sibling of the output folder, with a journal of the shards
+finished so far, so `apply --resume` continues an interrupted run. A sibling lock file is held from
+the start of the run until the finished folder has been renamed into place, so two runs on one
+output never interleave.
 
 A shard enters the journal only once it is whole: its bytes hashed (sha256, read back from the
 file) and, with fsync, on the disk. Resuming re-hashes every journaled shard before trusting it.
@@ -22,12 +24,17 @@ from surgery.errors import SurgeryError
 
 PARTIAL_TAG = ".surgery-partial"
 JOURNAL_NAME = ".surgery-journal.json"
-LOCK_NAME = ".surgery-lock"
+LOCK_TAG = ".surgery-lock"
 
 
 def partial_folder(out: Path) -> Path:
     """Where the run writing `out` keeps its work until the rename (same filesystem, so the rename is atomic)."""
     return out.parent / f".{out.name}{PARTIAL_TAG}"
+
+
+def lock_path(out: Path) -> Path:
+    """The file a run writing `out` holds locked, beside the partial folder (not in it: it outlives the rename)."""
+    return out.parent / f".{out.name}{LOCK_TAG}"
 
 
 @dataclass(frozen=True)
@@ -133,32 +140,46 @@ class PartialOutput:
     fsync: bool
     shards: dict[str, ShardRecord] = field(default_factory=dict)
     _lock_fd: int | None = None
+    _lock_path: Path | None = None
+    _created: list[Path] = field(default_factory=list)  # parent folders this run made, deepest first
 
     @classmethod
     def open(cls, out: Path, fingerprint: str, *, resume: bool, force: bool, fsync: bool) -> PartialOutput:
-        """Create or take over the partial folder of `out`.
+        """Lock `out`, then create or take over its partial folder.
 
-        Another live run holding it is an error; an interrupted run's is continued with `resume`,
-        discarded with `force`, and otherwise an error that names both choices.
+        Another live run holding the lock is an error; an interrupted run's folder is continued with
+        `resume`, discarded with `force`, and otherwise an error that names both choices. A link or
+        a file planted at the partial folder's name is never written through, whatever the flags.
         """
         folder = partial_folder(out)
-        existed = folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = cls(folder, fingerprint, fsync)
-        partial._lock()
-        journal = read_journal(folder)
-        if existed and not resume and not force:
+        partial = cls(folder, fingerprint, fsync, _lock_path=lock_path(out), _created=_make_parents(out.parent))
+        try:
+            partial._lock()
+        except BaseException:
+            partial._remove_created()
+            raise
+        try:
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                raise SurgeryError(f"{folder} is a {'link' if folder.is_symlink() else 'file'}, not a partial output "
+                                   "surgery made; surgery never writes through it: remove it and run again")
+            existed = folder.exists()
+            if not existed:
+                folder.mkdir()
+            journal = read_journal(folder)
+            if existed and not resume and not force:
+                raise SurgeryError(
+                    f"an interrupted run left partial output in {folder}; pass --resume to continue it, "
+                    "or --force to start over"
+                )
+            if resume and journal and journal.get("fingerprint") != fingerprint:
+                raise SurgeryError(
+                    f"the partial output in {folder} was made by another plan, inputs, version or device; "
+                    "pass --force instead of --resume to start over"
+                )
+        except BaseException:
             partial.release()
-            raise SurgeryError(
-                f"an interrupted run left partial output in {folder}; pass --resume to continue it, "
-                "or --force to start over"
-            )
-        if resume and journal and journal.get("fingerprint") != fingerprint:
-            partial.release()
-            raise SurgeryError(
-                f"the partial output in {folder} was made by another plan, inputs, version or device; "
-                "pass --force instead of --resume to start over"
-            )
+            partial._remove_created()
+            raise
         if resume:
             partial.shards = {
                 name: ShardRecord(str(entry["sha256"]), int(entry["bytes"]))
@@ -199,8 +220,7 @@ class PartialOutput:
         last moment, so a run killed before it resumes from its journal."""
         if self.fsync:
             _fsync_tree(self.folder)
-        for name in (JOURNAL_NAME, LOCK_NAME):
-            (self.folder / name).unlink(missing_ok=True)
+        (self.folder / JOURNAL_NAME).unlink(missing_ok=True)
         if self.fsync:
             _fsync_entries(self.folder)
         _replace(self.folder, out)
@@ -209,30 +229,51 @@ class PartialOutput:
             _fsync_entries(out.parent)  # the rename itself
 
     def release(self) -> None:
-        """Let go of the lock (the folder stays, for --resume)."""
+        """Let go of the lock (the folder stays, for --resume): the file goes first, while still held, so
+        a run that opened it meanwhile sees it was replaced and takes the new one."""
         if self._lock_fd is not None:
+            assert self._lock_path is not None
+            self._lock_path.unlink(missing_ok=True)
             os.close(self._lock_fd)
             self._lock_fd = None
 
     def discard(self) -> None:
-        """Remove the partial folder and everything in it."""
+        """Remove the partial folder and everything in it, and the parent folders the run made."""
         self.release()
         shutil.rmtree(self.folder, ignore_errors=True)
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self._created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (something else was put there meanwhile): it stays
+                return
 
     def _lock(self) -> None:
-        fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        assert self._lock_path is not None
+        while True:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise SurgeryError(f"another surgery run is writing {self.folder} right now; wait for it to "
+                                   "finish") from None
+            try:
+                same = os.stat(self._lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else the holder before us removed it as we opened it: take the new one
+                self._lock_fd = fd
+                return
             os.close(fd)
-            raise SurgeryError(f"another surgery run is writing {self.folder} right now; wait for it to finish") from None
-        self._lock_fd = fd
 
     def _clear(self, keep: set[str]) -> None:
         """Everything but the lock, the journal and the journaled shards goes: leftovers of a killed
         run (a half-written shard, a temporary file) must never reach the output."""
         for item in self.folder.iterdir():
-            if item.name in keep | {LOCK_NAME, JOURNAL_NAME}:
+            if item.name in keep | {JOURNAL_NAME}:
                 continue
             if item.is_dir() and not item.is_symlink():
                 shutil.rmtree(item)
@@ -240,6 +281,17 @@ class PartialOutput:
                 item.unlink()
         if not keep:
             (self.folder / JOURNAL_NAME).unlink(missing_ok=True)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create `folder` and the folders above it that are missing; the ones made, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir()
+    return missing
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from surgery.checkpoint.reader import INDEX_NAME
+from surgery.checkpoint.reader import INDEX_NAME, inside_model
 from surgery.output.card import CARD_NAME
 from surgery.output.provenance import PROVENANCE_NAME
 
@@ -17,7 +17,7 @@ NOT_COPIED_NAMES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", P
 
 def side_files(source: Path) -> list[Path]:
     """Every file of the source folder that is not weights (nor its card, config or index), subfolders
-    included, hidden ones left out."""
+    included, hidden ones left out; a link leading out of the folder is refused (`inside_model`)."""
     files = []
     for item in sorted(source.rglob("*")):
         relative = item.relative_to(source)
@@ -25,7 +25,7 @@ def side_files(source: Path) -> list[Path]:
             continue
         if (relative.name in NOT_COPIED_NAMES and len(relative.parts) == 1) or item.suffix in NOT_COPIED_SUFFIXES:
             continue
-        files.append(item)
+        files.append(inside_model(source, item))
     return files
 
 

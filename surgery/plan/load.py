@@ -162,6 +162,8 @@ def _message(error: Any) -> str:
         return "unknown field (check the spelling; see docs/plans.md for the fields of each op)"
     if error["type"] == "missing":
         return "required field is missing"
+    if error["type"] == "finite_number":
+        return f"{error.get('input')!r} is not a finite number; a plan's numbers are finite (.nan and .inf would write NaN)"
     msg: str = error["msg"]
     return msg.removeprefix("Value error, ")
 

@@ -24,7 +24,7 @@ from surgery.formats.views import open_view
 from surgery.ops.context import OpContext
 from surgery.ops.registry import op_of
 from surgery.plan.load import load_plan
-from surgery.plan.references import resolve_model_path
+from surgery.plan.references import expand_user, resolve_model_path
 from surgery.plan.schema import EvaluateSection, Plan
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import LayerOrigin, ModelView
@@ -134,25 +134,35 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
     verification = verify(view, views)
     out = _output_folder(plan, output, folder, where)
     for checkpoint in sources.values():
-        source, target = checkpoint.path.resolve(), out.resolve()
-        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+        if _overlaps(checkpoint.path, out):
             raise SurgeryError(
                 f"output {out} overlaps the input model {checkpoint.path}; inputs are never modified, pick another --out"
             )
     if plan.evaluate is None:
         return Recipe(plan, plan_path, out, view, sources, tuple(fits), verification=verification)
     reference = _reference_model(plan, plan.evaluate, lambda ref: resolve_model_path(ref, folder), view.source.path)
+    if _overlaps(reference, out):
+        raise SurgeryError(f"evaluate.compare_to: {reference} overlaps the output {out}: the output would be scored "
+                           "beside itself; name another model to compare it to")
     recipe = Recipe(plan, plan_path, out, view, sources, tuple(fits), reference, verification)
     _check_evaluation(plan.evaluate, recipe.config, reference)
     return recipe
 
 
+def _overlaps(model: Path, out: Path) -> bool:
+    try:
+        source, target = model.resolve(), out.resolve()
+    except RuntimeError:  # a symlink loop on the way
+        raise SurgeryError(f"{out}: cannot resolve the path (a link on the way leads back to itself)") from None
+    return target == source or source.is_relative_to(target) or target.is_relative_to(source)
+
+
 def _output_folder(plan: Plan, output: str | Path | None, folder: Path, where: str) -> Path:
     if output is not None:
-        return Path(output)
+        return expand_user(str(output))
     if plan.output is None:
         raise SurgeryError(f"{where}: no output folder; add 'output: PATH' to the plan or pass --out")
-    out = Path(plan.output).expanduser()
+    out = expand_user(plan.output)
     return out if out.is_absolute() else (folder / out).resolve()
 
 
