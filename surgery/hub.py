@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from surgery.checkpoint.reader import read_config
 from surgery.errors import SurgeryError
@@ -116,13 +117,31 @@ def _http_errors(endpoint: str, repo_id: str) -> Iterator[None]:
 
     try:
         yield
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else "?"
-        hint = {401: " (is the token valid? `hf auth login`)", 403: " (does the token have write access there?)"}
-        detail = (error.server_message or "").strip().splitlines()
-        raise SurgeryError(f"push to {repo_id} failed: HTTP {status}{hint.get(status, '')}"
-                           + (f": {detail[0]}" if detail else "")) from None
-    except Exception as error:
-        if isinstance(error, OSError) or "Connect" in type(error).__name__ or "Timeout" in type(error).__name__:
-            raise SurgeryError(f"push to {repo_id} failed: cannot reach {endpoint} ({type(error).__name__}: {error})") from None
+    except Exception as raised:
+        error = _cause(raised, HfHubHTTPError)  # an LFS upload's failure comes wrapped in a RuntimeError
+        if error is not None:
+            status = error.response.status_code if error.response is not None else "?"
+            hint = {401: " (is the token valid? `hf auth login`)", 403: " (does the token have write access there?)",
+                    413: " (the server refused a file this large)"}
+            detail = (error.server_message or "").strip().splitlines()
+            raise SurgeryError(f"push to {repo_id} failed: HTTP {status}{hint.get(status, '')}"
+                               + (f": {detail[0]}" if detail else "")) from None
+        lost = _cause(raised, OSError) or next((e for e in _chain(raised) if "Connect" in type(e).__name__
+                                                or "Timeout" in type(e).__name__), None)
+        if lost is not None:
+            raise SurgeryError(f"push to {repo_id} failed: cannot reach {endpoint} ({type(lost).__name__}: {lost})") from None
         raise
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """The error and the ones it was raised from, outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _cause(error: BaseException, kind: type[BaseException]) -> Any:
+    return next((e for e in _chain(error) if isinstance(e, kind)), None)

@@ -229,3 +229,123 @@ def test_the_lock_is_held_until_the_output_is_in_place(cli, model, tmp_path, mon
     monkeypatch.setattr(partial_module, "_replace", replace_while_checking)
     assert cli("apply", plan).code == 0 and seen
     assert not lock_path(out).exists() and (out / "model.safetensors").is_file()
+
+
+# --- sizes are bounded ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size, message", [("abc", "not a size"), ("0MB", "at least 1KB"), ("-1MB", "at least 1KB")])
+def test_a_shard_size_that_is_no_size_is_one_line(size, message, cli, model, tmp_path):
+    plan = write_plan(tmp_path, f"model: {model}\noutput: {tmp_path / 'out'}\n{CHAIN}")
+    assert message in _one_line(cli("check", plan, f"--shard-size={size}"))
+
+
+def test_binary_shard_sizes_are_read(cli, model, tmp_path):
+    plan = write_plan(tmp_path, f"model: {model}\noutput: {tmp_path / 'out'}\n{CHAIN}")
+    assert cli("apply", plan, "--shard-size", "64KiB").code == 0
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) > 1
+
+
+def test_sizes_in_a_plan_or_config_are_bounded_before_anything_is_allocated(cli, model, tmp_path):
+    plan = write_plan(tmp_path, f"model: {model}\noutput: {tmp_path / 'out'}\nsteps:\n  - op: chain\n"
+                      "    layers: [0-999999999999]\n")
+    assert "a plan lists at most 100,000" in _one_line(cli("check", plan))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 10**12}))
+    assert "num_hidden_layers=1000000000000" in _one_line(cli("inspect", model))  # in moments, not out of memory
+
+
+# --- every file read is bounded and typed ---------------------------------------------------------
+
+def test_a_fifo_or_device_in_a_model_folder_is_refused_not_read(cli, model, tmp_path):
+    (model / "config.json").rename(tmp_path / "config.json")
+    os.mkfifo(model / "config.json")
+    assert "not a regular file" in _one_line(cli("inspect", model))  # a read would block forever
+    (model / "config.json").unlink()
+    (tmp_path / "config.json").rename(model / "config.json")
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.json").symlink_to("/dev/zero")  # a read would never end
+    plan = write_plan(tmp_path, f"model: {model}\noutput: {tmp_path / 'out'}\n{CHAIN}")
+    _one_line(cli("check", plan))
+    assert "not a regular file" in _one_line(cli("eval", model))
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]", "expected a JSON object"), ("{'a': 1}", "not valid JSON"),
+                                           ("\xff", "not a valid config")])
+def test_a_config_that_is_not_a_json_object_is_one_line(text, message, cli, model):
+    (model / "config.json").write_bytes(text.encode("latin-1"))
+    assert message in _one_line(cli("inspect", model))
+
+
+def test_a_corrupt_journal_keeps_nothing_and_the_run_completes(cli, model, tmp_path):
+    out = tmp_path / "out"
+    partial_folder(out).mkdir()
+    (partial_folder(out) / "model.safetensors").write_bytes(b"stale")
+    (partial_folder(out) / ".surgery-journal.json").write_text(
+        json.dumps({"fingerprint": 7, "shards": {"../model.safetensors": {"sha256": 1, "bytes": "x"}}}))
+    plan = write_plan(tmp_path, f"model: {model}\noutput: {out}\n{CHAIN}")
+    assert cli("apply", plan, "--resume").code == 0
+    assert cli("verify", out).code == 0
+
+
+@pytest.mark.parametrize("record", [
+    {"output_shards": ["../model/model.safetensors"], "output_sha256": {}},
+    {"output_shards": "model.safetensors", "output_sha256": []},
+    {"output_shards": [], "output_sha256": {"../../etc/passwd": "0" * 64}},
+])
+def test_a_corrupt_surgery_record_is_a_failed_check_never_a_read_outside(record, cli, model, tmp_path):
+    out = tmp_path / "out"
+    assert cli("apply", write_plan(tmp_path, f"model: {model}\noutput: {out}\n{CHAIN}")).code == 0
+    provenance = json.loads((out / "surgery.json").read_text()) | record
+    (out / "surgery.json").write_text(json.dumps(provenance))
+    result = cli("verify", out, "--json")
+    assert result.code == 1 and "Traceback" not in result.err
+    failed = [c for c in json.loads(result.out)["checks"] if not c["ok"]]
+    assert any("plain file names" in c["detail"] or "shard names" in c["detail"] for c in failed), failed
+
+
+# --- check accepts only what apply can do ---------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_bits_on_already_quantized_layer_tensors_is_refused_by_check(dtype, cli, model, tmp_path):
+    tensors = load_file(model / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("layers.0.mlp.down_proj.weight"))
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    plan = write_plan(tmp_path, f"model: {model}\noutput: {tmp_path / 'out'}\nsteps:\n  - op: bits\n"
+                      "    score: manual\n    manual: {0: 4, 1: 4, 2: 4, 3: 4, 4: 4, 5: 4}\n"
+                      "    quantizer: {group_size: 16, symmetric: true}\n")
+    check = cli("check", plan)
+    if dtype == torch.int8:  # not a float matrix: left as it is, and apply does what check said
+        assert check.code == 0, check.err
+        assert cli("apply", plan).code == 0
+        assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")[name], tensors[name])
+    else:
+        assert "already quantized" in _one_line(check) and not (tmp_path / "out").exists()
+
+
+def test_a_zero_size_matrix_is_left_as_it_is_by_packed_bits(cli, model, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.0.mlp.empty.weight"] = torch.zeros(0, 64)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    plan = write_plan(tmp_path, f"model: {model}\noutput: {out}\nsteps:\n  - op: bits\n    score: manual\n"
+                      "    manual: {0: 4, 1: 4, 2: 4, 3: 4, 4: 4, 5: 4}\n    quantizer: {group_size: 16, symmetric: true}\n"
+                      "    format: compressed-tensors\n")
+    assert cli("check", plan).code == 0
+    result = cli("apply", plan)
+    assert result.code == 0, result.err
+    assert load_file(out / "model.safetensors")["model.layers.0.mlp.empty.weight"].shape == (0, 64)
+
+
+# --- derived files --------------------------------------------------------------------------------
+
+def test_a_later_edit_drops_the_derived_files_of_its_input(cli, model, tmp_path):
+    """bits writes llama-tensor-types.txt for its own layers; a chain of that output must not carry it."""
+    quantized, chained = tmp_path / "bits", tmp_path / "chain"
+    assert cli("apply", write_plan(tmp_path, f"model: {model}\noutput: {quantized}\nsteps:\n  - op: bits\n"
+                                   "    score: manual\n    manual: {0: 4, 1: 4, 2: 4, 3: 4, 4: 4, 5: 4}\n"
+                                   "    quantizer: {group_size: 16}\n", "bits.yaml")).code == 0
+    assert (quantized / "llama-tensor-types.txt").is_file()
+    assert cli("apply", write_plan(tmp_path, f"model: {quantized}\noutput: {chained}\n{CHAIN}", "chain.yaml")).code == 0
+    assert not (chained / "llama-tensor-types.txt").exists() and (chained / "tokenizer.json").is_file()

@@ -98,6 +98,7 @@ def test_dry_run_sends_nothing(hub, output, cli):
     ("create", 403, "HTTP 403 (does the token have write access there?)"),
     ("commit", 500, "HTTP 500"),
     ("batch", 403, "HTTP 403"),  # 5xx answers are retried with backoff: the commit case covers them
+    ("upload", 413, "HTTP 413"),  # the LFS PUT of a shard (a 5xx there is retried, then wrapped the same way)
 ])
 def test_server_failures_are_one_line(route, status, message, hub, output, cli):
     hub.state.fail[route] = status

@@ -95,7 +95,7 @@ def find_layout(config: dict[str, Any], tensor_names: Iterable[str], where: str 
     path = language_model_path(config)
     count_key, num_layers = layer_count(config, path)
     indices = _numbered_groups(names)
-    candidates = [p for p, seen in indices.items() if seen == set(range(num_layers))]
+    candidates = [p for p, seen in indices.items() if _is_zero_to(seen, num_layers)]
     if len(candidates) > 1:
         language = [p for p in candidates if "language_model" in p or "text_model" in p]
         text = [p for p in candidates if not any(w in p for w in ("vision", "visual", "image", "audio"))]
@@ -139,7 +139,7 @@ def stacks(config: dict[str, Any], tensor_names: Iterable[str]) -> list[Layout]:
                   if k in STACK_COUNT_KEYS and isinstance(v, int) and not isinstance(v, bool)]
         for key, count in counts:
             for prefix, seen in sorted(groups.items()):
-                if seen == set(range(count)) and count > 0:
+                if _is_zero_to(seen, count) and count > 0:
                     found.append(Layout(prefix=prefix, num_layers=count, count_key=key, config_path=path))
     chosen: dict[str, Layout] = {}
     for layout in found:  # a prefix matched by two counts: the one whose config is named like it wins
@@ -181,6 +181,11 @@ def _count_in(config: dict[str, Any]) -> tuple[str, int] | None:
         if isinstance(value, (list, str)) and value:
             return key, len(value)
     return None
+
+
+def _is_zero_to(indices: set[int], count: int) -> bool:
+    """indices == {0, ..., count - 1}, without building that set (a config's count is untrusted)."""
+    return len(indices) == count and (not indices or (min(indices) == 0 and max(indices) == count - 1))
 
 
 def _numbered_groups(tensor_names: Iterable[str]) -> dict[str, set[int]]:

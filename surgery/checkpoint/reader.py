@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,6 +21,7 @@ from surgery.errors import SurgeryError, one_line
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024 * 1024  # far above any config, index or record; a bound before reading
 # Weight files that are pickles: refused, never loaded.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -207,6 +209,31 @@ def _parse_json(raw: bytes, what: str, fix: str) -> object:
 
 
 
+def regular_file(path: Path, fix: str) -> Path:
+    """`path`, refused unless it is a regular file: a FIFO would block the read forever, a device
+    (a link to /dev/zero) never end it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise SurgeryError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise SurgeryError(f"{path}: not a regular file (a FIFO, socket, device or folder); {fix}")
+    return path
+
+
+def read_json_file(path: Path, what: str, fix: str) -> object:
+    """A JSON file read with bounds: a regular file, at most MAX_JSON_BYTES, strict UTF-8 JSON."""
+    regular_file(path, fix)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise SurgeryError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise SurgeryError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB, more than any {what} holds; {fix}")
+    return _parse_json(raw, f"{path}: not a valid {what}", fix)
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint folder: config, shards, and every tensor's location, from headers only."""
@@ -281,11 +308,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not config_path.exists():
         raise SurgeryError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
     inside_model(folder, config_path)
-    try:
-        raw = config_path.read_bytes()
-    except OSError as e:
-        raise SurgeryError(f"{config_path}: cannot read ({e.strerror or e})") from e
-    config = _parse_json(raw, f"{config_path}: not a valid config", "fix or re-download config.json")
+    config = read_json_file(config_path, "config", "fix or re-download config.json")
     if not isinstance(config, dict):
         raise SurgeryError(f"{config_path}: expected a JSON object, found a JSON {type(config).__name__}")
     return config
@@ -297,11 +320,7 @@ def _read_index(index_path: Path) -> dict[str, str]:
     Shard names must be plain file names: an index is untrusted input and must not make us read
     outside the model folder (`../`, absolute paths, sub-folders).
     """
-    try:
-        raw = index_path.read_bytes()
-    except OSError as e:
-        raise SurgeryError(f"{index_path}: cannot read ({e.strerror or e})") from e
-    index = _parse_json(raw, f"{index_path}: not a valid index", "fix it or re-download it")
+    index = read_json_file(index_path, "index", "fix it or re-download it")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise SurgeryError(f"{index_path}: not a valid index (needs a 'weight_map' object of tensor name -> shard file)")

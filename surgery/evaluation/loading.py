@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surgery.checkpoint.reader import Checkpoint, read_config
+from surgery.checkpoint.reader import Checkpoint, read_config, regular_file
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
 from surgery.evaluation.ensemble_model import load_ensemble
@@ -92,6 +92,9 @@ def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -
         raise SurgeryError(f"model folder {folder} does not exist")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise SurgeryError(f"{folder} has no tokenizer files (tokenizer.json, ...); copy the tokenizer of its source model in")
+    for name in TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "added_tokens.json"):
+        if (folder / name).exists() or (folder / name).is_symlink():  # transformers would block on a FIFO
+            regular_file(folder / name, "a tokenizer file must be a regular file: copy the file itself in")
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved_device)
     with quiet_transformers():

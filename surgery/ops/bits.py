@@ -29,6 +29,7 @@ from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import Layer, ModelView, Storage
 
 KEEP_BITS = 16  # a layer given 16 bits (a manual override) stays in the source dtype
+QUANTIZABLE_DTYPES = ("F32", "F16", "BF16")  # FP8 weights are already quantized
 
 
 class Calibration(Strict):
@@ -197,8 +198,8 @@ def assign_bits(assign: BitAssignment | None, scores: list[float] | None, depths
 def quantized_tensors(layer: Layer, keep: list[str]) -> list[str]:
     """The layer's matrices and fused 3-D experts not kept by name (`norms` keeps every 1-D tensor, which
     is never quantized anyway); an MoE router is never quantized: it picks the experts each token runs."""
-    return [s for s in [*layer.matrices(), *layer.fused_experts()]
-            if not any(k in s for k in keep if k != "norms") and not is_router(s)]
+    return [s for s, r in {**layer.matrices(), **layer.fused_experts()}.items()
+            if not any(k in s for k in keep if k != "norms") and not is_router(s) and 0 not in r.shape]
 
 
 def experts_layout(view: ModelView, targets: list[list[str]]) -> dict[str, bool]:
@@ -253,8 +254,13 @@ def _check_quantizer(step: BitsStep, view: ModelView, targets: list[list[str]], 
                            "points do not load in transformers 5 with compressed-tensors 0.20); use format: dense "
                            "to simulate asymmetric quantization")
     group = step.quantizer.group_size
-    for suffix, layer in {s: layer for layer, suffixes in zip(view.layers, targets) for s in suffixes}.items():
-        shape = layer.tensors[suffix].shape
+    kinds = {(s, layer.tensors[s].shape, layer.tensors[s].dtype) for layer, suffixes in zip(view.layers, targets)
+             for s in suffixes}  # every layer's own: shapes and dtypes can differ by layer
+    for suffix, shape, dtype in sorted(kinds):
+        if dtype not in QUANTIZABLE_DTYPES:
+            raise SurgeryError(f"bits: {suffix} is stored as {dtype}, already quantized; bits quantizes "
+                               f"{', '.join(QUANTIZABLE_DTYPES)} weights: add it to keep, or start from a "
+                               "full-precision checkpoint")
         if len(shape) == 3 and step.format == "compressed-tensors":
             raise SurgeryError(f"bits: format compressed-tensors cannot pack {suffix}: its experts are fused in one "
                                "3-D tensor, and the format packs 2-D weights only; use format: dense, or add "

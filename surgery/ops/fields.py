@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+MAX_LAYERS = 100_000  # more layers than any model has: a bound before a typo's range is allocated
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 _SINGLE = re.compile(r"^\s*(\d+)\s*$")
 
@@ -74,7 +75,12 @@ def parse_layers(value: Any) -> list[int]:
                     raise ValueError(
                         f"range '{item}' is reversed; write '{stop}-{start}' or list the layers in the order you want"
                     )
+                if stop - start >= MAX_LAYERS:
+                    raise ValueError(f"range '{item}' has {stop - start + 1:,} layers; a plan lists at most "
+                                     f"{MAX_LAYERS:,}")
                 out.extend(range(start, stop + 1))
                 continue
         raise ValueError(f"{item!r} is not a layer; use an integer or an inclusive range like '0-7'")
+    if len(out) > MAX_LAYERS:
+        raise ValueError(f"{len(out):,} layers listed; a plan lists at most {MAX_LAYERS:,}")
     return out

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.checkpoint.digest import file_sha256
+from surgery.checkpoint.reader import read_json_file
 from surgery.errors import SurgeryError
+from surgery.output.provenance import is_plain_name
 
 PARTIAL_TAG = ".surgery-partial"
 JOURNAL_NAME = ".surgery-journal.json"
@@ -115,12 +117,20 @@ class TrailingHash:
 
 
 def read_journal(folder: Path) -> dict[str, object]:
-    """The journal of a partial folder, or an empty one when there is none (or it is unreadable)."""
+    """The journal of a partial folder, or an empty one when there is none, or it is unreadable or
+    malformed (then nothing is kept: every shard is written again)."""
     try:
-        journal = json.loads((folder / JOURNAL_NAME).read_text())
-    except (OSError, ValueError):
+        journal = read_json_file(folder / JOURNAL_NAME, "journal", "")
+    except SurgeryError:
         return {}
-    return journal if isinstance(journal, dict) else {}
+    shards = journal.get("shards", {}) if isinstance(journal, dict) else None
+    if not isinstance(journal.get("fingerprint") if isinstance(journal, dict) else None, str) or not isinstance(shards, dict):
+        return {}
+    for name, entry in shards.items():
+        if not (is_plain_name(name) and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int) and not isinstance(entry.get("bytes"), bool)):
+            return {}
+    return journal
 
 
 def journaled_bytes(folder: Path, fingerprint: str) -> int:

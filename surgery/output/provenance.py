@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from surgery.checkpoint.reader import read_json_file
+from surgery.errors import SurgeryError
 from surgery.output.card import CARD_NAME, model_card
 
 PROVENANCE_NAME = "surgery.json"
@@ -21,9 +23,27 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_provenance(folder: Path) -> dict[str, Any] | None:
-    """The folder's surgery.json, or None when it is not a surgery output."""
+    """The folder's surgery.json, or None when it is not a surgery output; one that is not a JSON
+    object (or not a regular file, or huge) is a SurgeryError."""
     path = folder / PROVENANCE_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.exists() and not path.is_symlink():
+        return None
+    record = read_json_file(path, "surgery record", "re-run `surgery apply` to write it again")
+    if not isinstance(record, dict):
+        raise SurgeryError(f"{path}: expected a JSON object, found a JSON {type(record).__name__}")
+    return record
+
+
+def plain_file_names(value: object, what: str) -> list[str]:
+    """A record's list of file names, each a plain name inside its folder (never `../` or a path)."""
+    names = list(value) if isinstance(value, (list, dict)) else None
+    if names is None or not all(isinstance(n, str) and is_plain_name(n) for n in names):
+        raise SurgeryError(f"{what}: not a list of plain file names in the folder")
+    return names
+
+
+def is_plain_name(name: str) -> bool:
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and name.isprintable()
 
 
 def recorded_source(folder: Path) -> Path | None:

@@ -7,12 +7,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from surgery.checkpoint.reader import INDEX_NAME, inside_model
+from surgery.checkpoint.reader import INDEX_NAME, inside_model, regular_file
+from surgery.formats.gguf import TENSOR_TYPES_FILE
 from surgery.output.card import CARD_NAME
 from surgery.output.provenance import PROVENANCE_NAME
 
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-NOT_COPIED_NAMES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", PROVENANCE_NAME, CARD_NAME}
+# Derived files describe their own folder's tensors (llama-tensor-types.txt names its layers): a later
+# edit of that folder would carry them stale, so they are never copied, only written by the step that makes them.
+DERIVED_NAMES = {TENSOR_TYPES_FILE}
+NOT_COPIED_NAMES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", PROVENANCE_NAME, CARD_NAME,
+                    *DERIVED_NAMES}
 
 
 def side_files(source: Path) -> list[Path]:
@@ -21,11 +26,12 @@ def side_files(source: Path) -> list[Path]:
     files = []
     for item in sorted(source.rglob("*")):
         relative = item.relative_to(source)
-        if any(part.startswith(".") for part in relative.parts) or not item.is_file():
+        if any(part.startswith(".") for part in relative.parts) or (item.is_dir() and not item.is_symlink()):
             continue
         if (relative.name in NOT_COPIED_NAMES and len(relative.parts) == 1) or item.suffix in NOT_COPIED_SUFFIXES:
             continue
-        files.append(inside_model(source, item))
+        files.append(regular_file(inside_model(source, item), "surgery copies only regular files: replace it with "
+                                  "the file itself, or remove it"))
     return files
 
 

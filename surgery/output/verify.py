@@ -17,7 +17,7 @@ from surgery.checkpoint.reader import INDEX_NAME, Checkpoint, read_config, read_
 from surgery.errors import SurgeryError
 from surgery.formats.ensemble_folder import check_member_unchanged, is_ensemble, read_spec
 from surgery.output.partial import hash_shard
-from surgery.output.provenance import PROVENANCE_NAME, read_provenance
+from surgery.output.provenance import PROVENANCE_NAME, plain_file_names, read_provenance
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ def verify(folder: Path) -> list[Check]:
     config = _attempt(checks, "config.json", lambda: read_config(folder), lambda c: f"{len(c)} keys")
     provenance = _attempt(checks, PROVENANCE_NAME, lambda: read_provenance(folder),
                           lambda p: "present" if p else "absent: not a surgery output, no hashes to check")
-    recorded: dict[str, str] = dict((provenance or {}).get("output_sha256", {}))
-    expected = (provenance or {}).get("output_shards")
+    recorded = _attempt_quietly(checks, "surgery.json output_sha256", lambda: _hashes(provenance)) or {}
+    expected = _attempt_quietly(checks, "surgery.json output_shards", lambda: _shard_list(provenance))
     on_disk = sorted(p.name for p in folder.glob("*.safetensors"))
     names = sorted(set(on_disk) | set(expected or []))
     for name in names:
@@ -62,6 +62,32 @@ def verify(folder: Path) -> list[Check]:
     if expected is not None and not recorded and names:
         checks.append(Check("hashes", False, "surgery.json records no shard hashes (written before surgery recorded them)"))
     return checks
+
+
+def _hashes(provenance: dict[str, Any] | None) -> dict[str, str]:
+    recorded = (provenance or {}).get("output_sha256", {})
+    names = plain_file_names(recorded, "surgery.json output_sha256")
+    if not isinstance(recorded, dict) or not all(isinstance(recorded[n], str) for n in names):
+        raise SurgeryError("surgery.json output_sha256: not an object of shard name -> sha256")
+    return recorded
+
+
+def _shard_list(provenance: dict[str, Any] | None) -> list[str] | None:
+    shards = (provenance or {}).get("output_shards")
+    if shards is None:
+        return None
+    if not isinstance(shards, list):
+        raise SurgeryError("surgery.json output_shards: not a list of shard names")
+    return plain_file_names(shards, "surgery.json output_shards")
+
+
+def _attempt_quietly(checks: list[Check], subject: str, run: Any) -> Any:
+    """A check that is reported only when it fails (a well-formed record needs no line of its own)."""
+    try:
+        return run()
+    except SurgeryError as e:
+        checks.append(Check(subject, False, str(e)))
+        return None
 
 
 def _attempt(checks: list[Check], subject: str, run: Any, describe: Any) -> Any:
