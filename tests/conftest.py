@@ -7,6 +7,7 @@ import os
 # huggingface_hub reads this once, at import, so before anything imports it: the fake Hub of
 # test_hub.py speaks the LFS upload protocol, not Xet.
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,19 @@ def assert_plan_refused(cli, folder: Path, text: str, message: str) -> None:
     assert result.code == 2 and message in result.err, result.err
     assert len(result.err.strip().splitlines()) == 1, result.err
     assert listing(folder) == [plan.name]
+
+
+def copy_without_shards(source: Path, dest: Path) -> dict:
+    """Copy a model folder, its weights taken out: the tensors returned, to be saved as a test needs."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(source, dest)
+    tensors = {}
+    for shard in sorted(dest.glob("*.safetensors")):
+        tensors |= load_file(shard)
+        shard.unlink()
+    (dest / "model.safetensors.index.json").unlink(missing_ok=True)
+    return tensors
 
 
 def listing(folder: Path) -> list[str]:

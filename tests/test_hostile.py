@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from surgery.output.partial import lock_path, partial_folder
-from tests.conftest import listing, write_plan
+from tests.conftest import copy_without_shards, listing, write_plan
 
 CHAIN = "steps:\n  - op: chain\n    layers: [0, 1]\n"
 
@@ -27,13 +27,7 @@ CHAIN = "steps:\n  - op: chain\n    layers: [0, 1]\n"
 def model(tiny, tmp_path):
     """A private copy of the tiny Llama in one model.safetensors (tests here change their input on purpose)."""
     folder = tmp_path / "model"
-    shutil.copytree(tiny("llama"), folder)
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        tensors |= load_file(shard)
-        shard.unlink()
-    (folder / "model.safetensors.index.json").unlink()
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(copy_without_shards(tiny("llama"), folder), folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
 

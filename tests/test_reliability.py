@@ -16,7 +16,7 @@ import pytest
 
 from surgery.demo_models import demo_model
 from surgery.output.partial import lock_path, partial_folder
-from tests.conftest import REPO, listing, write_plan
+from tests.conftest import REPO, copy_without_shards, listing, write_plan
 
 # Looped and scaled layers: copied and computed tensors, over 11 shards of at most 1 MB.
 PLAN = """model: {model}
@@ -262,16 +262,9 @@ def test_output_file_names_cannot_leave_the_output_folder(plan, tmp_path):
 
 def test_eval_never_loads_pickle_weights(cli, tmp_path):
     import torch
-    from safetensors.torch import load_file
 
     model = tmp_path / "pickled"
-    shutil.copytree(demo_model("tiny-llama"), model)
-    state = {}
-    for shard in sorted(model.glob("*.safetensors")):
-        state |= load_file(shard)
-        shard.unlink()
-    (model / "model.safetensors.index.json").unlink()
-    torch.save(state, model / "pytorch_model.bin")
+    torch.save(copy_without_shards(demo_model("tiny-llama"), model), model / "pytorch_model.bin")
     result = cli("eval", model, "--max-tokens", "64")
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert "pickle" in result.err or "safetensors" in result.err
