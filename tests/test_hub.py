@@ -50,7 +50,7 @@ def test_push_uploads_every_file_byte_identical(hub, output, cli):
     assert any(r["path"].endswith("/api/validate-yaml") for r in hub.state.requests)
     card = ModelCard(files["README.md"].decode())
     assert "surgery" in card.data.tags and "chain" in card.data.tags
-    assert card.data.library_name == "transformers" and card.data.base_model
+    assert card.data.library_name == "transformers" and card.data.get("base_model") is None  # a local source: no id
     assert "## Evaluation" in card.text and "builtin:mixed-heldout" in card.text
     # the token went only into Authorization headers, and nowhere else
     assert TOKEN not in _all_output(result)
@@ -89,7 +89,7 @@ def test_dry_run_sends_nothing(hub, output, cli):
     result = cli("push", output, "alice/dry", "--dry-run")
     assert result.code == 0, result.err
     assert "model.safetensors" in result.out and "README.md" in result.out and "nothing sent" in result.out
-    assert "base_model" in result.out  # the card is shown
+    assert "library_name: transformers" in result.out  # the card is shown
     assert hub.state.requests == []
 
 

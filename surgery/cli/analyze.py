@@ -9,13 +9,13 @@ import typer
 
 from surgery.cli.app import app
 from surgery.cli.console import console, err_console, print_json
-from surgery.cli.options import Data, Device, Json
+from surgery.cli.options import Data, Device, Json, ModelHelp, model_folder
 from surgery.errors import SurgeryError
 
 
 @app.command()
 def analyze(
-    model: Annotated[Path, typer.Argument(metavar="MODEL", help="A model folder.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help=ModelHelp)],
     data: Data = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration rows measured (a quarter more are held out for --suggest).")] = 32,
     seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per row.")] = 256,
@@ -39,7 +39,7 @@ def analyze(
     spec = suggestions.parse_spec(suggest) if suggest else None
     if spec is not None and search_chain:
         raise SurgeryError("give --suggest or --search-chain, not both: each writes one plan")
-    session = measure.analyze(model, data or ["builtin"], samples, seq_len, device)
+    session = measure.analyze(model_folder(model), data or ["builtin"], samples, seq_len, device)
     analysis = session.analysis
     if plot is not None:
         from surgery.analysis.plot import plot_analysis

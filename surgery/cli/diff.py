@@ -9,13 +9,13 @@ import typer
 
 from surgery.cli.app import app
 from surgery.cli.console import console, print_json
-from surgery.cli.options import Json
+from surgery.cli.options import Json, ModelHelp, model_folder
 
 
 @app.command("diff")
 def diff_(
-    a: Annotated[Path, typer.Argument(metavar="A", help="The reference checkpoint (e.g. the base).")],
-    b: Annotated[Path, typer.Argument(metavar="B", help="The checkpoint compared with it.")],
+    a: Annotated[str, typer.Argument(metavar="A", help="The reference checkpoint (e.g. the base). " + ModelHelp)],
+    b: Annotated[str, typer.Argument(metavar="B", help="The checkpoint compared with it.")],
     as_json: Json = False,
     top: Annotated[int, typer.Option("--top", min=0, help="How many most-changed tensors to list.")] = 10,
     plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Heat map of per-layer, "
@@ -29,7 +29,7 @@ def diff_(
     """What changed between two checkpoints: config, tensors, and the layer of A each layer of B is."""
     from surgery.comparison.report import diff
 
-    report = diff(a, b, include=include, exclude=exclude, atol=atol, rtol=rtol)
+    report = diff(model_folder(a), model_folder(b), include=include, exclude=exclude, atol=atol, rtol=rtol)
     if plot is not None:
         from surgery.comparison.plot import heat_map
 

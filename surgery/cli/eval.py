@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from surgery.cli.app import app
 from surgery.cli.console import print_json
-from surgery.cli.options import Data, Device, Json
+from surgery.cli.options import Data, Device, Json, ModelHelp, model_folder
 from surgery.cli.render import print_eval
 
 
 @app.command("eval")
 def eval_(
-    model: Annotated[Path, typer.Argument(metavar="MODEL", help="A model folder surgery can load.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help=ModelHelp)],
     data: Data = None,
     compare: Annotated[
-        Path | None,
+        str | None,
         typer.Option("--compare", metavar="BASE", help="Score BASE on the same tokens [a surgery output's source model]."),
     ] = None,
     no_compare: Annotated[bool, typer.Option("--no-compare", help="Score MODEL alone.")] = False,
@@ -40,7 +39,9 @@ def eval_(
 
     task_list = tuple(t.strip() for t in (tasks or "").split(",") if t.strip())
     settings = EvalSettings(tuple(data or ["builtin"]), max_tokens, window, stride, batch_size, device, dtype, task_list)
-    report = evaluate(model, settings, None if no_compare else compare or recorded_source(model))
+    folder = model_folder(model)
+    reference = model_folder(compare) if compare else recorded_source(folder)
+    report = evaluate(folder, settings, None if no_compare else reference)
     if as_json:
         print_json(report.to_dict())
     else:

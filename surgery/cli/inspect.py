@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from surgery.cli.app import app
 from surgery.cli.console import console, print_json
-from surgery.cli.options import Json
+from surgery.cli.options import Json, ModelHelp, model_folder
 from surgery.formatting import human_bytes
 
 
 @app.command()
 def inspect(
-    model: Annotated[Path, typer.Argument(metavar="MODEL", help="A model folder (config.json + *.safetensors).")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help=ModelHelp)],
     as_json: Json = False,
 ) -> None:
     """Architecture, layers, per-layer tensor groups, dtypes, parameter count, bytes and shards."""
@@ -23,7 +22,7 @@ def inspect(
 
     from surgery.formats.inspection import inspect as inspect_model
 
-    info = inspect_model(model)
+    info = inspect_model(model_folder(model))
     if as_json:
         print_json(info)
         return

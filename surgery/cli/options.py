@@ -10,6 +10,16 @@ import typer
 from surgery.errors import SurgeryError
 
 Device = Annotated[str, typer.Option(help="Where computed tensors are made: auto (CUDA when present), cpu, cuda.")]
+ModelHelp = "A model folder, a Hub id (org/name, org/name@revision) or demo:NAME."
+
+
+def model_folder(ref: str) -> Path:
+    """A model named on the command line, as plans name them (a folder, a Hub id, demo:NAME)."""
+    from surgery.plan.references import resolve_model_path
+
+    return resolve_model_path(ref, Path.cwd())
+
+
 PlanFile = Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="The plan YAML file.")]
 OutOption = Annotated[Path | None, typer.Option("--out", help="Output folder (default: the plan's `output`).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output folder (or discard an interrupted run's).")]

@@ -5,7 +5,6 @@ what the folder holds."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import yaml
@@ -14,8 +13,6 @@ from surgery.formats import ensemble_folder, recursive
 from surgery.ops.registry import registry
 
 CARD_NAME = "README.md"
-# A folder that huggingface_hub downloaded: .../models--ORG--NAME/snapshots/REVISION
-_HUB_CACHE = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/")
 _OWN_FORMATS = {recursive.MODEL_TYPE: "compact recursive", ensemble_folder.MODEL_TYPE: "ensemble"}
 
 
@@ -26,11 +23,13 @@ def model_card(provenance: dict[str, Any], config: dict[str, Any], name: str) ->
     plan = provenance.get("plan", {})
     steps = plan.get("steps", [])
     ops = sorted({step["op"] for step in steps})
-    sources = [source_id(s["path"]) for s in provenance.get("sources", {}).values()]
+    records = list(provenance.get("sources", {}).values())
+    sources = [source_id(s) for s in records]
+    hub_ids = list(dict.fromkeys(s["hub_id"] for s in records if s.get("hub_id")))  # never a local path
     own_format = _OWN_FORMATS.get(config.get("model_type", ""))
     data = ModelCardData(
-        base_model=sources or None,
-        base_model_relation=_relation(ops, sources),
+        base_model=hub_ids or None,
+        base_model_relation=_relation(ops, sources) if hub_ids else None,
         tags=["surgery", *ops],
         library_name=None if own_format else "transformers",
     )
@@ -47,10 +46,11 @@ def model_card(provenance: dict[str, Any], config: dict[str, Any], name: str) ->
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content
 
 
-def source_id(path: str) -> str:
-    """A source's Hub id where its folder is a huggingface_hub download, else its path."""
-    match = _HUB_CACHE.search(path.replace("\\", "/"))
-    return f"{match['org']}/{match['name']}" if match else path
+def source_id(source: dict[str, Any]) -> str:
+    """A source as the card names it: its Hub id (at its commit) where it came from the Hub, else its path."""
+    if source.get("hub_id"):
+        return f"{source['hub_id']}@{str(source.get('revision', ''))[:12]}".rstrip("@")
+    return str(source.get("path", ""))
 
 
 def _relation(ops: list[str], sources: list[str]) -> str | None:

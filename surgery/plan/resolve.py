@@ -24,7 +24,7 @@ from surgery.formats.views import open_view
 from surgery.ops.context import OpContext
 from surgery.ops.registry import op_of
 from surgery.plan.load import load_plan
-from surgery.plan.references import expand_user, resolve_model_path
+from surgery.plan.references import expand_user, hub_origin, resolve_model_path
 from surgery.plan.schema import EvaluateSection, Plan
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import LayerOrigin, ModelView
@@ -76,10 +76,7 @@ class Recipe:
             "surgery_version": __version__,
             "plan": self.plan.model_dump(mode="json", exclude_none=True, by_alias=True),
             **({"plan_file": str(self.plan_path)} if self.plan_path is not None else {}),
-            "sources": {
-                label: {"path": str(ckpt.path), "header_sha256": ckpt.header_hashes}
-                for label, ckpt in self.sources.items()
-            },
+            "sources": {label: _source_record(ckpt) for label, ckpt in self.sources.items()},
             "source_model": str(self.view.source.path),
             **({"fits": list(self.fits)} if self.fits else {}),
             "layer_map": [str(origin) for origin in self.layer_map()],
@@ -147,6 +144,13 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
     recipe = Recipe(plan, plan_path, out, view, sources, tuple(fits), reference, verification)
     _check_evaluation(plan.evaluate, recipe.config, reference)
     return recipe
+
+
+def _source_record(checkpoint: Checkpoint) -> dict[str, Any]:
+    """A source in surgery.json: its folder and header hashes, and its Hub id and commit where it is one."""
+    origin = hub_origin(checkpoint.path)
+    hub = {"hub_id": origin.repo, "revision": origin.commit} if origin else {}
+    return {"path": str(checkpoint.path), "header_sha256": checkpoint.header_hashes, **hub}
 
 
 def _overlaps(model: Path, out: Path) -> bool:

@@ -46,7 +46,7 @@ class PushSection(Strict):
 class Plan(Strict):
     """A whole plan: the source model, where to write, and the steps applied in one streaming pass."""
 
-    model: str | None = Field(default=None, description="The model the steps edit (path or demo:NAME).")
+    model: str | None = Field(default=None, description="The model the steps edit (path, Hub id or demo:NAME).")
     base: str | None = Field(default=None, description="The pretrained model edits are measured against.")
     output: str | None = Field(default=None, description="Output folder; `--out` overrides it.")
     stack: str | None = Field(default=None, description="The layer stack the steps edit where a model has several "
