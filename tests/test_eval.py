@@ -39,7 +39,7 @@ def reference_perplexity(folder, text: str, window: int, stride: int, max_tokens
     return math.exp(nll / count), count
 
 
-@pytest.mark.parametrize(("window", "stride"), [(64, 32), (64, 64), (50, 7), (4096, 2048)])
+@pytest.mark.parametrize(("window", "stride"), [(64, 32), (64, 64), (50, 7), (512, 256)])
 def test_perplexity_equals_direct_transformers_computation(window, stride, cli, tmp_path):
     from surgery.demo_models import demo_model
 

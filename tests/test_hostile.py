@@ -121,12 +121,13 @@ def test_resume_refuses_a_source_whose_bytes_changed_under_the_same_header(cli, 
 
 @pytest.mark.parametrize("step", [
     "  - op: chain\n    layers: [{{layers: [0, 1], scale: {{o_proj: .nan}}}}]\n",
-    "  - op: task_arithmetic\n    base: {model}\n    models: [{{model: {model}, weight: .nan}}]\n",
-    "  - op: ties\n    base: {model}\n    models: [{model}]\n    lambda: .inf\n",
+    "  - op: task_arithmetic\n    models: [{{model: {model}, weight: .nan}}]\n",
+    "  - op: ties\n    models: [{model}]\n    lambda: .inf\n",
     "  - op: lines\n    alpha: .nan\n    beta: 1\n",
 ])
 def test_non_finite_plan_values_are_refused_by_check(step, cli, model, tmp_path):
-    plan = write_plan(tmp_path, f"model: {model}\noutput: {tmp_path / 'out'}\nsteps:\n" + step.format(model=model))
+    plan = write_plan(tmp_path, f"model: {model}\nbase: {model}\noutput: {tmp_path / 'out'}\nsteps:\n"
+                      + step.format(model=model))
     assert "is not a finite number" in _one_line(cli("check", plan))
 
 

@@ -209,6 +209,11 @@ def _parse_json(raw: bytes, what: str, fix: str) -> object:
 
 
 
+def is_plain_name(name: str) -> bool:
+    """A file name that stays in its folder: not empty, `.`, `..`, a path, or unprintable."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and name.isprintable()
+
+
 def regular_file(path: Path, fix: str) -> Path:
     """`path`, refused unless it is a regular file: a FIFO would block the read forever, a device
     (a link to /dev/zero) never end it."""
@@ -327,7 +332,7 @@ def _read_index(index_path: Path) -> dict[str, str]:
     for name, file in weight_map.items():
         if not _is_text(name) or not _is_text(file):
             raise SurgeryError(f"{index_path}: weight_map entry {_short(name)}: {_short(file)} is not string -> string")
-        if file in ("", ".", "..") or "/" in file or "\\" in file or not file.isprintable():
+        if not is_plain_name(file):
             raise SurgeryError(
                 f"{index_path}: shard {_short(file, 200)} (for tensor {_short(name)}) is not a plain file name in the "
                 "model folder; an index may only name files next to it"

@@ -34,11 +34,14 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
 ) -> None:
-    _state["debug"] = debug
+    _state["debug"] = debug or _state["debug"]
 
 
 def main() -> None:
-    """Entry point: user errors are one line on stderr and exit code 2 (tracebacks only with --debug)."""
+    """Entry point: user errors are one line on stderr and exit code 2 (tracebacks only with --debug,
+    given before or after the command)."""
+    _state["debug"] = "--debug" in sys.argv[2:]  # after the command: taken out before typer parses it
+    sys.argv = sys.argv[:2] + [arg for arg in sys.argv[2:] if arg != "--debug"]
     try:
         app()
     except SurgeryError as e:

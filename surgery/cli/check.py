@@ -19,6 +19,7 @@ def check(
     """Validate a plan (headers, plus the data its fits need) and print what would be written.
     Exit 0 when valid, 2 when not."""
     from surgery import pipeline
+    from surgery.output.partial import partial_folder
 
     recipe = pipeline.check(plan, out=out, device=device)
     size = parse_shard_size(shard_size)
@@ -27,3 +28,9 @@ def check(
         return
     print_recipe(recipe, size)
     console.print("[green]plan is valid[/]")
+    if recipe.output.exists() or recipe.output.is_symlink():
+        console.print(f"note: {recipe.output} already exists: `surgery apply` replaces it only with --force",
+                      markup=False, highlight=False)
+    elif partial_folder(recipe.output).exists():
+        console.print(f"note: an interrupted run left {partial_folder(recipe.output)}: `surgery apply` needs "
+                      "--resume to continue it, or --force to start over", markup=False, highlight=False)

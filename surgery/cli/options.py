@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from surgery.errors import SurgeryError
+from surgery.evaluation.data import BUILTIN
 
 Device = Annotated[str, typer.Option(help="Where computed tensors are made: auto (CUDA when present), cpu, cuda.")]
 ModelHelp = "A model folder, a Hub id (org/name, org/name@revision) or demo:NAME."
@@ -27,8 +28,8 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted 
 ShardSize = Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 Data = Annotated[list[str] | None, typer.Option(
-    "--data", help="builtin (Python's docs), builtin:prose-heldout|code-heldout|mixed-heldout, or a .txt/.jsonl file; "
-    "repeat for several.")]
+    "--data", help=f"{', '.join(BUILTIN)} (Python's own docs and code, never seen by the demo models' training in "
+    "the -heldout and -dev splits), or a .txt/.jsonl file; repeat for several.")]
 
 
 def parse_shard_size(text: str) -> int:

@@ -60,9 +60,9 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def context_length(config: Any) -> int | None:
-    """The longest sequence a model's config allows, where it says."""
+    """The longest sequence a model's config (object, or config.json dict) allows, where it says."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
         if isinstance(value, int) and value > 1:
             return value
     return None

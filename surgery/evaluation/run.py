@@ -81,7 +81,11 @@ def evaluate(model_path: str | Path, settings: EvalSettings = EvalSettings(),
     if settings.tasks:
         check_tasks(list(settings.tasks))
     loaded = load_for_eval(model_path, settings.device, settings.dtype)
-    window = settings.window or min(DEFAULT_WINDOW, context_length(loaded.model.config) or DEFAULT_WINDOW)
+    context = context_length(loaded.model.config)
+    if settings.window is not None and context is not None and settings.window > context:
+        raise SurgeryError(f"--window {settings.window} is longer than {model_path}'s context of {context} tokens "
+                           f"(its config's position limit); give --window {context} or less")
+    window = settings.window or min(DEFAULT_WINDOW, context or DEFAULT_WINDOW)
     stride = settings.stride or max(1, window // 2)
     token_ids = [_tokenize(loaded, text, settings.max_tokens) for text in texts]
     scores, report_tasks = _score(loaded, token_ids, window, stride, settings)

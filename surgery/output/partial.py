@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.checkpoint.digest import file_sha256
-from surgery.checkpoint.reader import read_json_file
+from surgery.checkpoint.reader import is_plain_name, read_json_file
 from surgery.errors import SurgeryError
-from surgery.output.provenance import is_plain_name
 
 PARTIAL_TAG = ".surgery-partial"
 JOURNAL_NAME = ".surgery-journal.json"

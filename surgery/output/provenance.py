@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from surgery.checkpoint.reader import read_json_file
+from surgery.checkpoint.reader import is_plain_name, read_json_file
 from surgery.errors import SurgeryError
 from surgery.output.card import CARD_NAME, model_card
 
@@ -41,9 +41,6 @@ def plain_file_names(value: object, what: str) -> list[str]:
         raise SurgeryError(f"{what}: not a list of plain file names in the folder")
     return names
 
-
-def is_plain_name(name: str) -> bool:
-    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and name.isprintable()
 
 
 def recorded_source(folder: Path) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,21 @@ def load_plan(path: str | Path) -> Plan:
     try:
         return Plan.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
+        errors = e.errors()
+        missing = {tuple(error["loc"][:-1]): [] for error in errors if error["type"] == "missing"}
+        for error in errors:
+            if error["type"] == "missing":
+                missing[tuple(error["loc"][:-1])].append(str(error["loc"][-1]))
+        # An unknown field explains a missing one beside it (`layer:` for `layers:`): it is the one reported.
+        first = next((error for error in errors if error["type"] == "extra_forbidden"
+                      and tuple(error["loc"][:-1]) in missing), errors[0])
         loc = tuple(first["loc"])
-        raise SurgeryError(one_line(f"{path}:{_line_of(root, loc)}: {_where(loc)}{_message(first)}")) from None
+        raise SurgeryError(one_line(f"{path}:{_line_of(root, loc)}: {_where(loc)}{_message(first, missing.get(loc[:-1]))}")) from None
+
+
+def plan_line(path: Path, loc: tuple[Any, ...]) -> int:
+    """The 1-based line of a key or item of a plan file that has loaded: where a later error points."""
+    return _line_of(_read_yaml(path)[1], loc)
 
 
 def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
@@ -157,9 +170,15 @@ def _check_graph(root: yaml.Node, path: Path) -> None:
 
 
 
-def _message(error: Any) -> str:
+def _message(error: Any, missing: list[str] | None = None) -> str:
     if error["type"] == "extra_forbidden":
+        close = get_close_matches(str(error["loc"][-1]), missing or [], n=1, cutoff=0.5)
+        if close:
+            return f"unknown field; did you mean '{close[0]}'?"
         return "unknown field (check the spelling; see docs/plans.md for the fields of each op)"
+    if error["type"] == "too_short":
+        least = error.get("ctx", {}).get("min_length", 1)
+        return "is empty; give at least one" if least == 1 else f"has too few items; give at least {least}"
     if error["type"] == "missing":
         return "required field is missing"
     if error["type"] == "finite_number":

@@ -8,6 +8,8 @@ can be checked before writing is checked here, the `evaluate:` section included.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,11 +21,11 @@ from surgery.checkpoint.writer import ShardPlan, plan_shards
 from surgery.devices import check_device_name
 from surgery.errors import SurgeryError
 from surgery.evaluation.data import load_text
-from surgery.evaluation.models import DTYPES, require_causal_lm
+from surgery.evaluation.models import DTYPES, context_length, require_causal_lm
 from surgery.formats.views import open_view
 from surgery.ops.context import OpContext
 from surgery.ops.registry import op_of
-from surgery.plan.load import load_plan
+from surgery.plan.load import load_plan, plan_line
 from surgery.plan.references import expand_user, hub_origin, resolve_model_path
 from surgery.plan.schema import EvaluateSection, Plan
 from surgery.recipe.tensor import TensorRecipe
@@ -121,11 +123,13 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
     primary = plan.starting_model()
     if primary is None:
         raise SurgeryError(f"{where}: the plan names no model; add 'model: PATH' at the top")
-    view = open_model(primary)
+    with _located(plan_path, ("model",) if plan.model else ("steps", 0)):
+        view = open_model(primary)
     context = OpContext(open_model, plan.base, device, log=lambda line: print(line, file=sys.stderr))
     fits: list[dict[str, Any]] = []
     for index, step in enumerate(plan.steps):
-        view = op_of(step).build(step, view, context)
+        with _located(plan_path, ("steps", index)):
+            view = op_of(step).build(step, view, context)
         fits.extend({"step": index, "op": step.op, **found} for found in context.fits)
         context.fits.clear()
     verification = verify(view, views)
@@ -144,6 +148,17 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
     recipe = Recipe(plan, plan_path, out, view, sources, tuple(fits), reference, verification)
     _check_evaluation(plan.evaluate, recipe.config, reference)
     return recipe
+
+
+@contextmanager
+def _located(plan_path: Path | None, loc: tuple[Any, ...]) -> Iterator[None]:
+    """An error of this part of the plan file names the file and line it comes from."""
+    try:
+        yield
+    except SurgeryError as e:
+        if plan_path is None or str(e).startswith(f"{plan_path}:"):
+            raise
+        raise type(e)(f"{plan_path}:{plan_line(plan_path, loc)}: {e}") from None
 
 
 def _source_record(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -190,6 +205,10 @@ def _check_evaluation(section: EvaluateSection, output_config: dict[str, Any], r
         load_text(spec)
     if section.window is not None and section.stride is not None and section.stride > section.window:
         raise SurgeryError(f"evaluate: stride {section.stride} is larger than window {section.window}")
+    context = context_length(output_config)
+    if section.window is not None and context is not None and section.window > context:
+        raise SurgeryError(f"evaluate.window: {section.window} is longer than the output's context of {context} tokens; "
+                           f"give {context} or less")
     require_causal_lm(output_config, "the output")
     if not reference.is_dir():
         raise SurgeryError(f"evaluate.compare_to: {reference} does not exist")
