@@ -97,10 +97,18 @@ def apply(plan: str | Path | Plan, *, out: str | Path | None = None, force: bool
         written = execute(recipe, force=force, resume=resume, max_shard_size=shard_size, device=device, fsync=fsync,
                           on_bytes=advance, log=hooks.log)
     seconds = time.perf_counter() - start
-    hooks.written(recipe, written.folder, seconds)
+    if not written.already_complete:
+        hooks.written(recipe, written.folder, seconds)
     report = None
     if recipe.plan.evaluate is not None:
-        report = _evaluate(recipe, written, device)
+        try:
+            report = _evaluate(recipe, written, device)
+        except KeyboardInterrupt:
+            from surgery.output.execute import Interrupted
+
+            raise Interrupted(f"interrupted while scoring; the output {written.folder} is complete and kept, not yet "
+                              "scored: run the same command with --resume to score it (nothing is written again)"
+                              ) from None
         hooks.evaluated(report)
     pushed = None
     if target is not None:

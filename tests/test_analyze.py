@@ -63,9 +63,12 @@ def test_suggested_drop_is_chosen_by_measured_perplexity(cli, tmp_path):
     trials = json.loads(result.out)["suggestion"]["trials"]
     first = trials[1]
     assert first["perplexity"] == min(first["candidates"].values())  # every layer was a candidate
-    kept = yaml.safe_load(plan.read_text())["steps"][0]["layers"]
+    written = yaml.safe_load(plan.read_text())
+    kept = written["steps"][0]["layers"]
     assert len(trials[2]["dropped"]) == 2 and len(kept) >= 1
-    assert cli("check", plan, "--out", tmp_path / "out").code == 0
+    assert written["output"] == "./base-drop2"  # beside the plan, never inside the model's cache folder
+    result = cli("check", plan, "--json")
+    assert result.code == 0 and json.loads(result.out)["output"] == str(tmp_path / "base-drop2")
 
 
 @pytest.mark.parametrize("spec, op", [("bits=5", "bits"), ("tie=2", "tie")])

@@ -49,3 +49,8 @@ def test_cards_describe_each_kind_of_output(cli, tmp_path, tiny):
     bits = _card(cli, tmp_path, f"model: {base}\nsteps:\n  - op: bits\n    score: zd\n"
                  "    assign: {high: 8, low: 4, low_fraction: 0.5}\n    quantizer: {group_size: 64}\n", "bits")
     assert "ranked by zd" in bits.text
+
+
+def test_the_card_loads_from_the_outputs_real_path(cli, tmp_path, tiny):
+    card = _card(cli, tmp_path, f"model: {tiny('llama')}\nsteps:\n  - op: chain\n    layers: [0, 1]\n", "real")
+    assert f"from_pretrained({str((tmp_path / 'real').resolve())!r})" in card.text and "PATH" not in card.text

@@ -67,3 +67,37 @@ def test_eval_help_lists_every_built_in_text(cli):
     result = cli("eval", "--help")
     text = " ".join(result.out.split())
     assert all(name in text.replace("- ", "-") for name in BUILTIN), result.out
+
+
+def test_inspect_reads_an_ensemble_folder(cli, tiny, tmp_path):
+    import json
+    import shutil
+
+    members = [tmp_path / "a", tmp_path / "b"]
+    for member in members:
+        shutil.copytree(tiny("llama"), member)
+    out = tmp_path / "ens"
+    plan = write_plan(tmp_path, f"output: {out}\nsteps:\n  - op: ensemble\n    members: [{members[0]}, {members[1]}]\n")
+    assert cli("apply", plan).code == 0
+    result = cli("inspect", out, "--json")
+    assert result.code == 0, result.err
+    ensemble = json.loads(result.out)["ensemble"]
+    assert [m["path"] for m in ensemble["members"]] == [str(m) for m in members]
+    assert all(m["layers"] == 6 and m["weight"] == 0.5 for m in ensemble["members"])
+    text = cli("inspect", out)
+    assert text.code == 0 and "ensemble of 2 models" in text.out
+
+
+def test_ctrl_c_while_scoring_keeps_the_output_and_says_how_to_finish(cli, llama, tmp_path, monkeypatch):
+    import surgery.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(surgery.pipeline, "_evaluate", interrupted)
+    out = tmp_path / "out"
+    plan = write_plan(tmp_path, f"model: {llama}\noutput: {out}\nsteps:\n  - op: chain\n    layers: [0]\n"
+                      "evaluate: {data: builtin:mixed-heldout, max_tokens: 64}\n")
+    result = cli("apply", plan)
+    assert result.code == 130 and "is complete and kept" in result.err and "--resume" in result.err
+    assert (out / "model.safetensors").is_file()

@@ -116,6 +116,7 @@ def test_resume_of_a_finished_output_is_a_no_op(cli, plan, tmp_path):
     before = _shards(out)
     result = cli("apply", plan, "--out", out, "--resume", *SHARDS)
     assert result.code == 0 and "already complete" in result.err
+    assert "wrote" not in result.out  # one thing said: nothing was written
     assert _shards(out) == before
 
 

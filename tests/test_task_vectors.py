@@ -225,7 +225,7 @@ def _scores(folder: Path, data: tuple[str, ...], max_tokens: int = 4096) -> dict
 
 
 def test_atlas_learned_beats_the_best_uniform_task_arithmetic(demo, cli, tmp_path):
-    """Per module kind (10 coefficients): the dev text has ~11K prose tokens, on which per-tensor
+    """Per module kind (8 coefficients: 4 kinds x 2 task vectors): the dev text has ~11K prose tokens, on which per-tensor
     coefficients overfit (better on dev, worse held out; docs/task-vectors.md)."""
     data = ("builtin:mixed-heldout",)
     grid = {}

@@ -45,6 +45,8 @@ def search_chain(session: Session, budget: float, penalty: float, progress: Call
             trials.append({"chain": chain, "perplexity": best_perplexity, "cost": best_cost})
             log(f"chain [{', '.join(map(str, layer_ranges(chain)))}]: perplexity {best_perplexity:.2f}")
     progress(1.0)
+    if len(trials) == 1:
+        log("the chain search found no chain better than the original order: the plan keeps every layer")
     return Suggestion("chain", plan_text(session, "chain", [{"op": "chain", "layers": layer_ranges(chain)}]), trials)
 
 

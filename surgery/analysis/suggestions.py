@@ -19,6 +19,7 @@ import yaml
 from surgery.analysis.measure import Session
 from surgery.analysis.trial import chain_perplexity, held_out_perplexity
 from surgery.errors import SurgeryError
+from surgery.plan.references import hub_origin
 
 _SPEC = re.compile(r"^(?P<kind>drop|bits|tie)=(?P<value>[0-9.]+)$")
 GROUP_SIZES = (128, 64, 32, 16)
@@ -116,9 +117,12 @@ def group_size_for(input_dims: list[int]) -> int:
 
 
 def plan_text(session: Session, suffix: str, steps: list[dict[str, Any]]) -> str:
-    """A plan for the analysed model, written next to it as MODEL-SUFFIX, as YAML."""
-    model = str(session.path)
-    plan = {"model": model, "output": f"{model}-{suffix}", "steps": steps}
+    """A plan for the analysed model, as YAML: the model by its Hub id where it has one, the output
+    NAME-SUFFIX beside the plan file (never inside the model's own folder or a cache)."""
+    origin = hub_origin(session.path)
+    model = origin.repo if origin else str(session.path)
+    name = (origin.repo.split("/")[-1] if origin else session.path.name) or "model"
+    plan = {"model": model, "output": f"./{name}-{suffix}", "steps": steps}
     return yaml.safe_dump(plan, sort_keys=False, default_flow_style=None)
 
 

@@ -26,6 +26,14 @@ def inspect(
     if as_json:
         print_json(info)
         return
+    if "ensemble" in info:
+        ensemble = info["ensemble"]
+        console.print(f"[bold]{info['path']}[/]  ensemble of {len(ensemble['members'])} models (combine: "
+                      f"{ensemble['combine']}), members {'by reference' if ensemble['layout'] == 'reference' else 'stored'}")
+        for m in ensemble["members"]:
+            console.print(f"  member {m['index']}: {m['path'] or 'stored here'}  {m['architecture']} ({m['model_type']}), "
+                          f"{m['layers']} layers, weight {m['weight']:g}", markup=False, highlight=False)
+        return
     console.print(f"[bold]{info['path']}[/]  {info['architecture']} ({info['model_type']})")
     console.print(
         f"{info['layers']} layers under {info['layer_prefix']}.N ({info['layer_count_key']}), "

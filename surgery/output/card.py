@@ -16,8 +16,8 @@ CARD_NAME = "README.md"
 _OWN_FORMATS = {recursive.MODEL_TYPE: "compact recursive", ensemble_folder.MODEL_TYPE: "ensemble"}
 
 
-def model_card(provenance: dict[str, Any], config: dict[str, Any], name: str) -> str:
-    """The card of output `name` whose surgery.json is `provenance` and config.json `config`."""
+def model_card(provenance: dict[str, Any], config: dict[str, Any], name: str, path: str = "PATH") -> str:
+    """The card of output `name` (at `path`) whose surgery.json is `provenance` and config.json `config`."""
     from huggingface_hub import ModelCard, ModelCardData
 
     plan = provenance.get("plan", {})
@@ -42,7 +42,7 @@ def model_card(provenance: dict[str, Any], config: dict[str, Any], name: str) ->
     evaluation = provenance.get("evaluation")
     if evaluation:
         body += ["## Evaluation", "", *_evaluation_table(evaluation), ""]
-    body += ["## How to load", "", *_how_to_load(own_format, config), ""]
+    body += ["## How to load", "", *_how_to_load(own_format, config, path), ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content
 
 
@@ -79,15 +79,15 @@ def _evaluation_table(evaluation: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _how_to_load(own_format: str | None, config: dict[str, Any]) -> list[str]:
+def _how_to_load(own_format: str | None, config: dict[str, Any], path: str) -> list[str]:
     if own_format:
         return [f"This folder is a surgery {own_format} model: plain transformers refuses it by its model type.",
                 "", "```python", "import surgery", "",
-                "loaded = surgery.load_for_eval(\"PATH\")  # .model maps input_ids to logits; .tokenizer", "```",
-                "", "or `surgery eval PATH`. `surgery materialize` turns a compact model into a standard one."]
+                f"loaded = surgery.load_for_eval({path!r})  # .model maps input_ids to logits; .tokenizer", "```",
+                "", f"or `surgery eval {path}`. `surgery materialize` turns a compact model into a standard one."]
     quantized = (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
     return (["Packed compressed-tensors weights: `pip install compressed-tensors` first (vLLM loads it too).", ""]
             if quantized else []) + [
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(\"PATH\")",
-        "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")", "```"]
+        f"model = AutoModelForCausalLM.from_pretrained({path!r})",
+        f"tokenizer = AutoTokenizer.from_pretrained({path!r})", "```"]

@@ -50,6 +50,7 @@ class Written:
 
     folder: Path
     provenance: dict[str, Any]
+    already_complete: bool = False  # --resume found it finished: nothing was written
 
 
 def execute(
@@ -79,8 +80,8 @@ def execute(
     if out.exists() or out.is_symlink():
         existing = read_provenance(out) if resume and not partial_folder(out).exists() else None
         if existing is not None and existing.get("fingerprint") == fingerprint:
-            log(f"{out} is already complete")
-            return Written(out, existing)
+            log(f"{out} is already complete: nothing to write")
+            return Written(out, existing, already_complete=True)
         if not force:
             raise SurgeryError(f"output {out} already exists; pass --force to replace it")
     done = journaled_bytes(partial_folder(out), fingerprint) if resume else 0
@@ -102,7 +103,7 @@ def execute(
             "output_sha256": {name: record.sha256 for name, record in sorted(partial.shards.items())},
             "fingerprint": fingerprint,
         }
-        write_record(staging, provenance, recipe.config, out.name)
+        write_record(staging, provenance, recipe.config, out)
         partial.publish(out)
     except KeyboardInterrupt:
         partial.release()

@@ -49,8 +49,9 @@ def recorded_source(folder: Path) -> Path | None:
     return Path(source) if source and Path(source).is_dir() else None
 
 
-def write_record(folder: Path, provenance: dict[str, Any], config: dict[str, Any], name: str | None = None) -> None:
-    """surgery.json and the model card, from memory; `name` is the card's title when `folder` is the
-    staging folder of the output that will bear it."""
+def write_record(folder: Path, provenance: dict[str, Any], config: dict[str, Any], final: Path | None = None) -> None:
+    """surgery.json and the model card, from memory; `final` is where the folder ends up when `folder`
+    is the staging folder of the output (the card is titled by its name and loads from its path)."""
     write_json(folder / PROVENANCE_NAME, provenance)
-    (folder / CARD_NAME).write_text(model_card(provenance, config, name or folder.name))
+    final = (final or folder).resolve()
+    (folder / CARD_NAME).write_text(model_card(provenance, config, final.name, str(final)))
