@@ -65,8 +65,8 @@ def test_demo_runs_every_example_plan(cli, tmp_path):
     assert result.code == 0, result.err
     for plan in example_plans():
         assert (tmp_path / plan.stem / "config.json").exists()  # an ensemble by reference stores no weights
-        assert plan.name in result.out
-    assert "ensemble of 2 (logits, reference)" in result.out
+        assert plan.stem in result.out
+    assert "ensemble of 2 (logits, reference)" in result.out and "…" not in result.out  # nothing cut off
 
 
 def test_every_subpackage_is_in_the_distribution():
