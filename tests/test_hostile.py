@@ -344,3 +344,14 @@ def test_a_later_edit_drops_the_derived_files_of_its_input(cli, model, tmp_path)
     assert (quantized / "llama-tensor-types.txt").is_file()
     assert cli("apply", write_plan(tmp_path, f"model: {quantized}\noutput: {chained}\n{CHAIN}", "chain.yaml")).code == 0
     assert not (chained / "llama-tensor-types.txt").exists() and (chained / "tokenizer.json").is_file()
+
+
+def test_the_library_reads_shard_sizes_as_the_command_line_does(model, tmp_path):
+    from surgery import pipeline
+    from surgery.errors import SurgeryError
+
+    plan = write_plan(tmp_path, f"model: {model}\noutput: {tmp_path / 'out'}\n{CHAIN}")
+    for size in ("0MB", "infGiB"):
+        with pytest.raises(SurgeryError, match="shard size"):
+            pipeline.apply(plan, shard_size=size, fsync=False)
+    assert not (tmp_path / "out").exists()

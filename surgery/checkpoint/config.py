@@ -216,10 +216,10 @@ def rewrite_config(config: dict[str, Any], count_key: str, layers: Sequence[Laye
     out = _copy_along(config, path)
     stack = stack_config(out, path)
     if not isinstance(stack.get(count_key), (list, str)):  # a count written as a number (else a list's length)
-        count = stack.get(count_key)
-        for key in (count_key, *COUNT_ALIASES.get(count_key, ())):
-            if key == count_key or stack.get(key) == count:
-                stack[key] = len(layers)
+        for alias in COUNT_ALIASES.get(count_key, ()):
+            if stack.get(alias) == stack[count_key]:
+                stack[alias] = len(layers)
+        stack[count_key] = len(layers)
     keys = {k for layer in layers for k in layer}
     rules = {rule.key: rule for rule in RULES}
     for key in sorted(keys):

@@ -40,8 +40,8 @@ def eval_(
     task_list = tuple(t.strip() for t in (tasks or "").split(",") if t.strip())
     settings = EvalSettings(tuple(data or ["builtin"]), max_tokens, window, stride, batch_size, device, dtype, task_list)
     folder = model_folder(model)
-    reference = model_folder(compare) if compare else recorded_source(folder)
-    report = evaluate(folder, settings, None if no_compare else reference)
+    reference = None if no_compare else model_folder(compare) if compare else recorded_source(folder)
+    report = evaluate(folder, settings, reference)
     if as_json:
         print_json(report.to_dict())
     else:

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from surgery.errors import SurgeryError
 from surgery.evaluation.data import BUILTIN
 
 Device = Annotated[str, typer.Option(help="Where computed tensors are made: auto (CUDA when present), cpu, cuda.")]
@@ -33,18 +32,7 @@ Data = Annotated[list[str] | None, typer.Option(
 
 
 def parse_shard_size(text: str) -> int:
-    """`--shard-size`: a byte count, or a size with a unit (5GB, 500MB as huggingface_hub reads them;
-    5GiB, 512MiB in powers of 1024); at least 1KB, so a typo never splits a model into one file per tensor."""
-    from huggingface_hub.serialization._base import parse_size_to_int
+    """`--shard-size`, read as every shard size is (`shard_size_bytes`), before any work."""
+    from surgery.checkpoint.writer import shard_size_bytes
 
-    value = text.strip()
-    binary = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
-    try:
-        unit = next((u for u in binary if value.upper().endswith(u)), None)
-        size = int(float(value[:-3]) * binary[unit]) if unit else int(value) if value.isdigit() else parse_size_to_int(value)
-    except ValueError:
-        raise SurgeryError(f"--shard-size {text}: not a size; write bytes or a number with a unit, e.g. 5GB, "
-                           "500MB, 4GiB") from None
-    if size < 1000:
-        raise SurgeryError(f"--shard-size {text}: a shard must hold at least 1KB; e.g. 5GB, 500MB")
-    return size
+    return shard_size_bytes(text)

@@ -54,7 +54,8 @@ _QWEN4_EXP = {"indexer_n_heads": 4, "indexer_kv_heads": 1, "indexer_head_dim": 1
 # Settings a type's own validator ties to others, or its default leaves unset, where no size key says so.
 OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen4_exp_text": _QWEN4_EXP, "qwen4_exp": {"text_config": _QWEN4_EXP},
-    "zaya": {"num_experts_per_tok": 1}, "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}}, "reformer": {"is_decoder": True, "axial_pos_embds": False},
+    "zaya": {"num_experts_per_tok": 1}, "reformer": {"is_decoder": True, "axial_pos_embds": False},
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
     "cohere_compass_text": {"rope_parameters": {kind: {"rope_type": "default", "rope_theta": 10000.0}
                                                 for kind in ("full_attention", "sliding_attention")}},
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},  # its default has none

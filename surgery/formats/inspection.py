@@ -6,20 +6,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from surgery.checkpoint.layout import LAYER_COUNT_KEYS, Layout, find_layout, layer_count, stack_name, stacks
+from surgery.checkpoint.layout import Layout, find_layout, language_model_path, layer_count, stack_name, stacks
 from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint, numel, read_config
 from surgery.formats.ensemble_folder import is_ensemble
 from surgery.formats.ensemble_folder import read_spec as read_spec_of_ensemble
 from surgery.formats.recursive import is_compact, read_spec
 
 
-def inspect_ensemble(folder: Path) -> dict[str, Any]:
+def inspect_ensemble(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
     """An ensemble folder (`ensemble` op): its members (by reference, or stored in it), weights and rule."""
-    config = read_config(folder)
     spec = read_spec_of_ensemble(folder, config)
     members = []
     for index, member in enumerate(spec.members):
-        count = next((member.config[k] for k in LAYER_COUNT_KEYS if isinstance(member.config.get(k), int)), None)
+        count = layer_count(member.config, language_model_path(member.config))[1]
         members.append({"index": index, "path": member.path, "architecture": (member.config.get("architectures") or [None])[0],
                         "model_type": member.config.get("model_type"), "layers": count, "weight": spec.weights[index]})
     stored = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -37,8 +36,9 @@ def inspect(model: str | Path) -> dict[str, Any]:
     slots, and `recursive` says how they loop. Raises SurgeryError for a folder that is not a model.
     """
     folder = Path(model)
-    if folder.is_dir() and (folder / "config.json").exists() and is_ensemble(read_config(folder)):
-        return inspect_ensemble(folder)
+    config = read_config(folder) if folder.is_dir() and (folder / "config.json").exists() else {}
+    if is_ensemble(config):
+        return inspect_ensemble(folder, config)
     checkpoint = Checkpoint.open(model)
     config, recursive = checkpoint.config, None
     if is_compact(config):

@@ -122,14 +122,18 @@ def read_journal(folder: Path) -> dict[str, object]:
         journal = read_json_file(folder / JOURNAL_NAME, "journal", "")
     except SurgeryError:
         return {}
-    shards = journal.get("shards", {}) if isinstance(journal, dict) else None
-    if not isinstance(journal.get("fingerprint") if isinstance(journal, dict) else None, str) or not isinstance(shards, dict):
+    if not isinstance(journal, dict) or not isinstance(journal.get("fingerprint"), str):
         return {}
-    for name, entry in shards.items():
-        if not (is_plain_name(name) and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-                and isinstance(entry.get("bytes"), int) and not isinstance(entry.get("bytes"), bool)):
-            return {}
+    shards = journal.get("shards", {})
+    if not isinstance(shards, dict) or not all(_journaled(name, entry) for name, entry in shards.items()):
+        return {}
     return journal
+
+
+def _journaled(name: object, entry: object) -> bool:
+    """A well-formed journal entry: a plain shard name -> its sha256 and byte count."""
+    return (isinstance(name, str) and is_plain_name(name) and isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str) and type(entry.get("bytes")) is int)
 
 
 def journaled_bytes(folder: Path, fingerprint: str) -> int:
@@ -164,10 +168,6 @@ class PartialOutput:
         partial = cls(folder, fingerprint, fsync, _lock_path=lock_path(out), _created=_make_parents(out.parent))
         try:
             partial._lock()
-        except BaseException:
-            partial._remove_created()
-            raise
-        try:
             if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
                 raise SurgeryError(f"{folder} is a {'link' if folder.is_symlink() else 'file'}, not a partial output "
                                    "surgery made; surgery never writes through it: remove it and run again")
@@ -186,7 +186,7 @@ class PartialOutput:
                     "pass --force instead of --resume to start over"
                 )
         except BaseException:
-            partial.release()
+            partial.release()  # nothing to release when the lock itself was refused
             partial._remove_created()
             raise
         if resume:

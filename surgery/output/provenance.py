@@ -34,13 +34,11 @@ def read_provenance(folder: Path) -> dict[str, Any] | None:
     return record
 
 
-def plain_file_names(value: object, what: str) -> list[str]:
+def plain_file_names(names: object, what: str) -> list[str]:
     """A record's list of file names, each a plain name inside its folder (never `../` or a path)."""
-    names = list(value) if isinstance(value, (list, dict)) else None
-    if names is None or not all(isinstance(n, str) and is_plain_name(n) for n in names):
+    if not isinstance(names, list) or not all(isinstance(n, str) and is_plain_name(n) for n in names):
         raise SurgeryError(f"{what}: not a list of plain file names in the folder")
     return names
-
 
 
 def recorded_source(folder: Path) -> Path | None:

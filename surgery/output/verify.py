@@ -66,19 +66,15 @@ def verify(folder: Path) -> list[Check]:
 
 def _hashes(provenance: dict[str, Any] | None) -> dict[str, str]:
     recorded = (provenance or {}).get("output_sha256", {})
-    names = plain_file_names(recorded, "surgery.json output_sha256")
-    if not isinstance(recorded, dict) or not all(isinstance(recorded[n], str) for n in names):
+    if not isinstance(recorded, dict) or not all(isinstance(digest, str) for digest in recorded.values()):
         raise SurgeryError("surgery.json output_sha256: not an object of shard name -> sha256")
+    plain_file_names(list(recorded), "surgery.json output_sha256")
     return recorded
 
 
 def _shard_list(provenance: dict[str, Any] | None) -> list[str] | None:
     shards = (provenance or {}).get("output_shards")
-    if shards is None:
-        return None
-    if not isinstance(shards, list):
-        raise SurgeryError("surgery.json output_shards: not a list of shard names")
-    return plain_file_names(shards, "surgery.json output_shards")
+    return None if shards is None else plain_file_names(shards, "surgery.json output_shards")
 
 
 def _attempt_quietly(checks: list[Check], subject: str, run: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ def load_plan(path: str | Path) -> Plan:
         return Plan.model_validate(data)
     except ValidationError as e:
         errors = e.errors()
-        missing = {tuple(error["loc"][:-1]): [] for error in errors if error["type"] == "missing"}
+        missing: dict[tuple[Any, ...], list[str]] = defaultdict(list)  # the missing fields beside each location
         for error in errors:
             if error["type"] == "missing":
                 missing[tuple(error["loc"][:-1])].append(str(error["loc"][-1]))
