@@ -195,6 +195,8 @@ def _reason(error: Exception) -> str:
     """The error in one line: its first line, and the next where the first only introduces it."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
     text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    if isinstance(error, ImportError) and " requires the " in text:  # which one is missing depends on the machine
+        text = text.split(" requires the ")[0] + " requires a library that is not installed here"
     return f"{type(error).__name__}: {text[:200]}"
 
 
