@@ -6,7 +6,7 @@ width, the layers chosen by LIM order, ZD order, reverse LIM order and a random 
 
 Scores come from `bits` plans (score: lim on builtin:mixed-dev, score: zd); each point is then
 a `score: manual` plan giving the low width to the first round(f * L) layers of the order, RTN
-asymmetric in groups of 64, written dense and scored on held-out mixed text.
+asymmetric in groups of 32, written dense and scored on held-out mixed text.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from surgery.demo_models import demo_model
 from surgery.evaluation.run import EvalSettings, evaluate
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
-QUANTIZER = "    quantizer: {group_size: 64, symmetric: false}\n"
+QUANTIZER = "    quantizer: {group_size: 32, symmetric: false}\n"
 
 
 def main() -> None:

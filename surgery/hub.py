@@ -18,8 +18,8 @@ from typing import Any
 from surgery.checkpoint.reader import read_config
 from surgery.errors import SurgeryError
 from surgery.formats.ensemble_folder import is_ensemble
-from surgery.output.card import CARD_NAME
-from surgery.output.provenance import PROVENANCE_NAME
+from surgery.output.card import CARD_NAME, model_card
+from surgery.output.provenance import PROVENANCE_NAME, read_provenance
 
 WEIGHT_SUFFIXES = (".safetensors",)
 # Above this, huggingface_hub 1.x's resumable `upload_large_folder` (many commits, resumed where it
@@ -69,18 +69,32 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        validate_card(api, (folder / CARD_NAME).read_text(), token)
+        card = hub_card(folder, repo_id)
+        validate_card(api, card, token)
         total = sum(size for _, size in files)
+        others = [name for name, _ in files if name != CARD_NAME]
         large_folder = getattr(api, "upload_large_folder", None)
         if total > LARGE_FOLDER_BYTES and large_folder is not None and not create_pr:
             large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision, private=private,
-                         print_report=False, allow_patterns=[name for name, _ in files])
+                         print_report=False, allow_patterns=others)
+            api.upload_file(path_or_fileobj=card.encode(), path_in_repo=CARD_NAME, repo_id=repo_id, revision=revision,
+                            commit_message=f"{message}: model card")
             url = f"{api.endpoint}/{repo_id}/tree/{revision or 'main'}"
         else:
-            info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message,
-                                     create_pr=create_pr, allow_patterns=[name for name, _ in files])
+            from huggingface_hub import CommitOperationAdd
+
+            operations = [CommitOperationAdd(name, str(folder / name)) for name in others]
+            operations.append(CommitOperationAdd(CARD_NAME, card.encode()))
+            info = api.create_commit(repo_id, operations, commit_message=message, revision=revision,
+                                     create_pr=create_pr)
             url = info.pr_url or info.commit_url
     return PushResult(repo_id, url, len(files), total)
+
+
+def hub_card(folder: Path, repo_id: str) -> str:
+    """The folder's card as the Hub shows it: titled by the repo, its how-to-load naming the repo id
+    (the card in the folder names the folder's own path)."""
+    return model_card(read_provenance(folder) or {}, read_config(folder), repo_id.split("/")[-1], repo_id)
 
 
 def ready_to_push(repo_id: str) -> str:

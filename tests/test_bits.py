@@ -16,7 +16,7 @@ from tests.conftest import assert_plan_refused, outputs_on_devices, write_plan
 from tests.reference import load, outputs
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200, 7, 3, 11, 250, 42, 8, 90, 31]])
-CALIBRATION = "calibration: {data: builtin:mixed-dev, samples: 4, seq_len: 128}\n    quantizer: {group_size: 64}"
+CALIBRATION = "calibration: {data: builtin:mixed-dev, samples: 4, seq_len: 128}\n    quantizer: {group_size: 32}"
 
 
 def _bits(cli, tmp_path: Path, step: str, name: str = "out") -> Path:
@@ -124,7 +124,7 @@ def test_assignment_rules():
 def test_packed_output_loads_through_transformers_and_equals_the_dense_simulation(cli, tmp_path):
     pytest.importorskip("compressed_tensors")
     step = ("    score: lim\n    calibration: {data: builtin:mixed-dev, samples: 4, seq_len: 128}\n"
-            "    assign: {high: 8, low: 4, low_fraction: 0.5}\n    quantizer: {group_size: 64, symmetric: true}\n")
+            "    assign: {high: 8, low: 4, low_fraction: 0.5}\n    quantizer: {group_size: 32, symmetric: true}\n")
     dense = _bits(cli, tmp_path, step, "dense")
     packed = _bits(cli, tmp_path, step + "    format: compressed-tensors\n", "packed")
     assert (outputs(load(packed), IDS) - outputs(load(dense), IDS)).abs().max() <= 1e-6
@@ -135,7 +135,7 @@ def test_packed_output_loads_through_transformers_and_equals_the_dense_simulatio
             w = source[f"model.layers.{layer}.{module}.weight"]
             words = stored[f"model.layers.{layer}.{module}.weight_packed"]
             assert words.numel() * 32 == w.numel() * width  # exactly `width` bits per weight
-            assert stored[f"model.layers.{layer}.{module}.weight_scale"].shape == (w.shape[0], w.shape[1] // 64)
+            assert stored[f"model.layers.{layer}.{module}.weight_scale"].shape == (w.shape[0], w.shape[1] // 32)
     config = json.loads((packed / "config.json").read_text())["quantization_config"]
     assert {g["weights"]["num_bits"] for g in config["config_groups"].values()} == {4, 8}
     assert cli("eval", packed, "--max-tokens", "256", "--device", "cpu").code == 0
@@ -145,18 +145,18 @@ def test_packed_output_loads_through_transformers_and_equals_the_dense_simulatio
 
 
 @pytest.mark.parametrize("step, message", [
-    ("    score: manual\n    manual: {0: 3}\n    quantizer: {group_size: 64}\n", "layer 1 has no width"),
+    ("    score: manual\n    manual: {0: 3}\n    quantizer: {group_size: 32}\n", "layer 1 has no width"),
     ("    score: manual\n    manual: {0: 3, 1: 4, 2: 4, 3: 4, 4: 4, 5: 4, 6: 4, 7: 4}\n    format: compressed-tensors\n"
-     "    quantizer: {symmetric: true, group_size: 64}\n", "layer 0 gets 3 bits but format compressed-tensors supports 2, 4, 8"),
+     "    quantizer: {symmetric: true, group_size: 32}\n", "layer 0 gets 3 bits but format compressed-tensors supports 2, 4, 8"),
     ("    score: zd\n    assign: {high: 8, low: 4, low_fraction: 0.5}\n    quantizer: {group_size: 96}\n",
-     "group_size 96 does not divide the input dimension 320 of mlp.down_proj.weight"),
-    ("    score: zd\n    assign: {target_bits: 1, choices: [2, 4]}\n    quantizer: {group_size: 64}\n",
+     "group_size 96 does not divide the input dimension 256 of mlp.down_proj.weight"),
+    ("    score: zd\n    assign: {target_bits: 1, choices: [2, 4]}\n    quantizer: {group_size: 32}\n",
      "target_bits 1 is below the smallest choice 2"),
     ("    score: zd\n    assign: {high: 8, low: 4, low_fraction: 0.5}\n    format: compressed-tensors\n",
      "needs quantizer.symmetric: true"),
     ("    score: lim\n", "add one, e.g. {high: 8, low: 4, low_fraction: 0.5}"),
     ("    score: zd\n    assign: {high: 8, low: 4, low_fraction: 0.5}\n    format: compressed-tensors\n"
-     "    quantizer: {symmetric: true, group_size: 64}\n  - op: chain\n    layers: [0-3]\n",
+     "    quantizer: {symmetric: true, group_size: 32}\n  - op: chain\n    layers: [0-3]\n",
      "bits with format: compressed-tensors must be the last step"),
 ])
 def test_bad_bits_plans(step, message, cli, tmp_path):
@@ -166,7 +166,7 @@ def test_bad_bits_plans(step, message, cli, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bits_on_cuda_equals_cpu(cli, tmp_path):
-    step = "    score: manual\n    manual: {0: 2, 1: 3, 2: 4, 3: 8, 4: 4, 5: 4, 6: 4, 7: 4}\n    quantizer: {group_size: 64}\n"
+    step = "    score: manual\n    manual: {0: 2, 1: 3, 2: 4, 3: 8, 4: 4, 5: 4, 6: 4, 7: 4}\n    quantizer: {group_size: 32}\n"
     outs = outputs_on_devices(cli, tmp_path, f"model: {demo_model('base')}\nsteps:\n  - op: bits\n{step}")
     for name, tensor in outs["cpu"].items():
         # the same integers; a scale may differ in its last bit (torch's CPU divides by a constant

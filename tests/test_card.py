@@ -47,7 +47,7 @@ def test_cards_describe_each_kind_of_output(cli, tmp_path, tiny):
     assert "combining logits" in ensemble.text
 
     bits = _card(cli, tmp_path, f"model: {base}\nsteps:\n  - op: bits\n    score: zd\n"
-                 "    assign: {high: 8, low: 4, low_fraction: 0.5}\n    quantizer: {group_size: 64}\n", "bits")
+                 "    assign: {high: 8, low: 4, low_fraction: 0.5}\n    quantizer: {group_size: 32}\n", "bits")
     assert "ranked by zd" in bits.text
 
 

@@ -43,17 +43,24 @@ metric_list:
 
 
 def _direct_accuracy(folder) -> float:
-    """Pick, per row, the choice whose continuation tokens the model finds most likely."""
+    """Pick, per row, the choice whose continuation tokens the model finds most likely, the request
+    built as lm-eval builds a multiple-choice one: continuation = " " (its target delimiter) + choice,
+    the context's trailing whitespace moved onto the continuation, and the continuation's tokens
+    those of context + continuation past the context's own."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     correct = 0
     for row in ROWS:
-        context = tokenizer(row["question"])["input_ids"]
         scores = []
         for choice in row["choices"]:
-            whole = tokenizer(row["question"] + choice)["input_ids"]
+            text, continuation = row["question"], " " + choice
+            spaces = len(text) - len(text.rstrip())
+            if spaces:
+                text, continuation = text[:-spaces], text[-spaces:] + continuation
+            context = tokenizer(text)["input_ids"]
+            whole = tokenizer(text + continuation)["input_ids"]
             with torch.no_grad():
                 logprobs = model(input_ids=torch.tensor([whole])).logits[0].log_softmax(-1)
             scores.append(sum(logprobs[i - 1, whole[i]].item() for i in range(len(context), len(whole))))

@@ -44,7 +44,10 @@ def test_push_uploads_every_file_byte_identical(hub, output, cli):
     assert repo["private"] is True
     files = repo["branches"]["experiment"]
     expected = {str(p.relative_to(output)): p.read_bytes() for p in output.rglob("*") if p.is_file()}
-    assert files == expected  # byte-identical, safetensors through LFS, the rest inline
+    assert files.keys() == expected.keys()
+    assert all(files[name] == expected[name] for name in expected if name != "README.md")  # byte-identical
+    # the card goes up as the Hub shows it: loading names the repo, not the folder this machine wrote
+    assert "from_pretrained('alice/drop-one')" in files["README.md"].decode() and str(output) not in files["README.md"].decode().split("## How to load")[1]
     assert "model.safetensors" in files and any(r["path"].startswith("/lfs-upload/") for r in hub.state.requests)
     assert any("/branch/experiment" in r["path"] for r in hub.state.requests)
     assert any(r["path"].endswith("/api/validate-yaml") for r in hub.state.requests)
@@ -82,7 +85,9 @@ def test_large_folders_take_the_resumable_path(hub, output, cli, tmp_path, monke
     assert result.code == 0, result.err
     expected = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*")
                 if p.is_file() and ".cache" not in p.parts}
-    assert hub.state.repos["alice/large"]["branches"]["big"] == expected
+    uploaded = hub.state.repos["alice/large"]["branches"]["big"]
+    assert uploaded.keys() == expected.keys() and "from_pretrained('alice/large')" in uploaded["README.md"].decode()
+    assert all(uploaded[name] == expected[name] for name in expected if name != "README.md")
 
 
 def test_dry_run_sends_nothing(hub, output, cli):

@@ -18,7 +18,7 @@ from surgery.demo_models import demo_model
 from surgery.output.partial import lock_path, partial_folder
 from tests.conftest import REPO, copy_without_shards, listing, write_plan
 
-# Looped and scaled layers: copied and computed tensors, over 11 shards of at most 1 MB.
+# Looped and scaled layers: copied and computed tensors, over 11 shards of at most 600 KB.
 PLAN = """model: {model}
 steps:
   - op: chain
@@ -27,7 +27,7 @@ steps:
       - {{layers: 3-5, scale: {{o_proj: 0.5, down_proj: 0.5}}}}
       - {{layers: 6-7}}
 """
-SHARDS = ["--shard-size", "1MB"]
+SHARDS = ["--shard-size", "600KB"]
 
 
 @pytest.fixture

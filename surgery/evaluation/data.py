@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from surgery.errors import SurgeryError
 from surgery.evaluation import corpora
@@ -21,6 +22,9 @@ BUILTIN = {
     "builtin:code-dev": lambda: corpora.code("dev"),
     "builtin:mixed-dev": lambda: _interleave(corpora.prose("dev"), corpora.code("dev")),
 }
+
+
+PREFIX_MARGIN = 64  # tokens past the ones used: a prefix's cut changes the last few tokens only
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,21 @@ def load_text(spec: str) -> EvalText:
     if path.suffix == ".jsonl":
         return EvalText(spec, "\n\n".join(_jsonl_texts(path, raw)))
     return EvalText(spec, raw)
+
+
+def first_tokens(tokenizer: Any, text: str, count: int) -> list[int]:
+    """The first `count` token ids of `text`, as tokenizing it whole gives them, without tokenizing all
+    of a long text (the code corpus is megabytes; a score reads a few thousand tokens): prefixes of
+    doubling length until two of them, each `PREFIX_MARGIN` tokens past `count`, agree."""
+    size, previous = max(4096, count * 8), None
+    while size < len(text):
+        ids = tokenizer(text[:size])["input_ids"]
+        if len(ids) >= count + PREFIX_MARGIN:
+            if previous is not None and previous[:count] == ids[:count]:
+                return ids[:count]
+            previous = ids
+        size *= 2
+    return tokenizer(text)["input_ids"][:count]
 
 
 def _jsonl_texts(path: Path, raw: str) -> list[str]:

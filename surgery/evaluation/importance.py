@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from surgery.errors import SurgeryError
+from surgery.evaluation.data import first_tokens
 from surgery.recipe.stream import RecipeStreamer
 from surgery.recipe.view import ModelView
 
@@ -104,7 +105,7 @@ def calibration_batches(tokenizer: Any, text: str, samples: int, seq_len: int, w
     """The first samples x seq_len tokens of the text, as `samples` rows (fewer when the text is short)."""
     import torch
 
-    ids = tokenizer(text)["input_ids"][: samples * seq_len]
+    ids = first_tokens(tokenizer, text, samples * seq_len)
     rows = len(ids) // seq_len
     if rows == 0:
         raise SurgeryError(f"{where}: {len(ids)} tokens of calibration text; one sample needs seq_len={seq_len}")

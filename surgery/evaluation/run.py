@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
-from surgery.evaluation.data import EvalText, load_text
+from surgery.evaluation.data import EvalText, first_tokens, load_text
 from surgery.evaluation.harness import check_tasks, run_tasks
 from surgery.evaluation.loading import LoadedModel, load_for_eval
 from surgery.evaluation.models import context_length
@@ -144,7 +144,7 @@ def _tokenize(loaded: LoadedModel, text: EvalText, max_tokens: int) -> Any:
     """The first `max_tokens` tokens of the text, tokenized whole with the tokenizer's defaults."""
     import torch
 
-    ids = loaded.tokenizer(text.text)["input_ids"][:max_tokens]
+    ids = first_tokens(loaded.tokenizer, text.text, max_tokens)
     if len(ids) < 2:
         raise SurgeryError(f"{text.name}: {len(ids)} token(s) after tokenizing; perplexity needs at least 2")
     vocab = loaded.model.get_output_embeddings().weight.shape[0]
@@ -154,7 +154,7 @@ def _tokenize(loaded: LoadedModel, text: EvalText, max_tokens: int) -> Any:
 
 
 def _same_tokens(reference: LoadedModel, text: EvalText, ids: Any, max_tokens: int) -> bool:
-    return reference.tokenizer(text.text)["input_ids"][:max_tokens] == ids.tolist()
+    return first_tokens(reference.tokenizer, text.text, max_tokens) == ids.tolist()
 
 
 def _release(loaded: LoadedModel) -> None:

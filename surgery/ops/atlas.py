@@ -15,11 +15,13 @@ from pydantic import Field, field_validator, model_validator
 from surgery.checkpoint.modules import module_kind
 from surgery.checkpoint.reader import FLOAT_DTYPES
 from surgery.compute.updates import WeightedUpdate
-from surgery.devices import check_device_name
+from surgery.devices import check_device_name, resolve_device
 from surgery.errors import SurgeryError
+from surgery.evaluation.data import load_text
 from surgery.ops.atlas_learn import LearnSettings, learn_coefficients
 from surgery.ops.context import OpContext
 from surgery.ops.fields import StepModel
+from surgery.ops.fit_memo import finite_numbers, folder_stamp, remembered, text_digest
 from surgery.ops.registry import Op
 from surgery.ops.task_vectors import MergeModel, bare_paths, describe_models, merge_inputs, merged_view
 from surgery.recipe.view import ModelView
@@ -84,7 +86,12 @@ def atlas(step: AtlasStep, view: ModelView, context: OpContext) -> ModelView:
         assert step.learn is not None
         settings = step.learn if context.device == "auto" else step.learn.model_copy(update={"device": context.device})
         check_device_name(settings.device)
-        learned = learn_coefficients(base, models, block_of, blocks, settings, context.log)
+        key = {"step": step.model_dump(mode="json"), "device": resolve_device(settings.device), "blocks": blocks,
+               "base": folder_stamp(base.source.path), "models": [folder_stamp(m.source.path) for m in models],
+               "texts": [text_digest(load_text(spec).text) for spec in settings.data]}
+        learned = remembered("atlas", key, lambda: learn_coefficients(base, models, block_of, blocks, settings, context.log),
+                             lambda value: isinstance(value, list) and len(value) == len(models)
+                             and all(finite_numbers(row, len(blocks)) for row in value), context.log)
         coefficients = {ref: dict(zip(blocks, row)) for ref, row in zip(refs, learned)}
         context.fits.append({"granularity": step.granularity, "coefficients": coefficients})
 

@@ -97,11 +97,11 @@ def _training_sequences(tokenizer, settings: LearnSettings):
     """Windows of `window` tokens cut from the first `max_tokens` tokens of each text."""
     import torch
 
-    from surgery.evaluation.data import load_text
+    from surgery.evaluation.data import first_tokens, load_text
 
     windows = []
     for spec in settings.data:
-        ids = tokenizer(load_text(spec).text)["input_ids"][: settings.max_tokens]
+        ids = first_tokens(tokenizer, load_text(spec).text, settings.max_tokens)
         usable = len(ids) // settings.window * settings.window
         if usable == 0:
             raise SurgeryError(f"atlas.learn: {spec} has {len(ids)} tokens, fewer than one window of {settings.window}")

@@ -24,6 +24,7 @@ from surgery.formats.compressed_tensors import PACKED_BITS, quantization_config
 from surgery.formats.gguf import TENSOR_TYPES_FILE, tensor_types_file
 from surgery.ops.context import OpContext
 from surgery.ops.fields import StepModel, Strict
+from surgery.ops.fit_memo import finite_numbers, folder_stamp, remembered, text_digest
 from surgery.ops.registry import Op
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import Layer, ModelView, Storage
@@ -148,7 +149,14 @@ def layer_scores(step: BitsStep, view: ModelView, context: OpContext) -> list[fl
         return None
     if step.score == "zd":
         return importance.zero_deviations(view)
-    cosines = _cosines(step, view, context)
+    from surgery.devices import resolve_device
+    from surgery.evaluation.data import load_text
+
+    key = {"calibration": step.calibration.model_dump(mode="json"), "device": resolve_device(context.device),
+           "model": folder_stamp(view.source.path), "layers": len(view.layers),
+           "text": text_digest(load_text(step.calibration.data).text)}
+    cosines = remembered("bits", key, lambda: _cosines(step, view, context),
+                         lambda value: finite_numbers(value, len(view.layers)), context.log)
     return importance.lim(cosines) if step.score == "lim" else importance.block_influence(cosines)
 
 

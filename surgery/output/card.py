@@ -5,6 +5,7 @@ what the folder holds."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -38,7 +39,10 @@ def model_card(provenance: dict[str, Any], config: dict[str, Any], name: str, pa
     body += [f"{i + 1}. {describe_step(step)}" for i, step in enumerate(steps)]
     papers = dict.fromkeys(registry()[step["op"]].paper for step in steps)
     body += ["", "Methods: " + "; ".join(papers) + "." if papers else ""]
-    body += ["", "## Plan", "", "```yaml", yaml.safe_dump(plan, sort_keys=False).rstrip(), "```", ""]
+    written = provenance.get("plan_text") or yaml.safe_dump(plan, sort_keys=False)
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", written)), default=0))
+    body += ["", "## Plan", "", f"{fence}yaml", written.rstrip(), fence, "",
+             "surgery.json records it resolved: every default filled in, every model's files and header hashes.", ""]
     evaluation = provenance.get("evaluation")
     if evaluation:
         body += ["## Evaluation", "", *_evaluation_table(evaluation), ""]

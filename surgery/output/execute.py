@@ -129,7 +129,8 @@ def recipe_fingerprint(recipe: Recipe, headers: dict[str, bytes], device: str) -
     headers, the fits, the tool version, every shard header, the compute device, and each source
     shard's size and modification time (tensor bytes rewritten under an unchanged header change it)."""
     provenance = recipe.provenance()
-    provenance.pop("plan_file", None)  # the same plan named from another folder is the same plan
+    provenance.pop("plan_file", None)  # the same plan named from another folder is the same plan,
+    provenance.pop("plan_text", None)  # and with other comments
     digests = {filename: hashlib.sha256(header).hexdigest() for filename, header in headers.items()}
     files = {str(shard.path.resolve()): _stamp(shard.path) for checkpoint in recipe.sources.values()
              for shard in checkpoint.shards}

@@ -45,6 +45,7 @@ class Recipe:
     fits: tuple[dict[str, Any], ...] = ()  # what data-dependent fits found, by step
     evaluation_reference: Path | None = None  # the model scored beside the output, when the plan evaluates
     verification: Verification = UNCHANGED
+    plan_text: str | None = None  # the plan file as the user wrote it (comments too), for the card
 
     @cached_property
     def tensors(self) -> dict[str, TensorRecipe]:
@@ -72,13 +73,20 @@ class Recipe:
     def total_bytes(self) -> int:
         return sum(r.nbytes for r in self.tensors.values())
 
+    @cached_property
+    def source_records(self) -> dict[str, dict[str, Any]]:
+        """Each source as surgery.json records it (its Hub origin looked up once)."""
+        return {label: _source_record(ckpt) for label, ckpt in self.sources.items()}
+
     def provenance(self) -> dict[str, Any]:
-        """What surgery.json records: enough to identify the inputs and re-run the edit."""
+        """What surgery.json records: enough to identify the inputs and re-run the edit, and the plan
+        as written (the card shows it; `plan` is what it resolved to, defaults filled in)."""
         return {
             "surgery_version": __version__,
             "plan": self.plan.model_dump(mode="json", exclude_none=True, by_alias=True),
             **({"plan_file": str(self.plan_path)} if self.plan_path is not None else {}),
-            "sources": {label: _source_record(ckpt) for label, ckpt in self.sources.items()},
+            **({"plan_text": self.plan_text} if self.plan_text is not None else {}),
+            "sources": self.source_records,
             "source_model": str(self.view.source.path),
             **({"fits": list(self.fits)} if self.fits else {}),
             "layer_map": [str(origin) for origin in self.layer_map()],
@@ -110,6 +118,7 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
     else:
         plan_path = Path(plan)
         where, folder, plan = str(plan_path), plan_path.resolve().parent, load_plan(plan_path)
+    plan_text = None if plan_path is None else plan_path.read_text(encoding="utf-8")
     views: dict[str, ModelView] = {}
     sources: dict[str, Checkpoint] = {}
 
@@ -140,12 +149,12 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
                 f"output {out} overlaps the input model {checkpoint.path}; inputs are never modified, pick another --out"
             )
     if plan.evaluate is None:
-        return Recipe(plan, plan_path, out, view, sources, tuple(fits), verification=verification)
+        return Recipe(plan, plan_path, out, view, sources, tuple(fits), verification=verification, plan_text=plan_text)
     reference = _reference_model(plan, plan.evaluate, lambda ref: resolve_model_path(ref, folder), view.source.path)
     if _overlaps(reference, out):
         raise SurgeryError(f"evaluate.compare_to: {reference} overlaps the output {out}: the output would be scored "
                            "beside itself; name another model to compare it to")
-    recipe = Recipe(plan, plan_path, out, view, sources, tuple(fits), reference, verification)
+    recipe = Recipe(plan, plan_path, out, view, sources, tuple(fits), reference, verification, plan_text)
     _check_evaluation(plan.evaluate, recipe.config, reference)
     return recipe
 

@@ -1,0 +1,70 @@
+"""Fits remembered between `check` and `apply`: a data-dependent fit (aTLAS coefficients, bits' layer
+scores) is a function of its step, its input folders' files, its texts, where it runs and the library
+versions, so a second run with all of those unchanged reads what the first found instead of fitting
+again. Kept in `$SURGERY_CACHE/fits` (default ~/.cache/surgery/fits); a cache that cannot be read or
+written is skipped, never an error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from surgery.user_cache import cache_home
+
+T = TypeVar("T")
+
+
+def folder_stamp(folder: Path) -> list[tuple[str, int, int]]:
+    """Every regular file of a model folder by name, size and modification time: weights, config and
+    tokenizer, whatever a fit reads."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
+def finite_numbers(value: Any, count: int) -> bool:
+    """Whether a remembered value is a list of `count` finite numbers (a check for `valid`)."""
+    return (isinstance(value, list) and len(value) == count
+            and all(isinstance(x, float | int) and not isinstance(x, bool) and math.isfinite(x) for x in value))
+
+
+def remembered(kind: str, key: dict[str, Any], fit: Callable[[], T], valid: Callable[[Any], bool],
+               log: Callable[[str], None]) -> T:
+    """`fit()`, or what it returned before for the same `key` (JSON-able values only) when that still
+    passes `valid` (a damaged or foreign file is fitted afresh, not trusted)."""
+    import torch
+    import transformers
+
+    from surgery.version import __version__
+
+    versions = {"surgery": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    digest = hashlib.sha256(json.dumps([kind, key, versions], sort_keys=True, default=str).encode()).hexdigest()
+    path = cache_home() / "fits" / f"{kind}-{digest[:40]}.json"
+    try:
+        record = json.loads(path.read_text())
+        if record["key"] == digest and valid(record["value"]):
+            log(f"{kind}: the same fit on the same inputs ran before; reusing it ({path})")
+            return record["value"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    value = fit()
+    _store(path, digest, value)
+    return value
+
+
+def _store(path: Path, digest: str, value: Any) -> None:
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging.write_text(json.dumps({"key": digest, "value": value}))
+        os.replace(staging, path)
+    except OSError:
+        staging.unlink(missing_ok=True)
