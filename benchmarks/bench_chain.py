@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from make_checkpoint import generate
-
 
 def timed(cmd: list[str], cleanup: Path | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one run of a command; its output folder, if any, is removed after.
@@ -60,7 +58,11 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another checkout of surgery (e.g. a `git worktree` of an older "
                         "commit) to time beside this one, with the same Python")
     args = parser.parse_args()
-    model = generate(args.data.resolve() / "tinyllama-1.1b-random")
+    # generated in its own process: a child forked from this one after it held the checkpoint's tensors
+    # would report their pages as its own peak RSS
+    model = args.data.resolve() / "tinyllama-1.1b-random"
+    subprocess.run([sys.executable, str(Path(__file__).with_name("make_checkpoint.py")), str(model)], check=True,
+                   stdout=subprocess.DEVNULL)
     work = Path(tempfile.mkdtemp(dir=args.data.resolve()))
     surgery = [sys.executable, "-m", "surgery", "apply"]
     edits = {"drop 8-11": "[0-7, 12-21]", "loop [0-11, 6-21]": "[0-11, 6-21]"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,11 +31,13 @@ def _no_progress(recipe: Recipe) -> Iterator[Callable[[int], None]]:
 
 @dataclass(frozen=True)
 class Hooks:
-    """What a caller hears while `apply` runs (each hook optional): log lines, bytes written (the
+    """What a caller hears while `apply` runs (each hook optional): log lines, each long phase while it
+    runs (checking the plan, scoring a model: a context manager given its description), bytes written (the
     progress hook gets the recipe and gives the callback told of each write), the written output
     (recipe, folder, seconds), the scores."""
 
     log: Callable[[str], None] = _ignore
+    phase: Callable[[str], AbstractContextManager[object]] = nullcontext
     progress: Callable[[Recipe], AbstractContextManager[Callable[[int], None]]] = _no_progress
     written: Callable[[Recipe, Path, float], None] = _ignore
     evaluated: Callable[[EvalReport], None] = _ignore
@@ -86,7 +88,8 @@ def apply(plan: str | Path | Plan, *, out: str | Path | None = None, force: bool
     """
     from surgery.output.execute import execute
 
-    recipe = _checked(resolve(plan, out, device, base_dir))
+    with hooks.phase("checking the plan against the checkpoints"):
+        recipe = _checked(resolve(plan, out, device, base_dir))
     target = _push_target(recipe, push_to)
     if target is not None:
         from surgery.hub import ready_to_push
@@ -102,7 +105,7 @@ def apply(plan: str | Path | Plan, *, out: str | Path | None = None, force: bool
     report = None
     if recipe.plan.evaluate is not None:
         try:
-            report = _evaluate(recipe, written, device)
+            report = _evaluate(recipe, written, device, hooks.phase)
         except KeyboardInterrupt:
             from surgery.output.execute import Interrupted
 
@@ -138,7 +141,8 @@ def _push_target(recipe: Recipe, push_to: str | None) -> PushSection | None:
     return PushSection(repo=push_to) if section is None else section.model_copy(update={"repo": push_to})
 
 
-def _evaluate(recipe: Recipe, written: Written, device: str) -> EvalReport:
+def _evaluate(recipe: Recipe, written: Written, device: str,
+              phase: Callable[[str], AbstractContextManager[object]]) -> EvalReport:
     """Score the output beside the plan's reference and record the scores with it; `device` other
     than auto overrides the section's."""
     from surgery.evaluation.run import EvalSettings, evaluate
@@ -149,6 +153,6 @@ def _evaluate(recipe: Recipe, written: Written, device: str) -> EvalReport:
     settings = EvalSettings(data=tuple(section.data), max_tokens=section.max_tokens, window=section.window,
                             stride=section.stride, batch_size=section.batch_size,
                             device=section.device if device == "auto" else device, dtype=section.dtype)
-    report = evaluate(written.folder, settings, compare=recipe.evaluation_reference)
+    report = evaluate(written.folder, settings, compare=recipe.evaluation_reference, phase=phase)
     write_record(written.folder, written.provenance | {"evaluation": report.to_dict()}, recipe.config)
     return report

@@ -202,3 +202,29 @@ def test_the_demo_table_fits_80_columns(monkeypatch):
     assert max(map(len, text.splitlines())) <= 80
     assert "task-arithmetic" in text and "drop-late-layers" in text and "+25.0%" in text and "…" not in text
     assert text.count("demo:base[0-7]") == 12  # the layer map in full, wrapped
+
+
+def test_every_long_phase_says_what_it_is_doing(llama, tmp_path):
+    """Checking the plan and scoring each model are announced while they run (the CLI shows them as a
+    spinner on a terminal only, so that in a pipe a failure stays one line)."""
+    from contextlib import contextmanager
+
+    from surgery.evaluation.run import EvalSettings, evaluate
+    from surgery.pipeline import Hooks, apply
+
+    phases = []
+
+    @contextmanager
+    def phase(text):
+        phases.append(text)
+        yield
+
+    out = tmp_path / "out"
+    plan = write_plan(tmp_path, f"model: {llama}\noutput: {out}\nsteps:\n  - op: chain\n    layers: [0, 0-5]\n"
+                      "evaluate: {data: builtin:mixed-heldout, max_tokens: 64}\n")
+    apply(plan, hooks=Hooks(phase=phase))
+    assert phases[0] == "checking the plan against the checkpoints"
+    assert phases[1].startswith(f"scoring {out} on 64 tokens of builtin:mixed-heldout")
+    assert phases[2] == f"scoring the reference {llama} on the same tokens"
+    evaluate(out, EvalSettings(data=("builtin:mixed-heldout",), max_tokens=64), phase=phase)
+    assert len(phases) == 4

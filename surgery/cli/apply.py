@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from surgery.cli.app import app
-from surgery.cli.console import byte_progress, console, log, terminate_as_interrupt
+from surgery.cli.console import byte_progress, console, log, phase, terminate_as_interrupt
 from surgery.cli.options import Device, Force, OutOption, PlanFile, Resume, ShardSize, parse_shard_size
 from surgery.cli.render import print_eval, print_recipe
 from surgery.formatting import human_bytes
@@ -40,7 +40,7 @@ def apply(
         print_recipe(recipe, size)
         console.print(f"[green]wrote[/] {folder} in {seconds:.2f}s")
 
-    hooks = pipeline.Hooks(log=log, progress=byte_progress, written=written, evaluated=print_eval)
+    hooks = pipeline.Hooks(log=log, phase=phase, progress=byte_progress, written=written, evaluated=print_eval)
     with terminate_as_interrupt():
         result = pipeline.apply(plan, out=out, force=force, resume=resume, device=device, shard_size=size, fsync=fsync,
                                 push_to=push_to, hooks=hooks)

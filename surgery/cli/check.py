@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from surgery.cli.app import app
-from surgery.cli.console import console, print_json
+from surgery.cli.console import console, phase, print_json
 from surgery.cli.options import Device, Json, OutOption, PlanFile, ShardSize, parse_shard_size
 from surgery.cli.render import print_recipe
 
@@ -21,7 +21,8 @@ def check(
     from surgery import pipeline
     from surgery.output.partial import partial_folder
 
-    recipe = pipeline.check(plan, out=out, device=device)
+    with phase("checking the plan against the checkpoints"):
+        recipe = pipeline.check(plan, out=out, device=device)
     size = parse_shard_size(shard_size)
     if as_json:
         print_json(recipe.summary(size))

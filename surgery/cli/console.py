@@ -52,6 +52,17 @@ def log(line: str) -> None:
 
 
 @contextmanager
+def phase(text: str) -> Iterator[None]:
+    """What a long step is doing, as a spinner on a terminal that goes when it ends; nothing in a pipe,
+    where a failure stays the one line that names it."""
+    if not err_console.is_terminal:
+        yield
+        return
+    with err_console.status(text):
+        yield
+
+
+@contextmanager
 def byte_progress(recipe: Recipe) -> Iterator[Callable[[int], None]]:
     """A progress bar over the recipe's bytes as they are written, shown only on a terminal."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn

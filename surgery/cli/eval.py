@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from surgery.cli.app import app
-from surgery.cli.console import print_json
+from surgery.cli.console import phase, print_json
 from surgery.cli.options import Data, Device, Json, ModelHelp, model_folder
 from surgery.cli.render import print_eval
 
@@ -41,7 +41,7 @@ def eval_(
     settings = EvalSettings(tuple(data or ["builtin"]), max_tokens, window, stride, batch_size, device, dtype, task_list)
     folder = model_folder(model)
     reference = None if no_compare else model_folder(compare) if compare else recorded_source(folder)
-    report = evaluate(folder, settings, reference)
+    report = evaluate(folder, settings, reference, phase=phase)
     if as_json:
         print_json(report.to_dict())
     else:

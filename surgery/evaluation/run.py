@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from surgery.evaluation.models import context_length
 from surgery.evaluation.perplexity import PerplexityResult, perplexity
 
 DEFAULT_WINDOW = 2048
+Phase = Callable[[str], AbstractContextManager[object]]  # what a long step is doing, while it does it
 
 
 @dataclass(frozen=True)
@@ -69,12 +72,13 @@ class EvalReport:
 
 
 def evaluate(model_path: str | Path, settings: EvalSettings = EvalSettings(),
-             compare: str | Path | None = None) -> EvalReport:
+             compare: str | Path | None = None, phase: Phase = nullcontext) -> EvalReport:
     """Perplexity and throughput of a model on each text; with `compare`, its reference too, on the same tokens.
 
     Args: `model_path` is any folder surgery can load (standard, compact recursive, ensemble, packed);
     `settings` says what to score and where (texts, tokens, window, device, dtype, lm-eval tasks);
-    `compare` is the reference model. Returns an EvalReport; raises SurgeryError (e.g. when the two
+    `compare` is the reference model; `phase(text)` is entered while each model is scored (the CLI
+    shows it on a terminal). Returns an EvalReport; raises SurgeryError (e.g. when the two
     tokenize the text differently).
     """
     texts = [load_text(spec) for spec in settings.data]
@@ -88,7 +92,9 @@ def evaluate(model_path: str | Path, settings: EvalSettings = EvalSettings(),
     window = settings.window or min(DEFAULT_WINDOW, context or DEFAULT_WINDOW)
     stride = settings.stride or max(1, window // 2)
     token_ids = [_tokenize(loaded, text, settings.max_tokens) for text in texts]
-    scores, report_tasks = _score(loaded, token_ids, window, stride, settings)
+    what = f"{sum(len(ids) for ids in token_ids):,} tokens of {', '.join(t.name for t in texts)} ({loaded.device})"
+    with phase(f"scoring {model_path} on {what}"):
+        scores, report_tasks = _score(loaded, token_ids, window, stride, settings)
     report = _report(str(model_path), loaded, window, stride, texts, scores)
     report.tasks = report_tasks
     if compare is not None:
@@ -99,7 +105,8 @@ def evaluate(model_path: str | Path, settings: EvalSettings = EvalSettings(),
                     f"{compare} tokenizes {text.name} differently from {model_path}; "
                     "perplexities on different tokens are not comparable"
                 )
-        base_scores, report.base_tasks = _score(reference, token_ids, window, stride, settings)
+        with phase(f"scoring the reference {compare} on the same tokens"):
+            base_scores, report.base_tasks = _score(reference, token_ids, window, stride, settings)
         report.base = str(compare)
         report.base_perplexity = _pooled(base_scores)
         report.base_tokens_per_second = _throughput(base_scores)
