@@ -228,3 +228,15 @@ def test_every_long_phase_says_what_it_is_doing(llama, tmp_path):
     assert phases[2] == f"scoring the reference {llama} on the same tokens"
     evaluate(out, EvalSettings(data=("builtin:mixed-heldout",), max_tokens=64), phase=phase)
     assert len(phases) == 4
+
+
+def test_demo_on_an_encoder_edits_without_scoring(cli, tiny, tmp_path):
+    """A model without a language-model head gets the edits, not the perplexity it cannot have."""
+    import yaml
+
+    result = cli("demo", "--model", tiny("bert"), "--out-dir", tmp_path, "--json")
+    assert result.code == 0, result.err
+    rows = {row["plan"]: row for row in json.loads(result.out)["plans"]}
+    assert "skipped" not in rows["reorder"] and rows["reorder"]["scores"] == []
+    assert "evaluate" not in yaml.safe_load((tmp_path / "plans" / "reorder.yaml").read_text())
+    assert "no language-model head" in result.err and (tmp_path / "reorder" / "model.safetensors").is_file()

@@ -85,21 +85,28 @@ def _fitted_runs(model: str, out_dir: Path, say: Any) -> list[tuple[str, Path | 
     """Each example plan written for `model` into OUT_DIR/plans/ (so it can be re-run), or why it does not fit."""
     import yaml
 
+    from surgery.checkpoint.reader import read_config
     from surgery.demo_models.plans import example_plans, fitted_plan, summary
+    from surgery.errors import SurgeryError
+    from surgery.evaluation.models import require_causal_lm
     from surgery.formats.inspection import inspect
 
     folder = model_folder(model)
     ref = str(folder) if Path(model).expanduser().is_dir() else model  # a Hub id stays one, for the card
     depth = inspect(folder).get("layers")
     if not isinstance(depth, int):
-        from surgery.errors import SurgeryError
-
         raise SurgeryError(f"{model}: the example plans edit one model's layers; {folder} is an ensemble")
+    try:
+        require_causal_lm(read_config(folder), folder)
+        scored = True
+    except SurgeryError as e:
+        scored = False
+        say(f"{e}: the plans are applied without their evaluate: sections")
     say(f"{model}: {depth} layers; the example plans that fit it, written to {out_dir / 'plans'}/")
     (out_dir / "plans").mkdir(parents=True, exist_ok=True)
     runs: list[tuple[str, Path | str]] = []
     for example in example_plans():
-        plan = fitted_plan(example, ref, depth, (out_dir / example.stem).resolve())
+        plan = fitted_plan(example, ref, depth, (out_dir / example.stem).resolve(), scored)
         if isinstance(plan, str):
             runs.append((example.stem, plan))
             continue

@@ -30,9 +30,10 @@ def example_plans() -> list[Path]:
     return sorted(folder.glob("*.yaml"))
 
 
-def fitted_plan(example: Path, model: str, depth: int, output: Path) -> dict[str, Any] | str:
-    """The example plan run on `model` (of `depth` layers) instead of the demo base, writing `output`;
-    or why it cannot be (it needs the demo's fine-tunes, or more layers)."""
+def fitted_plan(example: Path, model: str, depth: int, output: Path, scored: bool = True) -> dict[str, Any] | str:
+    """The example plan run on `model` (of `depth` layers) instead of the demo base, writing `output`
+    (without its `evaluate:` section when the model cannot be scored: no language-model head); or why
+    it cannot be (it needs the demo's fine-tunes, or more layers)."""
     plan = yaml.safe_load(example.read_text(encoding="utf-8"))
     named = _demo_names(plan)
     if plan.get("base") or named - {DEMO_BASE}:
@@ -42,7 +43,8 @@ def fitted_plan(example: Path, model: str, depth: int, output: Path) -> dict[str
         if depth < MIN_DEPTH:
             return f"its layer list needs at least {MIN_DEPTH} layers; the model has {depth}"
         steps = [{**steps[0], "layers": DEPTH_RULES[example.stem](depth)}, *steps[1:]]
-    return {**plan, "model": model, "output": str(output), "steps": steps}
+    fitted = {**plan, "model": model, "output": str(output), "steps": steps}
+    return fitted if scored else {k: v for k, v in fitted.items() if k != "evaluate"}
 
 
 def summary(plan: Path) -> str:
