@@ -45,7 +45,8 @@ def main() -> None:
             return scores(apply(plan, device="cpu", force=True, fsync=False).output)
 
         def row(label: str, got: list[float]) -> str:
-            return f"| {label} | " + " | ".join(f"{s:.1f} ({100 * (s / b - 1):+.1f}%)" for s, b in zip(got, base)) + " |"
+            cells = (f"{s:.1f} ({100 * (s / b - 1):+.1f}%)" for s, b in zip(got, base))
+            return f"| {label} | " + " | ".join(cells) + " |"
 
         print("\n| base edited | prose | code | mixed |\n|---|---|---|---|")
         for layer in range(depth):

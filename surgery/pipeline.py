@@ -15,7 +15,7 @@ from surgery.plan.resolve import Recipe, resolve
 from surgery.plan.schema import Plan, PushSection
 
 if TYPE_CHECKING:
-    from surgery.evaluation.run import EvalReport
+    from surgery.evaluation.run import EvalReport, Phase
     from surgery.hub import PushResult
     from surgery.output.execute import Written
 
@@ -37,7 +37,7 @@ class Hooks:
     (recipe, folder, seconds), the scores."""
 
     log: Callable[[str], None] = _ignore
-    phase: Callable[[str], AbstractContextManager[object]] = nullcontext
+    phase: Phase = nullcontext
     progress: Callable[[Recipe], AbstractContextManager[Callable[[int], None]]] = _no_progress
     written: Callable[[Recipe, Path, float], None] = _ignore
     evaluated: Callable[[EvalReport], None] = _ignore
@@ -141,8 +141,7 @@ def _push_target(recipe: Recipe, push_to: str | None) -> PushSection | None:
     return PushSection(repo=push_to) if section is None else section.model_copy(update={"repo": push_to})
 
 
-def _evaluate(recipe: Recipe, written: Written, device: str,
-              phase: Callable[[str], AbstractContextManager[object]]) -> EvalReport:
+def _evaluate(recipe: Recipe, written: Written, device: str, phase: Phase) -> EvalReport:
     """Score the output beside the plan's reference and record the scores with it; `device` other
     than auto overrides the section's."""
     from surgery.evaluation.run import EvalSettings, evaluate

@@ -102,6 +102,9 @@ def test_inspect_reads_an_ensemble_folder(cli, tiny, tmp_path):
     assert changed["config"]["changed"]["members.1"] == [str(members[1]), str(tmp_path / "c")]
     assert any(f"surgery diff {members[1]} {tmp_path / 'c'}" in note for note in changed["notes"])
     assert "like with like" in _error(cli("diff", members[0], out))
+    # and the demo on an ensemble says it edits one model's layers, writing nothing
+    assert "is an ensemble" in _error(cli("demo", "--model", out, "--out-dir", tmp_path / "demo"))
+    assert not (tmp_path / "demo").exists()
 
 
 def test_ctrl_c_while_scoring_keeps_the_output_and_says_how_to_finish(cli, llama, tmp_path, monkeypatch):

@@ -47,7 +47,8 @@ def test_push_uploads_every_file_byte_identical(hub, output, cli):
     assert files.keys() == expected.keys()
     assert all(files[name] == expected[name] for name in expected if name != "README.md")  # byte-identical
     # the card goes up as the Hub shows it: loading names the repo, not the folder this machine wrote
-    assert "from_pretrained('alice/drop-one')" in files["README.md"].decode() and str(output) not in files["README.md"].decode().split("## How to load")[1]
+    card_text = files["README.md"].decode()
+    assert "from_pretrained('alice/drop-one')" in card_text and str(output) not in card_text.split("## How to load")[1]
     assert "model.safetensors" in files and any(r["path"].startswith("/lfs-upload/") for r in hub.state.requests)
     assert any("/branch/experiment" in r["path"] for r in hub.state.requests)
     assert any(r["path"].endswith("/api/validate-yaml") for r in hub.state.requests)

@@ -21,7 +21,8 @@ def demo(
         "surgery-demo"
     ),
     model: Annotated[str | None, typer.Option(
-        "--model", help=f"Run the example plans that fit on this model instead of the demo models: {ModelHelp}")] = None,
+        "--model", help=f"Run the example plans that fit on this model instead of the demo models: {ModelHelp}",
+    )] = None,
     device: Device = "auto",
     as_json: Json = False,
 ) -> None:
@@ -44,7 +45,8 @@ def demo(
     _print_rows(rows)
     written = next((r["output"] for r in rows if "output" in r), None)
     if written:
-        console.print(f"edited models are in {out_dir}/; try `surgery inspect {written}`", markup=False, highlight=False)
+        console.print(f"edited models are in {out_dir}/; try `surgery inspect {written}`",
+                      markup=False, highlight=False)
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
@@ -61,8 +63,12 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         scores = row.get("scores") or [None]
         for i, score in enumerate(scores):
-            first = [row["plan"], "skipped" if "skipped" in row else row["layers"], human_bytes(row["bytes"]) if "bytes" in row else "",
-                     f"{row['seconds']:.1f}s" if "seconds" in row else ""] if i == 0 else ["", "", "", ""]
+            if i > 0:
+                first = ["", "", "", ""]
+            elif "skipped" in row:
+                first = [row["plan"], "skipped", "", ""]
+            else:
+                first = [row["plan"], row["layers"], human_bytes(row["bytes"]), f"{row['seconds']:.1f}s"]
             if score is None:
                 table.add_row(*first, "", "", "", "")
                 continue
@@ -136,7 +142,8 @@ def _run(name: str, plan: Path, out: Path, device: str, say: Any, own_model: boo
     seconds = time.perf_counter() - start  # the whole step: fits, writing and scoring
     recipe = result.recipe
     datasets = result.evaluation.datasets if result.evaluation else []
-    return {"plan": name, "about": summary(plan), "output": str(out), "layer_map": recipe.description or format_layer_map(recipe.layer_map()),
+    return {"plan": name, "about": summary(plan), "output": str(out),
+            "layer_map": recipe.description or format_layer_map(recipe.layer_map()),
             "layers": "" if recipe.description else f"{recipe.view.layout.num_layers} -> {len(recipe.view.layers)}",
             "bytes": recipe.total_bytes, "seconds": round(seconds, 2),
             "scores": [{"data": d.data, "perplexity": d.perplexity, "reference": d.base_perplexity} for d in datasets]}

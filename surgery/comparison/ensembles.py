@@ -20,7 +20,8 @@ def ensemble_pair(a: Path, b: Path, a_config: dict[str, Any], b_config: dict[str
     if is_ensemble(a_config) != is_ensemble(b_config):
         ensemble, model = (a, b) if is_ensemble(a_config) else (b, a)
         raise SurgeryError(f"{ensemble} is an ensemble and {model} a single model; diff compares like with like: "
-                           f"compare {model} with one of the ensemble's members (`surgery inspect {ensemble}` lists them)")
+                           f"compare {model} with one of the ensemble's members "
+                           f"(`surgery inspect {ensemble}` lists them)")
     specs = read_spec(a, a_config), read_spec(b, b_config)
     if specs[0].layout == specs[1].layout == "copy":
         return None

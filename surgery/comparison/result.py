@@ -81,10 +81,8 @@ class DiffReport:
 
 
 def config_changes(a: dict[str, Any], b: dict[str, Any], report: DiffReport) -> None:
-    ignored = {"transformers_version", "_name_or_path"}
-    for key in sorted(set(a) | set(b) - ignored):
-        if key in ignored:
-            continue
+    """Config keys changed, added and removed from A to B (the two that only say who saved it ignored)."""
+    for key in sorted((set(a) | set(b)) - {"transformers_version", "_name_or_path"}):
         if key not in b:
             report.config_removed[key] = a[key]
         elif key not in a:

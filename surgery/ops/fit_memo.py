@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from surgery.checkpoint.digest import file_stamp
 from surgery.user_cache import cache_home
 
 T = TypeVar("T")
@@ -23,7 +24,7 @@ T = TypeVar("T")
 def folder_stamp(folder: Path) -> list[tuple[str, int, int]]:
     """Every regular file of a model folder by name, size and modification time: weights, config and
     tokenizer, whatever a fit reads."""
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    return sorted((p.name, *file_stamp(p)) for p in folder.iterdir() if p.is_file())
 
 
 def text_digest(text: str) -> str:

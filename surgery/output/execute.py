@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from surgery.checkpoint.digest import file_stamp
 from surgery.checkpoint.writer import ShardEntry, ShardPlan, shard_header, write_index, write_shard
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
@@ -132,16 +133,11 @@ def recipe_fingerprint(recipe: Recipe, headers: dict[str, bytes], device: str) -
     provenance.pop("plan_file", None)  # the same plan named from another folder is the same plan,
     provenance.pop("plan_text", None)  # and with other comments
     digests = {filename: hashlib.sha256(header).hexdigest() for filename, header in headers.items()}
-    files = {str(shard.path.resolve()): _stamp(shard.path) for checkpoint in recipe.sources.values()
+    files = {str(shard.path.resolve()): file_stamp(shard.path) for checkpoint in recipe.sources.values()
              for shard in checkpoint.shards}
     text = json.dumps({"recipe": provenance, "shards": digests, "device": device, "source_files": files},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    status = path.stat()
-    return status.st_size, status.st_mtime_ns
 
 
 def _write_shards(

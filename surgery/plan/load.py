@@ -27,14 +27,20 @@ def load_plan(path: str | Path) -> Plan:
 
     Returns the Plan; any problem is one SurgeryError naming file, line and field.
     """
+    return read_plan(path)[0]
+
+
+def read_plan(path: str | Path) -> tuple[Plan, str]:
+    """The Plan, and the text it was parsed from (read once, within the same bounds): what the card
+    shows as the plan the user wrote."""
     path = Path(path)
-    data, root = _read_yaml(path)
+    data, root, text = _read_yaml(path)
     if data is None:
         raise SurgeryError(f"{path}: the plan is empty; a plan is a YAML mapping with 'model', 'output' and 'steps'")
     if not isinstance(data, dict):
         raise SurgeryError(f"{path}: a plan is a YAML mapping with 'model', 'output' and 'steps'")
     try:
-        return Plan.model_validate(data)
+        return Plan.model_validate(data), text
     except ValidationError as e:
         errors = e.errors()
         missing: dict[tuple[Any, ...], list[str]] = defaultdict(list)  # the missing fields beside each location
@@ -53,7 +59,7 @@ def plan_line(path: Path, loc: tuple[Any, ...]) -> int:
     return _line_of(_read_yaml(path)[1], loc)
 
 
-def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None, str]:
     """Bounded, safe YAML: size, encoding, depth, alias expansion and tags are checked on the
     composed node graph before any Python object is built from it."""
     try:
@@ -74,9 +80,9 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         loader = _BoundedLoader(text, path)  # checks the characters first
         root = loader.get_single_node()
         if root is None:
-            return None, None
+            return None, None, text
         _check_graph(root, path)
-        return loader.construct_document(root), root
+        return loader.construct_document(root), root, text
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""

@@ -25,7 +25,7 @@ from surgery.evaluation.models import DTYPES, context_length, require_causal_lm
 from surgery.formats.views import open_view
 from surgery.ops.context import OpContext
 from surgery.ops.registry import op_of
-from surgery.plan.load import load_plan, plan_line
+from surgery.plan.load import plan_line, read_plan
 from surgery.plan.references import expand_user, hub_origin, resolve_model_path
 from surgery.plan.schema import EvaluateSection, Plan
 from surgery.recipe.tensor import TensorRecipe
@@ -114,11 +114,11 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
     relative to `base_dir`, default the current folder); `output` overrides the plan's `output`.
     """
     if isinstance(plan, Plan):
-        plan_path, where, folder = None, "plan", Path(base_dir or Path.cwd()).resolve()
+        plan_path, plan_text, where, folder = None, None, "plan", Path(base_dir or Path.cwd()).resolve()
     else:
         plan_path = Path(plan)
-        where, folder, plan = str(plan_path), plan_path.resolve().parent, load_plan(plan_path)
-    plan_text = None if plan_path is None else plan_path.read_text(encoding="utf-8")
+        where, folder = str(plan_path), plan_path.resolve().parent
+        plan, plan_text = read_plan(plan_path)
     views: dict[str, ModelView] = {}
     sources: dict[str, Checkpoint] = {}
 
