@@ -12,9 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from surgery.checkpoint.layout import find_layout
-from surgery.compute.updates import TiesUpdate, WeightedUpdate
+from surgery.compute.sparse import ModelTrim, SparseMerge
+from surgery.compute.updates import WeightedUpdate
 from surgery.demo_models import demo_model
 from surgery.ops.lines import depth_scales
+from surgery.recipe.tensor import Block
 from tests.conftest import assert_plan_refused, write_plan
 
 # ---------------------------------------------------------------- independent implementations
@@ -25,17 +27,16 @@ def task_arithmetic_reference(base, models, weights):
 
 
 def ties_reference(base, models, weights, density, lam):
-    """TIES as written in the paper, with mergekit's weights: exact top-k by kthvalue (ties kept)."""
+    """TIES as written in the paper, with mergekit's weights and k = max(1, floor(density * n)): exactly
+    the k largest magnitudes, by a stable sort (ties at the k-th kept by lowest position)."""
     trimmed = []
     for model in models:
         tau = (model - base).flatten()
         if density < 1:
-            k = int(density * tau.numel())
-            if k == 0:
-                tau = torch.zeros_like(tau)
-            else:
-                threshold = tau.abs().kthvalue(tau.numel() - k + 1).values
-                tau = torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+            k = max(1, int(density * tau.numel()))
+            keep = torch.zeros_like(tau, dtype=torch.bool)
+            keep[torch.argsort(tau.abs(), descending=True, stable=True)[:k]] = True
+            tau = torch.where(keep, tau, torch.zeros_like(tau))
         trimmed.append(tau)
     weighted = torch.stack([w * t for w, t in zip(weights, trimmed)])
     sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
@@ -46,12 +47,22 @@ def ties_reference(base, models, weights, density, lam):
     return (base.flatten() + lam * (numerator / divisor)).view(base.shape)
 
 
+def ties(weights, density, lam=1.0, shape=(37, 29)):
+    return SparseMerge(tuple(ModelTrim(w, density) for w in weights), shape, "magnitude", consensus=True,
+                       normalize=True, lam=lam)
+
+
 def _streamed(compute, tensors, block):
-    """Run a compute as the executor does: prepare over aligned blocks, then block by block."""
+    """Run a compute as the executor does: prepare over aligned blocks (whole rows where the compute
+    asks for them), then block by block, each block knowing where it starts."""
+    if getattr(compute, "whole_rows", False):
+        row = tensors[0].shape[-1] if tensors[0].dim() > 1 else tensors[0].numel()
+        block = max(1, block // row) * row
+
     def blocks():
         total = tensors[0].numel()
         for start in range(0, total, block):
-            yield [t.reshape(-1)[start : start + block].clone() for t in tensors]
+            yield Block([t.reshape(-1)[start : start + block].clone() for t in tensors], start)
 
     prepared = compute.prepare(blocks)
     return torch.cat([prepared(inputs) for inputs in blocks()]).view(tensors[0].shape)
@@ -81,17 +92,18 @@ def test_task_arithmetic_formula(block):
 def test_ties_formula(density, block):
     base, tuned = _tensors(3, seed=1)
     weights = (1.0, 0.6, 0.3)
-    got = _streamed(TiesUpdate(weights, density, lam=0.8), [base, *tuned], block)
+    got = _streamed(ties(weights, density, lam=0.8), [base, *tuned], block)
     assert torch.equal(got, ties_reference(base, tuned, weights, density, 0.8))
 
 
-def test_ties_threshold_keeps_exactly_the_top_k_without_ties():
+def test_ties_keeps_exactly_k_entries_when_magnitudes_tie():
+    """bf16 task vectors tie often: exactly floor(density * n) entries survive, never the whole tied group."""
     base = torch.zeros(1000)
-    model = torch.randperm(1000).float() - 500.0
-    model[model < 0] -= 0.5  # every magnitude distinct
-    got = _streamed(TiesUpdate((1.0,), 0.25), [base, model], 33)
-    assert int((got != 0).sum()) == 250
-    assert got.abs()[got != 0].min() == torch.sort(model.abs(), descending=True).values[249]
+    model = torch.tensor([1.0, 2.0, 3.0, 4.0]).repeat(250)  # 250 copies of each magnitude
+    got = _streamed(ties((1.0,), 0.3, shape=(1000,)), [base, model], 33)
+    assert int((got != 0).sum()) == 300
+    assert int((got == 4.0).sum()) == 250 and int((got == 3.0).sum()) == 50
+    assert torch.equal((got == 3.0).nonzero().flatten(), torch.arange(2, 200, 4))  # the lowest positions
 
 
 def test_lines_depth_scales():

@@ -76,7 +76,7 @@ def blocks_of(view: ModelView, granularity: Granularity) -> dict[str, str]:
 
 
 def atlas(step: AtlasStep, view: ModelView, context: OpContext) -> ModelView:
-    base, models = merge_inputs(step.op, step.models, view, context)
+    base, models = merge_inputs(step.op, [m.model for m in step.models], view, context)
     block_of = blocks_of(base, step.granularity)
     blocks = list(dict.fromkeys(block_of.values()))
     refs = [entry.model for entry in step.models]
@@ -96,10 +96,10 @@ def atlas(step: AtlasStep, view: ModelView, context: OpContext) -> ModelView:
         coefficients = {ref: dict(zip(blocks, row)) for ref, row in zip(refs, learned)}
         context.fits.append({"granularity": step.granularity, "coefficients": coefficients})
 
-    def update_for(name: str) -> WeightedUpdate:
+    def update_for(name: str, shape: tuple[int, ...]) -> WeightedUpdate:
         return WeightedUpdate(tuple(coefficients[ref][block_of[name]] for ref in refs))
 
-    return merged_view(step.op, base, models, update_for)
+    return merged_view(step.op, base, [base, *models], update_for)
 
 
 def given_coefficients(

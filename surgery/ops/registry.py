@@ -1,5 +1,6 @@
-"""The op registry. Each op is one module of this package that defines `OP`: its step model, its
-build function, its sentence for the model card and its paper. The plan's step union, the list of
+"""The op registry. Each op is defined in a module of this package, as `OP` (or, for a family of ops
+that share one compute, `OPS`): its step model, its build function, its sentence for the model card and
+its paper. The plan's step union, the list of
 known ops, dispatch and the card all come from here, so adding an op is adding its module."""
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def registry() -> dict[str, Op]:
 
     found: dict[str, Op] = {}
     for module in pkgutil.iter_modules(package.__path__):
-        op = getattr(importlib.import_module(f"{package.__name__}.{module.name}"), "OP", None)
-        if isinstance(op, Op):
+        loaded = importlib.import_module(f"{package.__name__}.{module.name}")
+        for op in (getattr(loaded, "OP", None), *getattr(loaded, "OPS", ())):
+            if not isinstance(op, Op):
+                continue
             if op.name in found:  # a developer's slip, caught at the first plan rather than shadowing an op
                 raise RuntimeError(f"two op modules register {op.name!r}: {module.name} and another")
             found[op.name] = op

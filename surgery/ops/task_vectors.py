@@ -1,8 +1,10 @@
-"""What every task-vector merge (`task_arithmetic`, `ties`, `atlas`) shares: its models, and the view.
+"""What every merge shares: its models, its inputs, and the view.
 
-A merge starts from the plan's `base:` and adds an update made of the listed models' task vectors
-(model - base). Every floating-point tensor becomes a computed recipe over the base tensor and the
-models' tensors; integer buffers are the base's, copied.
+A task-vector merge starts from the plan's `base:` and adds an update made of the listed models' task
+vectors (model - base); the others (linear, slerp, karcher, ...) combine the models themselves and start
+from the first one, with the base (where the plan has one) as a first input so LiNeS can scale the
+result's distance from it. Every floating-point tensor becomes a computed recipe over the inputs'
+tensors; integer buffers are the starting model's, copied.
 """
 
 from __future__ import annotations
@@ -13,19 +15,27 @@ from typing import Any
 from pydantic import Field
 
 from surgery.checkpoint.reader import FLOAT_DTYPES
-from surgery.compute.updates import Update
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
 from surgery.ops.fields import Strict
-from surgery.recipe.tensor import TensorRecipe
+from surgery.ops.varying import Varying, check_filters
+from surgery.recipe.tensor import Compute, TensorRecipe
 from surgery.recipe.view import ModelView
 
 
 class MergeModel(Strict):
-    """A fine-tuned model whose task vector (model - base) takes part in a merge."""
+    """A model that takes part in a merge, and its weight (a number, a gradient over depth, or conditions)."""
 
     model: str
-    weight: float = Field(default=1.0, description="Its lambda_t: how much of its task vector is added.")
+    weight: Varying = Field(default=1.0, description="Its lambda_t: how much of its task vector is added.")
+
+
+class TrimmedModel(MergeModel):
+    """A model of a trimming merge (TIES, DARE, breadcrumbs, DELLA), with its own trim settings."""
+
+    density: Varying | None = Field(default=None, description="Fraction of its task vector kept (the step's if unset).")
+    gamma: Varying | None = Field(default=None, description="breadcrumbs: fraction of largest entries dropped.")
+    epsilon: Varying | None = Field(default=None, description="della: spread of the keep probabilities.")
 
 
 def bare_paths(value: Any) -> Any:
@@ -40,7 +50,7 @@ def describe_models(op: str, models: list[MergeModel], extra: str = "") -> str:
     return f"Task vectors of {listed} added to the base (`{op}`{extra})."
 
 
-def merge_inputs(op: str, entries: list[MergeModel], view: ModelView, context: OpContext) -> tuple[ModelView, list[ModelView]]:
+def merge_inputs(op: str, refs: list[str], view: ModelView, context: OpContext) -> tuple[ModelView, list[ModelView]]:
     """The base view and the listed models' views, checked to be one architecture and size."""
     base = context.base(op)
     if view is not base:
@@ -48,23 +58,45 @@ def merge_inputs(op: str, entries: list[MergeModel], view: ModelView, context: O
             f"{op} builds on the base model: make it the first step and leave 'model:' out of the plan "
             f"(or set it to the base, {context.base_ref})"
         )
-    models = [context.open_model(entry.model) for entry in entries]
+    models = [context.open_model(ref) for ref in refs]
     for model in models:
         check_same_tensors(base, model, op)
     return base, models
 
 
-def merged_view(op: str, base: ModelView, models: list[ModelView], update_for: Callable[[str], Update]) -> ModelView:
-    """The base view with each float tensor replaced by `update_for(name)` over (base, *models)."""
-    sources = [model.tensors() for model in models]
+def combined_inputs(op: str, refs: list[str], view: ModelView,
+                    context: OpContext) -> tuple[ModelView | None, list[ModelView]]:
+    """For a merge of the models themselves: the plan's base if it has one, and the models' views. The
+    view is the first model (the output takes its structure), or the base."""
+    models = [context.open_model(ref) for ref in refs]
+    base = context.open_model(context.base_ref) if context.base_ref is not None else None
+    if view is not models[0] and view is not base:
+        raise SurgeryError(f"{op} builds on its first model: make it the first step and leave 'model:' out of the "
+                           f"plan (or set it to {refs[0]})")
+    for model in [*models, *([base] if base is not None else [])]:
+        check_same_tensors(view, model, op)
+    return base, models
+
+
+def merged_view(op: str, view: ModelView, inputs: list[ModelView],
+                update_for: Callable[[str, tuple[int, ...]], Compute]) -> ModelView:
+    """The view with each float tensor replaced by `update_for(name, shape)` over the inputs' tensors."""
+    sources = [model.tensors() for model in inputs]
 
     def edit(name: str, recipe: TensorRecipe) -> TensorRecipe:
         if recipe.dtype not in FLOAT_DTYPES:
             return recipe
-        inputs = (recipe, *(source[name] for source in sources))
-        return TensorRecipe.computed(recipe.dtype, recipe.shape, inputs, update_for(name))
+        return TensorRecipe.computed(recipe.dtype, recipe.shape, tuple(source[name] for source in sources),
+                                     update_for(name, recipe.shape))
 
-    return base.map_tensors(edit, label=op)
+    return view.map_tensors(edit, label=op)
+
+
+def check_settings(op: str, view: ModelView, settings: dict[str, Varying | None]) -> None:
+    """Refuse a filter that matches none of the merged tensors."""
+    names = [name for name, recipe in view.tensors().items() if recipe.dtype in FLOAT_DTYPES]
+    for parameter, setting in settings.items():
+        check_filters(op, parameter, setting, names)
 
 
 def check_same_tensors(base: ModelView, other: ModelView, op: str) -> None:

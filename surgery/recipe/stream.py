@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from surgery.checkpoint.blocks import BlockReader, torch_dtype
 from surgery.checkpoint.reader import numel
-from surgery.recipe.tensor import Compute, TensorRecipe
+from surgery.recipe.tensor import Block, Compute, TensorRecipe
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +56,7 @@ class RecipeStreamer:
 
             torch.set_num_threads(self._threads)
 
-    def blocks(self, recipe: TensorRecipe) -> Iterator[list[torch.Tensor]]:
+    def blocks(self, recipe: TensorRecipe) -> Iterator[Block]:
         """A computed recipe's inputs, float32 on the device: aligned blocks for an elementwise
         compute, else whole tensors in their shapes."""
         self._start(recipe)
@@ -66,7 +66,7 @@ class RecipeStreamer:
         self._start(recipe)
         return self._prepare(recipe, ())
 
-    def values(self, recipe: TensorRecipe) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    def values(self, recipe: TensorRecipe) -> Iterator[tuple[Block, torch.Tensor]]:
         """(input blocks, output block) pairs; the compute may have overwritten the inputs."""
         import torch
 
@@ -116,15 +116,23 @@ class RecipeStreamer:
             prepared = self._prepared[id(recipe)] = recipe.compute.prepare(lambda: self._blocks(recipe, slot))
         return prepared
 
-    def _blocks(self, recipe: TensorRecipe, slot: tuple[Hashable, ...]) -> Iterator[list[torch.Tensor]]:
+    def _blocks(self, recipe: TensorRecipe, slot: tuple[Hashable, ...]) -> Iterator[Block]:
         assert recipe.compute is not None
         if not recipe.compute.elementwise:
-            yield [self._read(r, (*slot, i), 0, numel(r.shape)).reshape(r.shape) for i, r in enumerate(recipe.inputs)]
+            yield Block([self._read(r, (*slot, i), 0, numel(r.shape)).reshape(r.shape)
+                         for i, r in enumerate(recipe.inputs)])
             return
-        total = numel(recipe.shape)
-        for start in range(0, total, self.block):
-            stop = min(total, start + self.block)
-            yield [self._read(r, (*slot, i), start, stop) for i, r in enumerate(recipe.inputs)]
+        total, step = numel(recipe.shape), self._block_of(recipe)
+        for start in range(0, total, step):
+            stop = min(total, start + step)
+            yield Block([self._read(r, (*slot, i), start, stop) for i, r in enumerate(recipe.inputs)], start)
+
+    def _block_of(self, recipe: TensorRecipe) -> int:
+        """Elements per block: the streamer's block, or whole rows for a compute that needs them."""
+        if not getattr(recipe.compute, "whole_rows", False):
+            return self.block
+        row = recipe.shape[-1] if recipe.shape else 1
+        return max(1, self.block // max(row, 1)) * max(row, 1)
 
     def _read(self, recipe: TensorRecipe, slot: tuple[Hashable, ...], start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of a tensor, flattened, float32 on the device (a buffer of `slot`)."""
@@ -137,8 +145,13 @@ class RecipeStreamer:
             return torch.frombuffer(raw, dtype=torch_dtype(recipe.stored.dtype)).to(self.device).float()
         compute = self._prepare(recipe, slot)
         if compute.elementwise:
-            inputs = [self._read(r, (*slot, i), start, stop) for i, r in enumerate(recipe.inputs)]
-            return self._as_stored(compute(inputs), recipe.dtype)
+            first, last = start, stop
+            if getattr(compute, "whole_rows", False):  # widen to whole rows, compute, then cut back
+                row = max(recipe.shape[-1] if recipe.shape else 1, 1)
+                first, last = start - start % row, -(-stop // row) * row
+            inputs = Block([self._read(r, (*slot, i), first, last) for i, r in enumerate(recipe.inputs)], first)
+            value = self._as_stored(compute(inputs), recipe.dtype)
+            return value if (first, last) == (start, stop) else value[start - first: stop - first].clone()
         value = self._whole.get(id(recipe))
         if value is None:
             inputs = next(self._blocks(recipe, slot))

@@ -17,8 +17,20 @@ if TYPE_CHECKING:
     import torch
 
 
-Blocks = Callable[[], Iterator[list["torch.Tensor"]]]  # a fresh pass over a recipe's input blocks
 _Self = TypeVar("_Self")
+
+
+class Block(list):  # type: ignore[type-arg]
+    """A compute's inputs for one block (float32 tensors, one per input), and where the block starts in
+    the flattened tensor: a compute that depends on position (a seeded mask, a tie broken by position,
+    a statistic per row) reads `start`, so its output does not depend on how the tensor is cut."""
+
+    def __init__(self, tensors: list[torch.Tensor], start: int = 0) -> None:
+        super().__init__(tensors)
+        self.start = start
+
+
+Blocks = Callable[[], Iterator[Block]]  # a fresh pass over a recipe's input blocks
 
 
 class Compute(Protocol):
@@ -28,11 +40,12 @@ class Compute(Protocol):
     executor casts to the recipe's dtype. An `elementwise` compute gets aligned blocks of its flattened
     inputs, so a tensor of any size streams through bounded memory; otherwise it gets whole tensors.
     `prepare` sees every block once before the first call, for whole-tensor statistics (thresholds).
+    A compute with `whole_rows` gets blocks that hold whole rows (of the tensor's last dimension).
     """
 
     elementwise: bool
 
-    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor: ...
+    def __call__(self, inputs: Block) -> torch.Tensor: ...
 
     def prepare(self, blocks: Blocks) -> Compute: ...
 

@@ -1,0 +1,43 @@
+"""`sce` (Wan et al. 2024, FuseChat): select the entries where the task vectors vary most, weight each model
+by its selected task vector's energy, erase disagreeing signs, average (surgery/compute/sce.py)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from surgery.compute.sce import SceMerge
+from surgery.ops.context import OpContext
+from surgery.ops.fields import StepModel
+from surgery.ops.registry import Op
+from surgery.ops.task_vectors import check_settings, merge_inputs, merged_view
+from surgery.ops.varying import Varying, depth_of, first_of
+from surgery.recipe.view import ModelView
+
+
+class SceStep(StepModel):
+    """Select by variance, calculate weights, erase sign conflicts, then merge into the base."""
+
+    edits_any_stack: ClassVar[bool] = True
+
+    op: Literal["sce"]
+    models: list[str] = Field(min_length=1)
+    select_topk: Varying = Field(default=1.0, description="Fraction of the entries of largest variance kept.")
+
+
+def sce(step: SceStep, view: ModelView, context: OpContext) -> ModelView:
+    base, models = merge_inputs(step.op, step.models, view, context)
+    check_settings(step.op, base, {"select_topk": step.select_topk})
+
+    def update_for(name: str, shape: tuple[int, ...]) -> SceMerge:
+        return SceMerge(len(models), shape, first_of(name, depth_of(base, name), 1.0, step.select_topk))
+
+    return merged_view(step.op, base, [base, *models], update_for)
+
+
+OP = Op("sce", SceStep, sce,
+        lambda step: f"Task vectors of {', '.join(step.models)} merged into the base by `sce` "
+                     f"(select_topk {step.select_topk}).",
+        'Wan et al. 2024, "FuseChat: Knowledge Fusion of Chat Models" (SCE)',
+        {"op": "sce", "models": ["./prose", "./code"], "select_topk": 0.5})
