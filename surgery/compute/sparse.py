@@ -92,8 +92,7 @@ class SparseMerge(Update):
         deltas = torch.stack(taus)
         weights = torch.tensor([m.weight for m in self.models], device=base.device).view(-1, *[1] * base.dim())
         if self.consensus:
-            sign = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
-            agree = deltas.sign() == sign
+            agree = agreeing(deltas)
             mixed = (deltas * agree).sum(0)
             divisor = (weights * agree).sum(0)
             divisor[divisor == 0] = 1.0
@@ -193,6 +192,14 @@ class SparseMerge(Update):
                 before[t] += float(tau.abs().sum(dtype=torch.float64))
                 after[t] += float(self._trimmed(t, tau, block.start).abs_().sum(dtype=torch.float64))
         return tuple(1.0 if b < RESCALE_EPS or a < RESCALE_EPS else b / a for b, a in zip(before, after, strict=True))
+
+
+def agreeing(deltas: torch.Tensor) -> torch.Tensor:
+    """TIES' sign election over stacked task vectors: each entry's sign is the sum's (>= 0 is +); True where
+    a model's entry has it (a zero entry never does)."""
+    import torch
+
+    return deltas.sign() == torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
 
 
 def _plain_keep(trim: Trim | None, model: ModelTrim, n: int) -> Keep | None:
