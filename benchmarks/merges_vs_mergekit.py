@@ -1,4 +1,5 @@
-"""Every merge method through surgery and through mergekit 0.1.5, on the same inputs: the largest error
+"""Every merge method through surgery and through mergekit 0.1.5: one mergekit config per method, run as
+it is by both tools (`surgery apply CONFIG --out` translates it) on the same inputs; the largest error
 against mergekit's output, and both tools' wall time and peak memory.
 
     python benchmarks/merges_vs_mergekit.py [--mergekit-venv /tmp/mk-venv] [--runs 3] [--models base,prose,code]
@@ -8,10 +9,11 @@ mergekit is installed into its own venv (CPU torch 2.13.0 first, then mergekit==
 has no mergekit-yaml yet; it is never a dependency of surgery. The inputs default to the demo models
 (float32), merged in float32 by both tools, so a difference is the method's, not a rounding of the
 output; with --bf16 the inputs are bf16 copies (many magnitudes tie, as in real checkpoints), both
-tools compute in float32 and write bf16 (mergekit's dtype: float32, out_dtype: bfloat16). Error: per tensor, max |surgery - mergekit| / max |mergekit|, the largest over tensors; and
-the share of elements differing by more than 1e-6 of the tensor's max. DARE and DELLA draw their
-noise differently by design, so they are compared in distribution on one model: the share of entries
-kept and the median rescale of the kept ones.
+tools compute in float32 and write bf16 (dtype: float32, out_dtype: bfloat16). Error: per tensor,
+max |surgery - mergekit| / max |mergekit|, the largest over tensors; and the share of elements
+differing by more than 1e-6 of the tensor's max. DARE and DELLA draw their noise differently by design,
+so they are compared in distribution on one model: the share of entries kept and the median rescale of
+the kept ones.
 """
 
 from __future__ import annotations
@@ -31,48 +33,36 @@ from safetensors.torch import load_file, save_file
 
 from surgery.demo_models import demo_model
 
-EXACT = {  # method: (surgery step, mergekit config), {base}/{a}/{b} filled in
-    "linear": ("op: linear\n    models: [{{model: {a}, weight: 2}}, {b}]",
-               "merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 2}}}}\n"
-               "  - {{model: {b}, parameters: {{weight: 1}}}}"),
-    "slerp": ("op: slerp\n    models: [{base}, {a}]\n    t: [{{filter: self_attn, value: [0, 0.5, 1]}}, {{value: 0.3}}]",
-              "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {a}}}]\n"
-              "parameters:\n  t: [{{filter: self_attn, value: [0, 0.5, 1]}}, {{value: 0.3}}]"),
-    "nuslerp": ("op: nuslerp\n    models: [{a}, {{model: {b}, weight: 3}}]",
-                "merge_method: nuslerp\nbase_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 1}}}}\n"
-                "  - {{model: {b}, parameters: {{weight: 3}}}}"),
-    "multislerp": ("op: multislerp\n    models: [{a}, {{model: {b}, weight: 2}}]",
-                   "merge_method: multislerp\nbase_model: {base}\nmodels:\n"
-                   "  - {{model: {a}, parameters: {{weight: 1}}}}\n  - {{model: {b}, parameters: {{weight: 2}}}}"),
-    "karcher": ("op: karcher\n    models: [{a}, {b}]", "merge_method: karcher\nmodels: [{{model: {a}}}, {{model: {b}}}]"),
-    "model_stock": ("op: model_stock\n    models: [{a}, {b}]",
-                    "merge_method: model_stock\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]"),
-    "task_arithmetic": ("op: task_arithmetic\n    models: [{{model: {a}, weight: 0.7}}, {{model: {b}, weight: 0.4}}]",
-                        "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
-                        "  - {{model: {a}, parameters: {{weight: 0.7}}}}\n  - {{model: {b}, parameters: {{weight: 0.4}}}}"),
-    "ties": ("op: ties\n    density: 0.3\n    models: [{{model: {a}, weight: 0.7}}, {{model: {b}, weight: 0.4}}]",
-             "merge_method: ties\nbase_model: {base}\nmodels:\n"
-             "  - {{model: {a}, parameters: {{weight: 0.7, density: 0.3}}}}\n"
-             "  - {{model: {b}, parameters: {{weight: 0.4, density: 0.3}}}}"),
-    "breadcrumbs": ("op: breadcrumbs\n    density: 0.5\n    gamma: 0.02\n    models: [{a}, {b}]",
-                    "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n"
-                    "  - {{model: {a}, parameters: {{weight: 1, density: 0.5, gamma: 0.02}}}}\n"
-                    "  - {{model: {b}, parameters: {{weight: 1, density: 0.5, gamma: 0.02}}}}"),
-    "breadcrumbs_ties": ("op: breadcrumbs_ties\n    density: 0.5\n    gamma: 0.02\n    models: [{a}, {b}]",
-                         "merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n"
-                         "  - {{model: {a}, parameters: {{weight: 1, density: 0.5, gamma: 0.02}}}}\n"
-                         "  - {{model: {b}, parameters: {{weight: 1, density: 0.5, gamma: 0.02}}}}"),
-    "sce": ("op: sce\n    select_topk: 0.4\n    models: [{a}, {b}]",
-            "merge_method: sce\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
-            "parameters: {{select_topk: 0.4}}"),
+EXACT = {  # method: the mergekit config both tools run, {base}/{a}/{b} filled in
+    "linear": "merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 2}}}}\n"
+              "  - {{model: {b}, parameters: {{weight: 1}}}}",
+    "slerp": "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {a}}}]\n"
+             "parameters:\n  t: [{{filter: self_attn, value: [0, 0.5, 1]}}, {{value: 0.3}}]",
+    "nuslerp": "merge_method: nuslerp\nbase_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 1}}}}\n"
+               "  - {{model: {b}, parameters: {{weight: 3}}}}",
+    "multislerp": "merge_method: multislerp\nbase_model: {base}\nmodels:\n"
+                  "  - {{model: {a}, parameters: {{weight: 1}}}}\n  - {{model: {b}, parameters: {{weight: 2}}}}",
+    "karcher": "merge_method: karcher\nmodels: [{{model: {a}}}, {{model: {b}}}]",
+    "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]",
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                       "  - {{model: {a}, parameters: {{weight: 0.7}}}}\n  - {{model: {b}, parameters: {{weight: 0.4}}}}",
+    "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n"
+            "  - {{model: {a}, parameters: {{weight: 0.7, density: 0.3}}}}\n"
+            "  - {{model: {b}, parameters: {{weight: 0.4, density: 0.3}}}}",
+    "breadcrumbs": "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n"
+                   "  - {{model: {a}, parameters: {{weight: 1, density: 0.5, gamma: 0.02}}}}\n"
+                   "  - {{model: {b}, parameters: {{weight: 1, density: 0.5, gamma: 0.02}}}}",
+    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n"
+                        "  - {{model: {a}, parameters: {{weight: 1, density: 0.5, gamma: 0.02}}}}\n"
+                        "  - {{model: {b}, parameters: {{weight: 1, density: 0.5, gamma: 0.02}}}}",
+    "sce": "merge_method: sce\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
+           "parameters: {{select_topk: 0.4}}",
 }
 SAMPLED = {  # one model: the kept share and the rescale are visible in the output
-    "dare_linear": ("op: dare_linear\n    density: 0.3\n    models: [{a}]",
-                    "merge_method: dare_linear\nbase_model: {base}\nmodels:\n"
-                    "  - {{model: {a}, parameters: {{weight: 1, density: 0.3}}}}"),
-    "della_linear": ("op: della_linear\n    density: 0.4\n    epsilon: 0.1\n    models: [{a}]",
-                     "merge_method: della_linear\nbase_model: {base}\nmodels:\n"
-                     "  - {{model: {a}, parameters: {{weight: 1, density: 0.4, epsilon: 0.1}}}}"),
+    "dare_linear": "merge_method: dare_linear\nbase_model: {base}\nmodels:\n"
+                   "  - {{model: {a}, parameters: {{weight: 1, density: 0.3}}}}",
+    "della_linear": "merge_method: della_linear\nbase_model: {base}\nmodels:\n"
+                    "  - {{model: {a}, parameters: {{weight: 1, density: 0.4, epsilon: 0.1}}}}",
 }
 
 
@@ -148,13 +138,11 @@ def main() -> None:
           "interleaved; median wall, peak RSS\n")
     print("| method | largest error | elements differing | surgery s | mergekit s | surgery MiB | mergekit MiB |")
     print("|---|---|---|---|---|---|---|")
-    for method, (step, config) in {**EXACT, **SAMPLED}.items():
-        names = {"base": base, "a": a, "b": b}
-        plan = work / f"{method}.yaml"
-        plan.write_text(f"base: {base}\noutput: {work / 'ours'}\nsteps:\n  - {step.format(**names)}\n")
-        mk = work / f"mk-{method}.yaml"
-        mk.write_text(config.format(**names) + f"\ndtype: float32\nout_dtype: {out_dtype}\n")
-        commands = {"surgery": [sys.executable, "-m", "surgery", "apply", str(plan), "--no-fsync"],
+    for method, config in {**EXACT, **SAMPLED}.items():
+        mk = work / f"{method}.yaml"  # the same file for both tools
+        mk.write_text(config.format(base=base, a=a, b=b) + f"\ndtype: float32\nout_dtype: {out_dtype}\n")
+        commands = {"surgery": [sys.executable, "-m", "surgery", "apply", str(mk), "--out", str(work / "ours"),
+                                "--no-fsync"],
                     "mergekit": [str(exe), str(mk), str(work / "theirs"), "--no-copy-tokenizer", "--quiet"]}
         runs: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
         for _ in range(args.runs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from surgery.cli.app import app
 from surgery.cli.console import console, phase, print_json
 from surgery.cli.options import Device, Json, OutOption, PlanFile, ShardSize, parse_shard_size
-from surgery.cli.render import print_recipe
+from surgery.cli.render import print_recipe, print_translation
 
 
 @app.command()
@@ -27,6 +27,8 @@ def check(
     if as_json:
         print_json(recipe.summary(size))
         return
+    if recipe.translation is not None:
+        print_translation(recipe.translation)
     print_recipe(recipe, size)
     console.print("[green]plan is valid[/]")
     if recipe.output.exists() or recipe.output.is_symlink():

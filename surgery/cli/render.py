@@ -9,6 +9,7 @@ from surgery.formatting import human_bytes
 
 if TYPE_CHECKING:
     from surgery.evaluation.run import EvalReport
+    from surgery.plan.mergekit import Translation
     from surgery.plan.resolve import Recipe
 
 
@@ -27,6 +28,14 @@ def print_recipe(recipe: Recipe, shard_size: int | str) -> None:
         f"{len(recipe.tensors)} tensors, {human_bytes(recipe.total_bytes)} in {len(shards)} shard(s): "
         + ", ".join(s.filename for s in shards)
     )
+
+
+def print_translation(translation: Translation) -> None:
+    """The surgery plan a mergekit config was translated to, as a user would write it."""
+    from surgery.plan.mergekit import plan_yaml
+
+    console.print("mergekit config, translated to this surgery plan:", markup=False, highlight=False)
+    console.print(plan_yaml(translation.plan).rstrip(), markup=False, highlight=False)
 
 
 def print_eval(report: EvalReport) -> None:

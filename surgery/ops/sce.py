@@ -9,14 +9,13 @@ from pydantic import Field
 
 from surgery.compute.sce import SceMerge
 from surgery.ops.context import OpContext
-from surgery.ops.fields import StepModel
 from surgery.ops.registry import Op
-from surgery.ops.task_vectors import check_settings, merge_inputs, merged_view
+from surgery.ops.task_vectors import MergeStep, check_settings, merge_inputs, merged_view
 from surgery.ops.varying import Varying, depth_of, first_of
 from surgery.recipe.view import ModelView
 
 
-class SceStep(StepModel):
+class SceStep(MergeStep):
     """Select by variance, calculate weights, erase sign conflicts, then merge into the base."""
 
     edits_any_stack: ClassVar[bool] = True
@@ -33,7 +32,7 @@ def sce(step: SceStep, view: ModelView, context: OpContext) -> ModelView:
     def update_for(name: str, shape: tuple[int, ...]) -> SceMerge:
         return SceMerge(len(models), shape, first_of(name, depth_of(base, name), 1.0, step.select_topk))
 
-    return merged_view(step.op, base, [base, *models], update_for)
+    return merged_view(step.op, base, [base, *models], update_for, step.dtype)
 
 
 OP = Op("sce", SceStep, sce,

@@ -25,9 +25,8 @@ from pydantic import ConfigDict, Field, create_model, field_validator
 from surgery.compute.sparse import ModelTrim, SparseMerge, Trim
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
-from surgery.ops.fields import StepModel
 from surgery.ops.registry import Op
-from surgery.ops.task_vectors import TrimmedModel, bare_paths, check_settings, merge_inputs, merged_view
+from surgery.ops.task_vectors import MergeStep, TrimmedModel, bare_paths, check_settings, merge_inputs, merged_view
 from surgery.ops.varying import Varying, depth_of, first_of
 from surgery.recipe.view import ModelView
 
@@ -65,7 +64,7 @@ FAMILY = {
 GAMMA, EPSILON = 0.01, 0.15  # mergekit's defaults
 
 
-class SparseStepBase(StepModel):
+class SparseStepBase(MergeStep):
     """Trim each task vector, rescale, weight, [elect signs], combine, scale by lambda, add to the base."""
 
     edits_any_stack: ClassVar[bool] = True
@@ -128,7 +127,7 @@ def sparse_merge(step: Any, view: ModelView, context: OpContext) -> ModelView:
         return SparseMerge(tuple(trims), shape, family.trim, family.consensus, normalize, rescale,
                            first_of(name, t, 1.0, step.lam), seed, name)
 
-    return merged_view(step.op, base, [base, *models], update_for)
+    return merged_view(step.op, base, [base, *models], update_for, step.dtype)
 
 
 def _checked(op: str, family: Family, trim: ModelTrim, where: str) -> ModelTrim:

@@ -16,14 +16,21 @@ from pydantic import Field, field_validator
 from surgery.compute.sphere import Grouping, Method, SphereMerge
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
-from surgery.ops.fields import StepModel
 from surgery.ops.registry import Op
-from surgery.ops.task_vectors import MergeModel, bare_paths, check_settings, combined_inputs, merge_inputs, merged_view
+from surgery.ops.task_vectors import (
+    MergeModel,
+    MergeStep,
+    bare_paths,
+    check_settings,
+    combined_inputs,
+    merge_inputs,
+    merged_view,
+)
 from surgery.ops.varying import Varying, depth_of, first_of
 from surgery.recipe.view import ModelView
 
 
-class CombineStep(StepModel):
+class CombineStep(MergeStep):
     """A merge of the listed models (weights as numbers, gradients or conditions)."""
 
     edits_any_stack: ClassVar[bool] = True
@@ -141,7 +148,7 @@ def combine(step: Any, view: ModelView, context: OpContext) -> ModelView:
                            max_iter=getattr(step, "max_iter", 10), tol=getattr(step, "tol", 1e-5))
 
     inputs = [base, *models] if base is not None else models
-    return merged_view(step.op, start, inputs, update_for)
+    return merged_view(step.op, start, inputs, update_for, step.dtype)
 
 
 def describe(step: Any) -> str:

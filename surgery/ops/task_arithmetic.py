@@ -10,14 +10,21 @@ from pydantic import Field, field_validator
 from surgery.compute.sparse import ModelTrim, SparseMerge
 from surgery.compute.updates import Update, WeightedUpdate
 from surgery.ops.context import OpContext
-from surgery.ops.fields import StepModel
 from surgery.ops.registry import Op
-from surgery.ops.task_vectors import MergeModel, bare_paths, check_settings, describe_models, merge_inputs, merged_view
+from surgery.ops.task_vectors import (
+    MergeModel,
+    MergeStep,
+    bare_paths,
+    check_settings,
+    describe_models,
+    merge_inputs,
+    merged_view,
+)
 from surgery.ops.varying import Varying, depth_of, first_of
 from surgery.recipe.view import ModelView
 
 
-class TaskArithmeticStep(StepModel):
+class TaskArithmeticStep(MergeStep):
     """Add the weighted task vectors of the listed models to the base."""
 
     edits_any_stack: ClassVar[bool] = True
@@ -42,7 +49,7 @@ def task_arithmetic(step: TaskArithmeticStep, view: ModelView, context: OpContex
             return WeightedUpdate(weights)  # mergekit's exact order of operations, and no stacked copy
         return SparseMerge(tuple(ModelTrim(w) for w in weights), shape, normalize=step.normalize, lam=lam)
 
-    return merged_view(step.op, base, [base, *models], update_for)
+    return merged_view(step.op, base, [base, *models], update_for, step.dtype)
 
 
 def describe(step: TaskArithmeticStep) -> str:

@@ -10,17 +10,28 @@ tensors; integer buffers are the starting model's, copied.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import replace
+from typing import Any, Literal
 
 from pydantic import Field
 
 from surgery.checkpoint.reader import FLOAT_DTYPES
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
-from surgery.ops.fields import Strict
+from surgery.ops.fields import StepModel, Strict
 from surgery.ops.varying import Varying, check_filters
 from surgery.recipe.tensor import Compute, TensorRecipe
 from surgery.recipe.view import ModelView
+
+OutDtype = Literal["float32", "bfloat16", "float16"]
+_STORED = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # safetensors' names
+
+
+class MergeStep(StepModel):
+    """What every merge step takes besides its models: the dtype its merged tensors are written in."""
+
+    dtype: OutDtype | None = Field(default=None, description="The merged tensors' dtype (mergekit's out_dtype); "
+                                                             "default: each tensor's own, as the base has it.")
 
 
 class MergeModel(Strict):
@@ -67,29 +78,35 @@ def merge_inputs(op: str, refs: list[str], view: ModelView, context: OpContext) 
 def combined_inputs(op: str, refs: list[str], view: ModelView,
                     context: OpContext) -> tuple[ModelView | None, list[ModelView]]:
     """For a merge of the models themselves: the plan's base if it has one, and the models' views. The
-    view is the first model (the output takes its structure), or the base."""
+    view is the plan's model, one of the merged ones or the base: the output takes its structure, config
+    and tokenizer (the first model when the plan leaves `model:` out)."""
     models = [context.open_model(ref) for ref in refs]
     base = context.open_model(context.base_ref) if context.base_ref is not None else None
-    if view is not models[0] and view is not base:
-        raise SurgeryError(f"{op} builds on its first model: make it the first step and leave 'model:' out of the "
-                           f"plan (or set it to {refs[0]})")
+    if view is not base and all(view is not model for model in models):
+        raise SurgeryError(f"{op} builds on one of its models: make it the first step and leave 'model:' out of "
+                           f"the plan (or set it to one of them, or to the base)")
     for model in [*models, *([base] if base is not None else [])]:
         check_same_tensors(view, model, op)
     return base, models
 
 
 def merged_view(op: str, view: ModelView, inputs: list[ModelView],
-                update_for: Callable[[str, tuple[int, ...]], Compute]) -> ModelView:
-    """The view with each float tensor replaced by `update_for(name, shape)` over the inputs' tensors."""
+                update_for: Callable[[str, tuple[int, ...]], Compute], dtype: OutDtype | None = None) -> ModelView:
+    """The view with each float tensor replaced by `update_for(name, shape)` over the inputs' tensors,
+    rounded once to `dtype` (default: the tensor's own); config.json's dtype follows it."""
     sources = [model.tensors() for model in inputs]
 
     def edit(name: str, recipe: TensorRecipe) -> TensorRecipe:
         if recipe.dtype not in FLOAT_DTYPES:
             return recipe
-        return TensorRecipe.computed(recipe.dtype, recipe.shape, tuple(source[name] for source in sources),
-                                     update_for(name, recipe.shape))
+        return TensorRecipe.computed(_STORED[dtype] if dtype else recipe.dtype, recipe.shape,
+                                     tuple(source[name] for source in sources), update_for(name, recipe.shape))
 
-    return view.map_tensors(edit, label=op)
+    merged = view.map_tensors(edit, label=op)
+    if dtype is None:
+        return merged
+    keys = [key for key in ("dtype", "torch_dtype") if key in view.source.config] or ["torch_dtype"]
+    return replace(merged, config_updates={**merged.config_updates, **dict.fromkeys(keys, dtype)})
 
 
 def check_settings(op: str, view: ModelView, settings: dict[str, Varying | None]) -> None:

@@ -41,7 +41,9 @@ def model_card(provenance: dict[str, Any], config: dict[str, Any], name: str, pa
     body += ["", "Methods: " + "; ".join(papers) + "." if papers else ""]
     written = provenance.get("plan_text") or yaml.safe_dump(plan, sort_keys=False)
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", written)), default=0))
-    body += ["", "## Plan", "", f"{fence}yaml", written.rstrip(), fence, "",
+    origin = (["The mergekit config it was made from, which surgery translated into the plan surgery.json records "
+               "(translated_plan).", ""] if provenance.get("translated_from") == "mergekit" else [])
+    body += ["", "## Plan", "", *origin, f"{fence}yaml", written.rstrip(), fence, "",
              "surgery.json records it resolved: every default filled in, every model's files and header hashes.", ""]
     evaluation = provenance.get("evaluation")
     if evaluation:

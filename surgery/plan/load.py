@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 
 from surgery.errors import SurgeryError, one_line
 from surgery.ops.registry import registry
+from surgery.plan.mergekit import Translation, Untranslatable, is_mergekit_config, translate
 from surgery.plan.schema import Plan
 
 MAX_PLAN_BYTES = 1024 * 1024
@@ -22,25 +24,47 @@ MAX_DEPTH = 64
 MAX_NODES = 100_000
 
 
+@dataclass(frozen=True)
+class PlanFile:
+    """A plan file read: the Plan, the text it was parsed from (what the card shows as the plan the user
+    wrote) and, for a mergekit config, its translation."""
+
+    plan: Plan
+    text: str
+    translation: Translation | None = None
+
+
 def load_plan(path: str | Path) -> Plan:
-    """Parse and validate a plan file (bounded, safe YAML) into a Plan.
+    """Parse and validate a plan file (bounded, safe YAML; a surgery plan or a mergekit config) into a Plan.
 
     Returns the Plan; any problem is one SurgeryError naming file, line and field.
     """
-    return read_plan(path)[0]
+    return read_plan(path).plan
 
 
-def read_plan(path: str | Path) -> tuple[Plan, str]:
-    """The Plan, and the text it was parsed from (read once, within the same bounds): what the card
-    shows as the plan the user wrote."""
+def read_plan(path: str | Path) -> PlanFile:
+    """The Plan a file holds, read once within the loader's bounds: a surgery plan, or a mergekit config
+    translated into one (surgery/plan/mergekit.py)."""
     path = Path(path)
     data, root, text = _read_yaml(path)
     if data is None:
         raise SurgeryError(f"{path}: the plan is empty; a plan is a YAML mapping with 'model', 'output' and 'steps'")
     if not isinstance(data, dict):
         raise SurgeryError(f"{path}: a plan is a YAML mapping with 'model', 'output' and 'steps'")
+    if is_mergekit_config(data):
+        try:
+            translation = translate(data)
+        except Untranslatable as e:
+            where = _where(e.loc)
+            raise SurgeryError(one_line(f"{path}:{_line_of(root, e.loc)}: mergekit config: {where}{e}")) from None
+        try:
+            return PlanFile(Plan.model_validate(translation.plan), text, translation)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise SurgeryError(one_line(f"{path}: mergekit config, translated: {_where(tuple(first['loc']))}"
+                                        f"{_message(first)}")) from None
     try:
-        return Plan.model_validate(data), text
+        return PlanFile(Plan.model_validate(data), text)
     except ValidationError as e:
         errors = e.errors()
         missing: dict[tuple[Any, ...], list[str]] = defaultdict(list)  # the missing fields beside each location

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.architecture.verify import UNCHANGED, Verification, verify
-from surgery.checkpoint.reader import Checkpoint
+from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint
 from surgery.checkpoint.writer import ShardPlan, plan_shards
 from surgery.devices import check_device_name
 from surgery.errors import SurgeryError
@@ -26,6 +26,7 @@ from surgery.formats.views import open_view
 from surgery.ops.context import OpContext
 from surgery.ops.registry import op_of
 from surgery.plan.load import plan_line, read_plan
+from surgery.plan.mergekit import Translation
 from surgery.plan.references import expand_user, hub_origin, resolve_model_path
 from surgery.plan.schema import EvaluateSection, Plan
 from surgery.recipe.tensor import TensorRecipe
@@ -46,6 +47,7 @@ class Recipe:
     evaluation_reference: Path | None = None  # the model scored beside the output, when the plan evaluates
     verification: Verification = UNCHANGED
     plan_text: str | None = None  # the plan file as the user wrote it (comments too), for the card
+    translation: Translation | None = None  # what a mergekit config was translated to
 
     @cached_property
     def tensors(self) -> dict[str, TensorRecipe]:
@@ -86,6 +88,8 @@ class Recipe:
             "plan": self.plan.model_dump(mode="json", exclude_none=True, by_alias=True),
             **({"plan_file": str(self.plan_path)} if self.plan_path is not None else {}),
             **({"plan_text": self.plan_text} if self.plan_text is not None else {}),
+            **({"translated_from": "mergekit", "translated_plan": self.translation.plan,
+                "translation_notes": list(self.translation.notes)} if self.translation is not None else {}),
             "sources": self.source_records,
             "source_model": str(self.view.source.path),
             **({"fits": list(self.fits)} if self.fits else {}),
@@ -113,12 +117,16 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
     `plan` is a plan file (its paths are relative to its folder) or a Plan built in code (paths
     relative to `base_dir`, default the current folder); `output` overrides the plan's `output`.
     """
+    translation: Translation | None = None
     if isinstance(plan, Plan):
         plan_path, plan_text, where, folder = None, None, "plan", Path(base_dir or Path.cwd()).resolve()
     else:
         plan_path = Path(plan)
         where, folder = str(plan_path), plan_path.resolve().parent
-        plan, plan_text = read_plan(plan_path)
+        read = read_plan(plan_path)
+        plan, plan_text, translation = read.plan, read.text, read.translation
+        if translation is not None:
+            folder = Path.cwd().resolve()  # mergekit reads a config's paths from where it runs
     views: dict[str, ModelView] = {}
     sources: dict[str, Checkpoint] = {}
 
@@ -132,16 +140,26 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
     primary = plan.starting_model()
     if primary is None:
         raise SurgeryError(f"{where}: the plan names no model; add 'model: PATH' at the top")
-    with _located(plan_path, ("model",) if plan.model else ("steps", 0)):
+    lines = plan_path is not None and translation is None  # a translated plan's places are not the file's lines
+    with _located(plan_path, ("model",) if plan.model else ("steps", 0), lines):
         view = open_model(primary)
     context = OpContext(open_model, plan.base, device, log=lambda line: print(line, file=sys.stderr))
+    if translation is not None:
+        for note in translation.notes:
+            context.log(f"note: {note}")
+        with _located(plan_path, (), lines):
+            check_translation(translation, open_model)
     fits: list[dict[str, Any]] = []
     for index, step in enumerate(plan.steps):
-        with _located(plan_path, ("steps", index)):
+        with _located(plan_path, ("steps", index), lines):
             view = op_of(step).build(step, view, context)
         fits.extend({"step": index, "op": step.op, **found} for found in context.fits)
         context.fits.clear()
+    if translation is not None and translation.stored_dtype is not None:
+        _check_stored_dtype(view, translation.stored_dtype, where)
     verification = verify(view, views)
+    if translation is not None and output is None:
+        raise SurgeryError(f"{where}: a mergekit config names no output folder; pass --out")
     out = _output_folder(plan, output, folder, where)
     for checkpoint in sources.values():
         if _overlaps(checkpoint.path, out):
@@ -149,25 +167,46 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
                 f"output {out} overlaps the input model {checkpoint.path}; inputs are never modified, pick another --out"
             )
     if plan.evaluate is None:
-        return Recipe(plan, plan_path, out, view, sources, tuple(fits), verification=verification, plan_text=plan_text)
+        return Recipe(plan, plan_path, out, view, sources, tuple(fits), verification=verification, plan_text=plan_text,
+                      translation=translation)
     reference = _reference_model(plan, plan.evaluate, lambda ref: resolve_model_path(ref, folder), view.source.path)
     if _overlaps(reference, out):
         raise SurgeryError(f"evaluate.compare_to: {reference} overlaps the output {out}: the output would be scored "
                            "beside itself; name another model to compare it to")
-    recipe = Recipe(plan, plan_path, out, view, sources, tuple(fits), reference, verification, plan_text)
+    recipe = Recipe(plan, plan_path, out, view, sources, tuple(fits), reference, verification, plan_text, translation)
     _check_evaluation(plan.evaluate, recipe.config, reference)
     return recipe
 
 
 @contextmanager
-def _located(plan_path: Path | None, loc: tuple[Any, ...]) -> Iterator[None]:
-    """An error of this part of the plan file names the file and line it comes from."""
+def _located(plan_path: Path | None, loc: tuple[Any, ...], lines: bool = True) -> Iterator[None]:
+    """An error of this part of the plan file names the file and line it comes from (the file only, for a
+    translated mergekit config)."""
     try:
         yield
     except SurgeryError as e:
         if plan_path is None or str(e).startswith(f"{plan_path}:"):
             raise
-        raise type(e)(f"{plan_path}:{plan_line(plan_path, loc)}: {e}") from None
+        where = f"{plan_path}:{plan_line(plan_path, loc)}" if lines else f"{plan_path}: mergekit config"
+        raise type(e)(f"{where}: {e}") from None
+
+
+def check_translation(translation: Translation, open_model: Any) -> None:
+    """What a mergekit config's translation leaves to the models: a merge's slice covers every layer."""
+    for ref, stop in translation.whole_models.items():
+        layers = len(open_model(ref).layers)
+        if stop != layers:
+            raise SurgeryError(f"slices: layer_range [0, {stop}] of {ref}, which has {layers} layers: surgery merges "
+                               f"whole models; give [0, {layers}] and drop layers with a chain plan after")
+
+
+def _check_stored_dtype(view: ModelView, dtype: str, where: str) -> None:
+    """A passthrough's chain copies tensors as they are: a dtype it would have to change is refused."""
+    stored = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]
+    for name, recipe in view.tensors().items():
+        if recipe.dtype in FLOAT_DTYPES and recipe.dtype != stored:
+            raise SurgeryError(f"{where}: mergekit config: dtype {dtype}: {name} is {recipe.dtype}, and surgery's chain "
+                               f"copies tensors as they are; leave dtype out, or convert the models first")
 
 
 def _source_record(checkpoint: Checkpoint) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class ModelView:
     label: str = "model"
     extra_files: dict[str, str] = field(default_factory=dict)  # written beside the weights (name -> text)
     storage: Storage | None = None
+    config_updates: dict[str, Any] = field(default_factory=dict)  # top-level config keys an op set (a merge's dtype)
 
     def with_layers(self, layers: Sequence[Layer]) -> ModelView:
         return replace(self, layers=tuple(layers))
@@ -102,8 +103,9 @@ class ModelView:
     def config(self) -> dict[str, Any]:
         """The config of the model the view computes: the source's, with the layer count and per-layer
         lists following the layers (its storage aside)."""
-        return rewrite_config(self.source.config, self.layout.count_key, [layer.config for layer in self.layers],
-                              self.layout.config_path)
+        config = rewrite_config(self.source.config, self.layout.count_key, [layer.config for layer in self.layers],
+                                self.layout.config_path)
+        return {**config, **self.config_updates}
 
     def written_tensors(self) -> dict[str, TensorRecipe]:
         """Every tensor written, by name: the storage's, or the model's own."""
