@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks of the task-vector merges: the CUDA test (a merge on cuda equals the cpu one), then
-# task_arithmetic and ties of the ~1.1B checkpoint + 2 noisy variants with --device cuda beside
+# every merge method of the ~1.1B checkpoint + 2 noisy variants with --device cuda beside
 # --device cpu on the same machine (bench_merge.py, medians of 3).
 #
 #   benchmarks/gpu_merge.sh

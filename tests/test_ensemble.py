@@ -102,7 +102,7 @@ def _other_tokenizer(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("step, message", [
-    ("    members: [{prose}, {other}]\n", "other has a different tokenizer.json than"),
+    ("    members: [{prose}, {other}]\n", "ensemble: the models' vocabularies differ (token '<|endoftext|>' is"),
     ("    members: [{prose}, {code}]\n    weights: [1]\n", "1 weights for 2 members"),
     ("    members: [{prose}, {code}]\n    weights: [1, -1]\n", "weights sum to 0; they must sum to a positive number"),
     ("    members: [{prose}, {code}]\n    weights: [2, -1]\n    combine: probs\n", "weights must not be negative"),

@@ -408,8 +408,12 @@ REFUSED = {
                             "models[0].parameters.densty: unknown mergekit parameter 'densty'; did you mean 'density'?"),
     "lora": ("merge_method: linear\nmodels:\n  - {{model: {prose}+some/lora, parameters: {{weight: 1}}}}\n",
              "names a LoRA (model+lora), which is not translated"),
-    "tokenizer": ("merge_method: linear\ntokenizer_source: union\nmodels:\n  - {{model: {prose}, parameters: "
-                  "{{weight: 1}}}}\n", "tokenizer_source: 'union': surgery does not align vocabularies yet"),
+    "tokenizer tokens": ("merge_method: linear\ntokenizer: {{source: union, tokens: {{x: {{source: base}}}}}}\n"
+                         "models:\n  - {{model: {prose}, parameters: {{weight: 1}}}}\n",
+                         "tokenizer.tokens: per-token embedding sources are not translated"),
+    "passthrough tokenizer": ("merge_method: passthrough\ntokenizer_source: union\nslices:\n"
+                              "  - sources: [{{model: {prose}, layer_range: [0, 2]}}]\n",
+                              "passthrough's chain takes the first model's vocabulary as it is"),
     "modules": ("merge_method: linear\nmodules: {{text: {{}}}}\nmodels: [{{model: {prose}}}]\n",
                 "modules: per-module configs (multimodal models) are not translated"),
     "several slices": ("merge_method: linear\nslices:\n  - sources: [{{model: {prose}, layer_range: [0, 2]}}]\n"

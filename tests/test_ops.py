@@ -19,7 +19,8 @@ def test_the_registry_holds_every_op_module():
     import importlib
 
     modules = {p.stem for p in (REPO / "surgery" / "ops").glob("*.py")}
-    helpers = {"__init__", "registry", "fields", "context", "task_vectors", "atlas_learn", "fit_memo", "varying"}
+    helpers = {"__init__", "registry", "fields", "context", "task_vectors", "atlas_learn", "fit_memo", "varying",
+               "vocabulary"}
     found = set()
     for module in sorted(modules - helpers):
         loaded = importlib.import_module(f"surgery.ops.{module}")

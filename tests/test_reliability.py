@@ -120,6 +120,20 @@ def test_resume_of_a_finished_output_is_a_no_op(cli, plan, tmp_path):
     assert _shards(out) == before
 
 
+def test_a_lock_left_by_a_run_killed_after_its_rename_goes_with_the_next_resume(cli, plan, tmp_path):
+    """Killed between publishing the output and letting go of its lock, a run leaves the lock file (held
+    by nobody); the resume that finds the output complete removes it, and one still held stays."""
+    out = tmp_path / "out"
+    assert cli("apply", plan, "--out", out, *SHARDS).code == 0
+    lock_path(out).touch()
+    assert cli("apply", plan, "--out", out, "--resume", *SHARDS).code == 0
+    assert not lock_path(out).exists()
+    with open(lock_path(out), "w") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert cli("apply", plan, "--out", out, "--resume", *SHARDS).code == 0
+        assert lock_path(out).exists()
+
+
 def test_a_second_run_on_the_same_output_waits_its_turn(cli, plan, tmp_path):
     out = tmp_path / "out"
     partial_folder(out).mkdir()

@@ -87,18 +87,20 @@ def vocab_size(config: dict[str, Any]) -> int | None:
 def check_same_tokenizer(folders: list[Path], labels: list[str]) -> None:
     """Members must tokenize alike: the same vocabulary files with the same content, and one vocab size."""
     first, first_label = folders[0], labels[0]
-    mine = _vocabulary(first)
+    mine = vocabulary_files(first)
     if not mine:
         raise SurgeryError(f"ensemble: {first_label} has no tokenizer files ({', '.join(VOCABULARY_FILES[:2])}, ...)")
     for folder, label in zip(folders[1:], labels[1:]):
-        theirs = _vocabulary(folder)
+        theirs = vocabulary_files(folder)
         for name in sorted(set(mine) | set(theirs)):
             if mine.get(name) != theirs.get(name):
                 what = "has no" if name not in theirs else "has a different" if name in mine else "has an extra"
                 raise SurgeryError(f"ensemble: {label} {what} {name} than {first_label}; members must share one tokenizer")
 
 
-def _vocabulary(folder: Path) -> dict[str, Any]:
+def vocabulary_files(folder: Path) -> dict[str, Any]:
+    """The files that define a folder's vocabulary, as compared (tokenizer.json without its padding and
+    truncation settings)."""
     found: dict[str, Any] = {}
     for name in VOCABULARY_FILES:
         path = folder / name

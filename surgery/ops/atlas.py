@@ -76,7 +76,7 @@ def blocks_of(view: ModelView, granularity: Granularity) -> dict[str, str]:
 
 
 def atlas(step: AtlasStep, view: ModelView, context: OpContext) -> ModelView:
-    base, models = merge_inputs(step.op, [m.model for m in step.models], view, context)
+    base, models = merge_inputs(step.op, [m.model for m in step.models], view, context, can_align=False)
     block_of = blocks_of(base, step.granularity)
     blocks = list(dict.fromkeys(block_of.values()))
     refs = [entry.model for entry in step.models]

@@ -10,7 +10,6 @@ from pydantic import Field, model_validator
 
 from surgery.comparison.bytes import ByteComparer
 from surgery.comparison.workers import Workers
-from surgery.errors import SurgeryError
 from surgery.evaluation.models import require_causal_lm
 from surgery.formats.ensemble_folder import (
     EnsembleSpec,
@@ -24,6 +23,7 @@ from surgery.formats.ensemble_folder import (
 from surgery.ops.context import OpContext
 from surgery.ops.fields import StepModel
 from surgery.ops.registry import Op
+from surgery.ops.vocabulary import MergeInput, check_one_vocabulary
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import ModelView, Storage
 
@@ -67,11 +67,9 @@ def ensemble(step: EnsembleStep, view: ModelView, context: OpContext) -> ModelVi
     folders = [m.source.path for m in members]
     for member in members:
         require_causal_lm(member.config(), member.label)
-    check_same_tokenizer(folders, step.members)
-    sizes = [vocab_size(m.config()) for m in members]
-    if len(set(sizes)) > 1:
-        raise SurgeryError(f"ensemble: vocab sizes differ ({', '.join(f'{r}: {s}' for r, s in zip(step.members, sizes))}); "
-                           "members must share one vocabulary")
+    check_one_vocabulary("ensemble", [MergeInput(ref, m) for ref, m in zip(step.members, members)],
+                         "members must share one vocabulary (an ensemble averages their logits token by token)")
+    check_same_tokenizer(folders, step.members)  # and cut text alike
     weights = step.weights or [1.0] * len(members)
     stored: dict[str, TensorRecipe] = {}
     aliases: dict[str, str] = {}
@@ -83,7 +81,7 @@ def ensemble(step: EnsembleStep, view: ModelView, context: OpContext) -> ModelVi
     spec = EnsembleSpec(entries, [w / sum(weights) for w in weights], step.combine, step.layout, aliases)
     description = (f"ensemble of {len(members)} ({step.combine}, {step.layout}): "
                    + ", ".join(f"{ref} x{w:.3g}" for ref, w in zip(step.members, spec.weights)))
-    storage = Storage(stored, ensemble_config(spec, sizes[0] or 0), description)
+    storage = Storage(stored, ensemble_config(spec, vocab_size(members[0].config()) or 0), description)
     return replace(members[0], outside={}, layers=(), label="ensemble", storage=storage)
 
 

@@ -26,7 +26,7 @@ class SceStep(MergeStep):
 
 
 def sce(step: SceStep, view: ModelView, context: OpContext) -> ModelView:
-    base, models = merge_inputs(step.op, step.models, view, context)
+    base, models = merge_inputs(step.op, step.models, view, context, step.tokenizer)
     check_settings(step.op, base, {"select_topk": step.select_topk})
 
     def update_for(name: str, shape: tuple[int, ...]) -> SceMerge:

@@ -99,7 +99,7 @@ def sparse_merge(step: Any, view: ModelView, context: OpContext) -> ModelView:
     for name, applies in (("gamma", family.trim == "outliers"), ("epsilon", family.trim == "della")):
         if not applies and (getattr(step, name) is not None or any(getattr(m, name) is not None for m in step.models)):
             raise SurgeryError(f"{step.op}: '{name}' does not apply to {step.op}; remove it")
-    base, models = merge_inputs(step.op, [m.model for m in step.models], view, context)
+    base, models = merge_inputs(step.op, [m.model for m in step.models], view, context, step.tokenizer)
     settings: dict[str, Any] = {"lambda": step.lam, "density": step.density, "gamma": step.gamma,
                                 "epsilon": step.epsilon}
     for m in step.models:

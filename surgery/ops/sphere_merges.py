@@ -117,11 +117,10 @@ def combine(step: Any, view: ModelView, context: OpContext) -> ModelView:
     refs = [m.model for m in step.models]
     shape = SHAPES[step.op]
     if shape.centered == "always":
-        base, models = merge_inputs(step.op, refs, view, context)
+        base, models = merge_inputs(step.op, refs, view, context, step.tokenizer)
         start: ModelView = base
     else:
-        found, models = combined_inputs(step.op, refs, view, context)
-        base, start = found, view  # type: ignore[assignment]
+        base, models, start = combined_inputs(step.op, refs, view, context, step.tokenizer)
     has_base = base is not None
     centered = shape.centered == "always" or (shape.centered == "with base" and has_base)
     check_settings(step.op, start, {"t": getattr(step, "t", None),

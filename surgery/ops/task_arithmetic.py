@@ -38,7 +38,7 @@ class TaskArithmeticStep(MergeStep):
 
 
 def task_arithmetic(step: TaskArithmeticStep, view: ModelView, context: OpContext) -> ModelView:
-    base, models = merge_inputs(step.op, [m.model for m in step.models], view, context)
+    base, models = merge_inputs(step.op, [m.model for m in step.models], view, context, step.tokenizer)
     check_settings(step.op, base, {"lambda": step.lam, **{f"{m.model}'s weight": m.weight for m in step.models}})
 
     def update_for(name: str, shape: tuple[int, ...]) -> Update:

@@ -20,6 +20,7 @@ from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
 from surgery.ops.fields import StepModel, Strict
 from surgery.ops.varying import Varying, check_filters
+from surgery.ops.vocabulary import MergeInput, aligned, check_one_vocabulary
 from surgery.recipe.tensor import Compute, TensorRecipe
 from surgery.recipe.view import ModelView
 
@@ -32,6 +33,9 @@ class MergeStep(StepModel):
 
     dtype: OutDtype | None = Field(default=None, description="The merged tensors' dtype (mergekit's out_dtype); "
                                                              "default: each tensor's own, as the base has it.")
+    tokenizer: str | None = Field(default=None, description="Where the models' vocabularies differ: base, union or "
+                                                            "one of the models, the output's vocabulary (rows "
+                                                            "aligned by token).")
 
 
 class MergeModel(Strict):
@@ -61,33 +65,52 @@ def describe_models(op: str, models: list[MergeModel], extra: str = "") -> str:
     return f"Task vectors of {listed} added to the base (`{op}`{extra})."
 
 
-def merge_inputs(op: str, refs: list[str], view: ModelView, context: OpContext) -> tuple[ModelView, list[ModelView]]:
-    """The base view and the listed models' views, checked to be one architecture and size."""
+def merge_inputs(op: str, refs: list[str], view: ModelView, context: OpContext, tokenizer: str | None = None,
+                 can_align: bool = True) -> tuple[ModelView, list[ModelView]]:
+    """The base view and the listed models' views, checked to be one architecture and size, their vocabulary
+    rows aligned by token where `tokenizer` says (surgery/ops/vocabulary.py)."""
     base = context.base(op)
     if view is not base:
         raise SurgeryError(
             f"{op} builds on the base model: make it the first step and leave 'model:' out of the plan "
             f"(or set it to the base, {context.base_ref})"
         )
-    models = [context.open_model(ref) for ref in refs]
+    start = MergeInput(str(context.base_ref), base)
+    members = [start, *(MergeInput(ref, context.open_model(ref)) for ref in refs)]
+    base, *models = _aligned(op, tokenizer, start, members, start, can_align)
     for model in models:
         check_same_tensors(base, model, op)
     return base, models
 
 
-def combined_inputs(op: str, refs: list[str], view: ModelView,
-                    context: OpContext) -> tuple[ModelView | None, list[ModelView]]:
-    """For a merge of the models themselves: the plan's base if it has one, and the models' views. The
-    view is the plan's model, one of the merged ones or the base: the output takes its structure, config
-    and tokenizer (the first model when the plan leaves `model:` out)."""
-    models = [context.open_model(ref) for ref in refs]
-    base = context.open_model(context.base_ref) if context.base_ref is not None else None
-    if view is not base and all(view is not model for model in models):
+def combined_inputs(op: str, refs: list[str], view: ModelView, context: OpContext,
+                    tokenizer: str | None = None) -> tuple[ModelView | None, list[ModelView], ModelView]:
+    """For a merge of the models themselves: the plan's base if it has one, the models' views, and the view
+    the output builds on: the plan's model, one of the merged ones or the base (its structure, config and
+    tokenizer; the first model when the plan leaves `model:` out). Vocabulary rows aligned as `tokenizer` says."""
+    members = [MergeInput(ref, context.open_model(ref)) for ref in refs]
+    base = None
+    if context.base_ref is not None:
+        base = next((m for m in members if m.ref == context.base_ref), None) or \
+            MergeInput(context.base_ref, context.open_model(context.base_ref))
+    everyone = members + ([base] if base is not None and base not in members else [])
+    start = next((m for m in everyone if m.view is view), None)
+    if start is None:
         raise SurgeryError(f"{op} builds on one of its models: make it the first step and leave 'model:' out of "
                            f"the plan (or set it to one of them, or to the base)")
-    for model in [*models, *([base] if base is not None else [])]:
-        check_same_tensors(view, model, op)
-    return base, models
+    views = _aligned(op, tokenizer, start, everyone, base, True)
+    for model in views:
+        check_same_tensors(views[everyone.index(start)], model, op)
+    return (views[everyone.index(base)] if base is not None else None, views[:len(members)],
+            views[everyone.index(start)])
+
+
+def _aligned(op: str, tokenizer: str | None, start: MergeInput, members: list[MergeInput], base: MergeInput | None,
+             can_align: bool) -> list[ModelView]:
+    if not can_align:
+        check_one_vocabulary(op, members, f"{op} needs models of one vocabulary")
+        return [m.view for m in members]
+    return aligned(op, tokenizer, start, members, base)
 
 
 def merged_view(op: str, view: ModelView, inputs: list[ModelView],

@@ -22,7 +22,15 @@ from surgery.checkpoint.writer import ShardEntry, ShardPlan, shard_header, write
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
 from surgery.formatting import human_bytes
-from surgery.output.partial import PartialOutput, ShardRecord, TrailingHash, journaled_bytes, partial_folder
+from surgery.ops.vocabulary import TOKENIZER_FILES
+from surgery.output.partial import (
+    PartialOutput,
+    ShardRecord,
+    TrailingHash,
+    journaled_bytes,
+    partial_folder,
+    remove_stale_lock,
+)
 from surgery.output.provenance import read_provenance, write_json, write_record
 from surgery.output.side_files import copy_side_files, side_file_bytes
 from surgery.plan.resolve import Recipe
@@ -81,6 +89,7 @@ def execute(
     if out.exists() or out.is_symlink():
         existing = read_provenance(out) if resume and not partial_folder(out).exists() else None
         if existing is not None and existing.get("fingerprint") == fingerprint:
+            remove_stale_lock(out)
             log(f"{out} is already complete: nothing to write")
             return Written(out, existing, already_complete=True)
         if not force:
@@ -96,7 +105,10 @@ def execute(
         _write_shards(recipe, shards, headers, partial, compute_device, on_bytes, log)
         write_index(staging, shards, recipe.total_bytes)
         write_json(staging / "config.json", recipe.config)
-        copy_side_files(recipe.view.source.path, staging)
+        tokenizer = recipe.view.tokenizer_files
+        copy_side_files(recipe.view.source.path, staging, TOKENIZER_FILES if tokenizer is not None else ())
+        for name, data in (tokenizer or {}).items():
+            _inside(staging, name).write_bytes(data)
         for name, text in recipe.view.extra_files.items():
             _inside(staging, name).write_text(text)
         provenance = recipe.provenance() | {

@@ -292,6 +292,23 @@ class PartialOutput:
             (self.folder / JOURNAL_NAME).unlink(missing_ok=True)
 
 
+def remove_stale_lock(out: Path) -> None:
+    """A run killed between its rename and its release leaves its lock file behind, held by nobody: the
+    next run that finds `out` complete removes it (unless a live run holds it)."""
+    path = lock_path(out)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return  # none (or not a file surgery made)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return
+    path.unlink(missing_ok=True)
+    os.close(fd)
+
+
 def _make_parents(folder: Path) -> list[Path]:
     """Create `folder` and the folders above it that are missing; the ones made, deepest first."""
     missing = []

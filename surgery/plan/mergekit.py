@@ -150,23 +150,20 @@ def translate(config: dict[str, Any]) -> Translation:
     notes: list[str] = []
     for key, why in (("modules", "per-module configs (multimodal models) are not translated; merge one stack "
                                  "with a surgery plan's 'stack:'"),
-                     ("tokenizer", "surgery does not build merged vocabularies yet; merge models that share one "
-                                   "vocabulary"),
                      ("chat_template", "set the chat template in the output's tokenizer_config.json after the "
                                        "merge")):
         if config.get(key) is not None:
             raise Untranslatable((key,), why)
-    if config.get("tokenizer_source") not in (None, "base"):
-        raise Untranslatable(("tokenizer_source",), f"{config['tokenizer_source']!r}: surgery does not align "
-                             "vocabularies yet; merge models that share one vocabulary (tokenizer_source: base)")
+    tokenizer = _tokenizer_source(config)
     forms = [key for key in ("models", "slices") if config.get(key) is not None]
     if len(forms) != 1:
         raise Untranslatable((), "give exactly one of 'models' and 'slices' (as mergekit requires)")
     dtype = _dtype(config, "out_dtype") or _dtype(config, "dtype")
     base = _reference(config["base_model"], ("base_model",)) if config.get("base_model") is not None else None
-    if config.get("tokenizer_source") == "base" and base is None:  # else the plan's `model:`, the base, gives it
-        raise Untranslatable(("tokenizer_source",), "'base' needs a base_model")
     if method_name == "passthrough":
+        if tokenizer is not None:
+            raise Untranslatable(("tokenizer_source",), "passthrough's chain takes the first model's vocabulary as it "
+                                 "is; remove it (and stack models of one vocabulary)")
         return _passthrough(config, base, dtype, notes)
     if not isinstance(method_name, str) or method_name not in METHODS:
         extra = (f"; surgery has no {method_name} merge yet" if method_name in _UNSUPPORTED_METHODS else "")
@@ -195,6 +192,8 @@ def translate(config: dict[str, Any]) -> Translation:
                      "in surgery.json): the same kept fraction and rescale, not the same entries")
     if dtype is not None:
         step["dtype"] = dtype
+    if tokenizer is not None:
+        step["tokenizer"] = tokenizer
     plan: dict[str, Any] = {}
     if base is not None:
         plan["model"] = base  # the config and tokenizer come from the base, as mergekit's do
@@ -484,6 +483,30 @@ def _parameters(value: Any, loc: Loc) -> dict[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
         raise Untranslatable(loc, "parameters are a mapping of names to values")
     return value
+
+
+def _tokenizer_source(config: dict[str, Any]) -> str | None:
+    """mergekit's `tokenizer_source` (or `tokenizer: {source: ...}`) as a merge's `tokenizer:`: base, union or
+    a model (surgery/ops/vocabulary.py builds each as mergekit does)."""
+    if config.get("tokenizer_source") is not None and config.get("tokenizer") is not None:
+        raise Untranslatable(("tokenizer",), "give one of tokenizer_source and tokenizer (as mergekit requires)")
+    if isinstance(config.get("tokenizer"), dict):
+        section = config["tokenizer"]
+        _known_keys(section, ("source", "tokens", "pad_to_multiple_of"), ("tokenizer",))
+        for key, why in (("tokens", "per-token embedding sources are not translated; surgery takes each new token's "
+                                    "row from the models that have it"),
+                         ("pad_to_multiple_of", "not translated; surgery keeps the embedding rows of the model whose "
+                                                "tokenizer the output takes")):
+            if section.get(key) is not None:
+                raise Untranslatable(("tokenizer", key), why)
+        source, loc = section.get("source"), ("tokenizer", "source")
+    elif config.get("tokenizer") is not None:
+        raise Untranslatable(("tokenizer",), "a mapping {source: base|union|MODEL}")
+    else:
+        source, loc = config.get("tokenizer_source"), ("tokenizer_source",)
+    if source is None or source in ("base", "union"):
+        return source
+    return _reference(source, loc)
 
 
 def _dtype(config: dict[str, Any], key: str) -> str | None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from surgery.checkpoint.blocks import BlockReader, torch_dtype
 from surgery.checkpoint.reader import numel
+from surgery.recipe.rows import RowGather
 from surgery.recipe.tensor import Block, Compute, TensorRecipe
 
 if TYPE_CHECKING:
@@ -144,6 +145,8 @@ class RecipeStreamer:
             raw = self.reader.raw(slot, recipe.stored, start, stop)  # the narrow dtype crosses the bus, then widens
             return torch.frombuffer(raw, dtype=torch_dtype(recipe.stored.dtype)).to(self.device).float()
         compute = self._prepare(recipe, slot)
+        if isinstance(compute, RowGather):
+            return self._gathered(recipe, compute, slot, start, stop)
         if compute.elementwise:
             first, last = start, stop
             if getattr(compute, "whole_rows", False):  # widen to whole rows, compute, then cut back
@@ -157,6 +160,28 @@ class RecipeStreamer:
             inputs = next(self._blocks(recipe, slot))
             value = self._whole[id(recipe)] = self._as_stored(compute(inputs), recipe.dtype).reshape(-1)
         return value[start:stop].clone()  # the reader may overwrite its inputs in place
+
+    def _gathered(self, recipe: TensorRecipe, gather: RowGather, slot: tuple[Hashable, ...], start: int,
+                  stop: int) -> torch.Tensor:
+        """Elements [start, stop) of a tensor whose rows come from its inputs' rows (surgery/recipe/rows.py):
+        the rows that hold them, read run by run, then cut back."""
+        import torch
+
+        width = gather.width
+        first, last = start // width, -(-stop // width)
+        parts = []
+        for run_start, length, sources in gather.between(first, last):
+            lo, hi = max(first, run_start), min(last, run_start + length)
+            total: torch.Tensor | None = None
+            for j, row in sources:
+                at = row + lo - run_start
+                piece = self._read(recipe.inputs[j], (*slot, "rows", j), at * width, (at + hi - lo) * width).clone()
+                total = piece if total is None else total.add_(piece)
+            assert total is not None
+            parts.append(total / len(sources) if len(sources) > 1 else total)
+        value = self._as_stored(torch.cat(parts), recipe.dtype)
+        offset = start - first * width
+        return value[offset: offset + stop - start]
 
     @staticmethod
     def _as_stored(value: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -77,6 +77,7 @@ class ModelView:
     extra_files: dict[str, str] = field(default_factory=dict)  # written beside the weights (name -> text)
     storage: Storage | None = None
     config_updates: dict[str, Any] = field(default_factory=dict)  # top-level config keys an op set (a merge's dtype)
+    tokenizer_files: dict[str, bytes] | None = None  # the output's tokenizer, replacing the source's (name -> bytes)
 
     def with_layers(self, layers: Sequence[Layer]) -> ModelView:
         return replace(self, layers=tuple(layers))
