@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU checks of the task-vector merges: the CUDA test (a merge on cuda equals the cpu one), then
-# every merge method of the ~1.1B checkpoint + 2 noisy variants with --device cuda beside
-# --device cpu on the same machine (bench_merge.py, medians of 3).
+# GPU checks of the merges: the CUDA tests (a merge, and one with rows aligned by token, on cuda equal
+# the cpu ones), then five merge methods of the ~1.1B checkpoint + 2 noisy variants with --device cuda
+# beside --device cpu on the same machine (bench_merge.py, one run each: the device time is 15 minutes).
 #
 #   benchmarks/gpu_merge.sh
 #
@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 out="${OUT:-bench-data/gpu-merge}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python -m pytest -q -p no:cacheprovider tests/test_task_vectors.py -k cuda -rs 2>&1 | tee "$out/pytest.txt"
+python -m pytest -q -p no:cacheprovider tests/test_task_vectors.py tests/test_vocabularies.py -k cuda -rs 2>&1 | tee "$out/pytest.txt"
 for device in cuda cpu; do
-    python benchmarks/bench_merge.py --runs 3 --device "$device" --mergekit "" | tee "$out/bench-$device.txt"
+    python benchmarks/bench_merge.py --runs 1 --device "$device" --mergekit "" \
+        --methods task_arithmetic,ties,dare_ties,slerp,model_stock | tee "$out/bench-$device.txt"
 done

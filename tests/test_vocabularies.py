@@ -174,3 +174,12 @@ def test_a_mergekit_tokenizer_source_translates(models, cli, tmp_path):
     want = _weights(_apply(cli, tmp_path, _task_arithmetic(models, "plus", "union"), "by-hand"))
     got = _weights(tmp_path / "mk")
     assert all(torch.equal(want[n], got[n]) for n in want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_aligned_rows_gather_the_same_on_cuda(models, cli, tmp_path):
+    from tests.conftest import outputs_on_devices
+
+    outputs = outputs_on_devices(cli, tmp_path, _task_arithmetic(models, "plus", "union"))
+    for name, tensor in outputs["cpu"].items():
+        torch.testing.assert_close(outputs["cuda"][name], tensor, rtol=1e-6, atol=1e-6)
