@@ -139,9 +139,14 @@ def test_packed_output_loads_through_transformers_and_equals_the_dense_simulatio
     config = json.loads((packed / "config.json").read_text())["quantization_config"]
     assert {g["weights"]["num_bits"] for g in config["config_groups"].values()} == {4, 8}
     assert cli("eval", packed, "--max-tokens", "256", "--device", "cpu").code == 0
+    # the demo's rows are 96 weights (256 for down_proj): a k-quant's 256-weight block fits down_proj only
     lines = (packed / "llama-tensor-types.txt").read_text().splitlines()
-    assert len(lines) == 8 and lines[0].startswith("blk\\.0\\.(attn_k|attn_output|attn_q|attn_v|ffn_down|ffn_gate|ffn_up)")
-    assert [line.rsplit("=", 1)[1] for line in lines] == ["q8_0" if w == 8 else "q4_k" for w in widths]
+    want = []
+    for layer, w in enumerate(widths):
+        kinds = {"q8_0": "attn_k|attn_output|attn_q|attn_v|ffn_down|ffn_gate|ffn_up"} if w == 8 else \
+            {"q4_0": "attn_k|attn_output|attn_q|attn_v|ffn_gate|ffn_up", "q4_k": "ffn_down"}
+        want += [f"blk\\.{layer}\\.({names})\\.weight={kind}" for kind, names in sorted(kinds.items())]
+    assert lines == want
 
 
 @pytest.mark.parametrize("step, message", [
@@ -172,3 +177,15 @@ def test_bits_on_cuda_equals_cpu(cli, tmp_path):
         # the same integers; a scale may differ in its last bit (torch's CPU divides by a constant
         # through its reciprocal, CUDA divides exactly)
         torch.testing.assert_close(outs["cuda"][name], tensor, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("width, columns, kind", [
+    (4, 4096, "q4_k"), (4, 576, "q4_0"), (6, 1536, "q6_k"), (6, 576, "q8_0"), (5, 96, "q5_0"), (3, 576, "q4_0"),
+    (2, 2048, "q2_k"), (8, 576, "q8_0"), (4, 100, "f16"), (16, 4096, "f16"),
+])
+def test_the_llama_cpp_type_fits_the_tensors_rows(width, columns, kind):
+    """A k-quant only where rows divide by 256 (llama.cpp's QK_K), else the narrowest 32-block type at least
+    as wide (never fewer bits than asked), else f16: llama-quantize then honours every line."""
+    from surgery.formats.gguf import gguf_type
+
+    assert gguf_type(width, columns) == kind

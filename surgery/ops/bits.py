@@ -116,8 +116,13 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
             rtn = Rtn(width, q.group_size, q.symmetric, recipe.dtype, transposed=transposed.get(suffix, False))
             tensors[suffix] = TensorRecipe.computed(recipe.dtype, recipe.shape, (recipe,), rtn)
         layers.append(Layer(tensors=tensors, config=layer.config, origin=layer.origin.edited(f"{width}-bit")))
-    every_target = sorted({suffix for suffixes in targets for suffix in suffixes})
-    dense = replace(view.with_layers(layers), extra_files={TENSOR_TYPES_FILE: tensor_types_file(every_target, widths)})
+    columns = [{suffix: layer.tensors[suffix].shape[-2 if transposed.get(suffix, False) else -1] for suffix in suffixes}
+               for layer, suffixes in zip(view.layers, targets)]
+    types, fallbacks = tensor_types_file(columns, widths)
+    if fallbacks:
+        context.log(f"bits: {TENSOR_TYPES_FILE}: {len(fallbacks)} tensors' rows do not divide by 256, llama.cpp's "
+                    f"k-quant block: they get 32-block types ({fallbacks[0]}{', ...' if len(fallbacks) > 1 else ''})")
+    dense = replace(view.with_layers(layers), extra_files={TENSOR_TYPES_FILE: types})
     if step.format == "dense":
         return dense
     stored: dict[str, TensorRecipe] = dict(view.outside)
