@@ -27,6 +27,11 @@ ConfigPath = tuple[str, ...]  # where the layer stack's config sits in config.js
 
 log = logging.getLogger(__name__)
 
+# config.json's special token ids: a changed vocabulary renumbers them (ops/vocabulary.py), a demo config
+# keeps them inside its vocabulary (demo_models/zoo.py).
+TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
+                 "cls_token_id", "unk_token_id", "mask_token_id")
+
 
 @dataclass(frozen=True)
 class ListRule:

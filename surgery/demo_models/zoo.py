@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from surgery.checkpoint.config import TOKEN_ID_KEYS
+
 # Small values for the config keys that size a model; a key is set only where the config has it.
 SIZES: dict[str, int] = {
     "hidden_size": 64, "n_embd": 64, "d_model": 64, "embed_dim": 64, "dim": 64,
@@ -67,8 +69,6 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 # Keys a default config leaves None that its model needs (derived from others, or unset in the default).
 DERIVED_WHEN_NONE = ("head_dim", "num_key_value_heads", "num_experts_per_tok", "n_routed_experts", "n_group",
                      "topk_group", "n_shared_experts")
-TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
-                 "cls_token_id", "unk_token_id", "mask_token_id")
 MAX_PARAMETERS = 3_000_000
 
 

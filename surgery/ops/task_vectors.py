@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from surgery.checkpoint.blocks import STORED_DTYPES
 from surgery.checkpoint.reader import FLOAT_DTYPES
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
@@ -25,7 +26,6 @@ from surgery.recipe.tensor import Compute, TensorRecipe
 from surgery.recipe.view import ModelView
 
 OutDtype = Literal["float32", "bfloat16", "float16"]
-_STORED = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # safetensors' names
 
 
 class MergeStep(StepModel):
@@ -122,7 +122,7 @@ def merged_view(op: str, view: ModelView, inputs: list[ModelView],
     def edit(name: str, recipe: TensorRecipe) -> TensorRecipe:
         if recipe.dtype not in FLOAT_DTYPES:
             return recipe
-        return TensorRecipe.computed(_STORED[dtype] if dtype else recipe.dtype, recipe.shape,
+        return TensorRecipe.computed(STORED_DTYPES[dtype] if dtype else recipe.dtype, recipe.shape,
                                      tuple(source[name] for source in sources), update_for(name, recipe.shape))
 
     merged = view.map_tensors(edit, label=op)

@@ -23,9 +23,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from surgery.checkpoint.config import TOKEN_ID_KEYS
 from surgery.checkpoint.reader import FLOAT_DTYPES, numel
 from surgery.errors import SurgeryError
-from surgery.formats.ensemble_folder import vocabulary_files
+from surgery.formats.ensemble_folder import vocab_size, vocabulary_files
 from surgery.recipe.rows import RowGather, Sources, runs_of
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import ModelView
@@ -34,8 +35,6 @@ from surgery.recipe.view import ModelView
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
                    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
-TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
-                 "cls_token_id", "unk_token_id", "mask_token_id")
 
 
 @dataclass(frozen=True, eq=False)  # one per model of a merge, found by identity
@@ -48,9 +47,7 @@ class MergeInput:
 
 def rows_of(view: ModelView) -> int | None:
     """The embedding's rows: config.json's vocab_size (a text model's, or a VLM's text_config's)."""
-    config = view.source.config
-    size = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
-    return size if isinstance(size, int) else None
+    return vocab_size(view.source.config)
 
 
 @lru_cache(maxsize=32)
@@ -88,12 +85,12 @@ def first_difference(a: dict[str, int], b: dict[str, int], label_a: str, label_b
 
 def vocabulary_mismatch(members: list[MergeInput]) -> str | None:
     """Where the members' vocabularies differ (tokens or embedding rows), in words; None where they agree."""
-    first = members[0]
-    files = vocabulary_files(first.view.source.path)
-    if all(vocabulary_files(m.view.source.path) == files and rows_of(m.view) == rows_of(first.view) for m in members):
+    first, *others = members
+    files, rows = vocabulary_files(first.view.source.path), rows_of(first.view)
+    if all(vocabulary_files(m.view.source.path) == files and rows_of(m.view) == rows for m in others):
         return None  # the same vocabulary files: no tokenizer needs loading
-    mine, rows = token_ids(first.view), rows_of(first.view)
-    for other in members[1:]:
+    mine = token_ids(first.view)
+    for other in others:
         theirs, their_rows = token_ids(other.view), rows_of(other.view)
         if mine is not None and theirs is not None and mine != theirs:
             return first_difference(mine, theirs, first.ref, other.ref)

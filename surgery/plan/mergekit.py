@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from difflib import get_close_matches
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from surgery.errors import SurgeryError
+from surgery.ops.task_vectors import OutDtype
 
 Loc = tuple[str | int, ...]
 _REQUIRED = object()
@@ -102,7 +103,6 @@ _KNOWN_PARAMETERS = {name for m in METHODS.values() for name in (*m.shared, *m.p
 _UNSUPPORTED_METHODS = ("arcee_fusion", "nearswap", "ram", "ramplus_tl")
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "tokenizer", "chat_template")
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -318,10 +318,7 @@ def _check_names(method_name: str, method: Method, levels: list[tuple[dict[str, 
     for level, loc, own in levels:
         for name in level:
             where = _where((*loc, name))
-            if name not in _KNOWN_PARAMETERS:
-                close = get_close_matches(name, sorted(_KNOWN_PARAMETERS), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise Untranslatable((*loc, name), f"unknown mergekit parameter '{name}'{hint}")
+            _known_parameter(name, (*loc, name))
             param = method.per_model.get(name) or method.shared.get(name)
             if param is None:
                 notes.append(f"mergekit's {method_name} takes no '{name}' ({where}): left out")
@@ -411,13 +408,20 @@ def _passthrough(config: dict[str, Any], base: str | None, dtype: str | None, no
                        stored_dtype=dtype)
 
 
+def _known_parameter(name: str, loc: Loc) -> None:
+    """A name no mergekit method takes is a typo (mergekit would ignore it): refused, with the nearest name."""
+    if name not in _KNOWN_PARAMETERS:
+        close = get_close_matches(name, sorted(_KNOWN_PARAMETERS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise Untranslatable(loc, f"unknown mergekit parameter '{name}'{hint}")
+
+
 def _passthrough_parameters(parameters: Any, loc: Loc, notes: list[str]) -> None:
     for name in _parameters(parameters, loc):
         if name == "scale":
             raise Untranslatable((*loc, name), "passthrough's scale is not translated; scale modules with a chain "
                                  "entry's 'scale: {o_proj: 0.5}' in a surgery plan")
-        if name not in _KNOWN_PARAMETERS:
-            raise Untranslatable((*loc, name), f"unknown mergekit parameter '{name}'")
+        _known_parameter(name, (*loc, name))
         notes.append(f"mergekit's passthrough takes no '{name}' ({_where((*loc, name))}): left out")
 
 
@@ -514,9 +518,9 @@ def _dtype(config: dict[str, Any], key: str) -> str | None:
     if value is None:
         return None
     name = str(value).removeprefix("torch.")
-    if name not in _DTYPES:
+    if name not in get_args(OutDtype):
         raise Untranslatable((key,), f"{value!r}: surgery writes float32, bfloat16 or float16")
-    return _DTYPES[name]
+    return name
 
 
 def _no_repeats(inputs: list[tuple[str, dict[str, Any], Loc]]) -> None:

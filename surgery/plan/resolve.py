@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.architecture.verify import UNCHANGED, Verification, verify
+from surgery.checkpoint.blocks import STORED_DTYPES
 from surgery.checkpoint.reader import FLOAT_DTYPES, Checkpoint
 from surgery.checkpoint.writer import ShardPlan, plan_shards
 from surgery.devices import check_device_name
@@ -202,7 +203,7 @@ def check_translation(translation: Translation, open_model: Any) -> None:
 
 def _check_stored_dtype(view: ModelView, dtype: str, where: str) -> None:
     """A passthrough's chain copies tensors as they are: a dtype it would have to change is refused."""
-    stored = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]
+    stored = STORED_DTYPES[dtype]
     for name, recipe in view.tensors().items():
         if recipe.dtype in FLOAT_DTYPES and recipe.dtype != stored:
             raise SurgeryError(f"{where}: mergekit config: dtype {dtype}: {name} is {recipe.dtype}, and surgery's chain "
