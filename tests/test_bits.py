@@ -189,3 +189,60 @@ def test_the_llama_cpp_type_fits_the_tensors_rows(width, columns, kind):
     from surgery.formats.gguf import gguf_type
 
     assert gguf_type(width, columns) == kind
+
+
+def test_cheapest_widths_is_the_least_cost_assignment_within_the_target():
+    import itertools
+    import random
+
+    from surgery.ops.bits import cheapest_widths
+
+    rng = random.Random(0)
+    choices = [2, 3, 4, 8]
+    for trial in range(20):
+        costs = {w: [rng.random() / w for _ in range(6)] for w in choices}
+        target = rng.choice([2.5, 3, 3.5, 4.25, 6])
+        manual = {rng.randrange(6): rng.choice(choices)} if trial % 3 == 0 else {}
+        feasible = [c for c in itertools.product(choices, repeat=6) if sum(c) <= target * 6
+                    and all(c[layer] == w for layer, w in manual.items())]
+        if not feasible:
+            continue
+        widths = cheapest_widths(costs, target, manual)
+        best = min(sum(costs[w][i] for i, w in enumerate(c) if i not in manual) for c in feasible)
+        assert sum(widths) <= target * 6 and all(widths[layer] == w for layer, w in manual.items())
+        assert sum(costs[w][i] for i, w in enumerate(widths) if i not in manual) == pytest.approx(best, abs=1e-12)
+    from surgery.errors import SurgeryError
+
+    with pytest.raises(SurgeryError, match="target_bits 2 is below what the choices"):
+        cheapest_widths({2: [0.1] * 4, 4: [0.0] * 4}, 2, {0: 4})
+
+
+def test_kl_costs_equal_a_direct_computation(cli, tmp_path):
+    """score: kl records, per width and layer, the KL from the model as stored when only that layer is
+    rounded (RTN); recomputed here with transformers, the RTN formula and torch's kl_div; the assignment
+    is the cheapest within the target."""
+    from transformers import AutoTokenizer
+
+    from surgery.evaluation.data import load_text
+    from surgery.ops.bits import cheapest_widths
+
+    step = ("    score: kl\n    calibration: {data: builtin:mixed-dev, samples: 4, seq_len: 128}\n"
+            "    assign: {target_bits: 3, choices: [2, 4]}\n    quantizer: {group_size: 32}\n")
+    out = _bits(cli, tmp_path, step)
+    fit = json.loads((out / "surgery.json").read_text())["fits"][0]
+    costs = {int(w): c for w, c in fit["costs"].items()}
+    assert fit["bits"] == cheapest_widths(costs, 3, {}) and sum(fit["bits"]) <= 24
+    model = load(demo_model("base"))
+    ids = AutoTokenizer.from_pretrained(demo_model("base"))(load_text("builtin:mixed-dev").text)["input_ids"][:512]
+    rows = torch.tensor(ids).reshape(4, 128)
+    with torch.no_grad():
+        reference = torch.cat([model(input_ids=r[None]).logits[0] for r in rows]).double().log_softmax(-1)
+        for layer, width in ((0, 2), (5, 4)):
+            prefix = f"model.layers.{layer}."
+            for name, p in model.named_parameters():
+                if name.startswith(prefix) and p.dim() == 2:
+                    p.copy_(quantize(p.detach().clone(), width, 32, False, torch.float32).dequantized())
+            probe = torch.cat([model(input_ids=r[None]).logits[0] for r in rows]).double().log_softmax(-1)
+            kl = torch.nn.functional.kl_div(probe, reference, log_target=True, reduction="batchmean")
+            assert costs[width][layer] == pytest.approx(float(kl), rel=1e-4)
+            model = load(demo_model("base"))

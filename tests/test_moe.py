@@ -225,3 +225,39 @@ def test_packed_moe_loads_in_transformers_and_equals_the_dense_simulation(model_
     mixed = step.replace("{0: 4, 1: 4, 2: 4, 3: 4}", "{0: 4, 1: 8, 2: 4, 3: 4}") + "    format: compressed-tensors\n"
     result = cli("apply", write_plan(tmp_path, f"model: {base}\noutput: {tmp_path / 'mixed'}\n{mixed}", "mixed.yaml"))
     assert result.code == 2 and "one bit width" in result.err and not (tmp_path / "mixed").exists()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_gptq_refuses_experts_it_cannot_calibrate_and_quantizes_the_rest(model_type, moe, cli, tmp_path):
+    """transformers runs the experts fused (whatever the checkpoint stores), so no expert is a linear
+    layer GPTQ can take a Hessian for: refused naming the fix; with the experts kept, the attention
+    layers are GPTQ-quantized and the experts and routers left byte for byte."""
+    base, _, _ = moe(model_type)
+    step = ("steps:\n  - op: bits\n    width: 4\n    calibration: {data: builtin:mixed-dev, samples: 2, seq_len: 32}\n"
+            "    quantizer: {method: gptq, group_size: 16}\n")
+    refused = cli("apply", write_plan(tmp_path, f"model: {base}\noutput: {tmp_path / 'no'}\n{step}"))
+    assert refused.code == 2 and "is fused experts; add 'experts' to keep" in refused.err
+    assert not (tmp_path / "no").exists()
+    out = _apply(cli, tmp_path, f"model: {base}\n{step}    keep: [embed, lm_head, norms, experts]\n", "kept")
+    source, written = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    quantized = 0
+    for name, tensor in source.items():
+        if is_expert(name) or is_router(name.split(".", 3)[-1]) or ".layers." not in name or tensor.dim() == 1:
+            assert torch.equal(written[name], tensor), name
+        elif "self_attn" in name and name.endswith("proj.weight"):
+            assert not torch.equal(written[name], tensor), name
+            quantized += 1
+    assert quantized >= 4 * 4  # q, k, v and o of every layer
+
+
+def test_kl_costs_of_experts_stored_one_by_one_are_refused_until_kept(moe, cli, tmp_path):
+    """transformers fuses Qwen3-MoE's stored experts into one module, so rounding one stored expert in the
+    loaded model is impossible: refused naming the fix; kept, the costs are measured."""
+    base, _, _ = moe("qwen3_moe")
+    step = ("steps:\n  - op: bits\n    score: kl\n    calibration: {data: builtin:mixed-dev, samples: 2, seq_len: 32}\n"
+            "    assign: {high: 8, low: 4, low_fraction: 0.5}\n    quantizer: {group_size: 16, symmetric: true}\n")
+    refused = cli("apply", write_plan(tmp_path, f"model: {base}\noutput: {tmp_path / 'no'}\n{step}"))
+    assert refused.code == 2 and "score kl rounds layers of transformers' module" in refused.err
+    out = _apply(cli, tmp_path, f"model: {base}\n{step}    keep: [embed, lm_head, norms, experts]\n", "kept")
+    fit = json.loads((out / "surgery.json").read_text())["fits"][0]
+    assert sorted(fit["bits"]) == [4, 4, 8, 8] and all(c > 0 for c in fit["costs"]["4"])

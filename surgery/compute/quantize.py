@@ -38,13 +38,21 @@ class Quantized:
         z = self.zero.to(self.scale.dtype).unsqueeze(-1)
         return ((q - z) * self.scale.unsqueeze(-1)).reshape(out, columns)
 
+    def part(self, part: Part, bits: int) -> torch.Tensor:
+        """What one stored tensor holds: the dense weight, the packed words or the scales."""
+        if part == "dense":
+            return self.dequantized()
+        return pack(self.values, bits) if part == "packed" else self.scale
+
 
 def integer_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-def quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, dtype: torch.dtype) -> Quantized:
-    """RTN of a 2-D weight (float32 in), scales stored in `dtype`."""
+def grid(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, dtype: torch.dtype
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN's scale (in `dtype`) and zero point (float, integral) of each group of a 2-D weight: the grid
+    every quantizer here rounds to, so that all of them pack alike."""
     import torch
 
     out, columns = weight.shape
@@ -57,10 +65,25 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, 
     else:
         scale = (high - low) / (q_max - q_min)
     scale = scale.to(dtype)
-    scale = torch.where(scale == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype), scale)
-    wide = scale.float()
-    zero = torch.zeros_like(wide) if symmetric else (q_min - low / wide).clamp(q_min, q_max).round()
-    values = (groups / wide.unsqueeze(-1) + zero.unsqueeze(-1)).round().clamp(q_min, q_max)
+    scale = torch.where(scale == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype, device=scale.device), scale)
+    zero = torch.zeros_like(scale, dtype=weight.dtype) if symmetric else \
+        (q_min - low / scale.to(weight.dtype)).clamp(q_min, q_max).round()
+    return scale, zero
+
+
+def rounded(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integers nearest to weight / scale + zero within the width's range (arguments broadcast)."""
+    q_min, q_max = integer_range(bits)
+    return (weight / scale.to(weight.dtype) + zero).round().clamp(q_min, q_max)
+
+
+def quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, dtype: torch.dtype) -> Quantized:
+    """RTN of a 2-D weight (float32 in), scales stored in `dtype`."""
+    import torch
+
+    out, columns = weight.shape
+    scale, zero = grid(weight, bits, group_size, symmetric, dtype)
+    values = rounded(weight.reshape(out, columns // group_size, group_size), scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
     return Quantized(values.reshape(out, columns).to(torch.int8), scale, zero.to(torch.int8))
 
 
@@ -102,12 +125,10 @@ class Rtn(Unprepared):
         shape = weight.shape  # groups run along the last axis; each row of each expert is a row
         quantized = quantize(weight.reshape(-1, shape[-1]), self.bits, self.group_size, self.symmetric,
                              torch_dtype(self.dtype))
-        if self.part == "dense":
-            dense = quantized.dequantized().reshape(shape)
-            return dense.transpose(-1, -2) if self.transposed else dense
-        if self.part == "packed":
-            return pack(quantized.values, self.bits)
-        return quantized.scale
+        if self.part != "dense":
+            return quantized.part(self.part, self.bits)
+        dense = quantized.dequantized().reshape(shape)
+        return dense.transpose(-1, -2) if self.transposed else dense
 
     def of_part(self, part: Part) -> Rtn:
         return replace(self, part=part)
@@ -116,6 +137,28 @@ class Rtn(Unprepared):
         kind = "symmetric" if self.symmetric else "asymmetric"
         layout = ", experts stored (input, output)" if self.transposed else ""
         return f"RTN {self.bits}-bit {kind}, groups of {self.group_size}{layout}, {self.part}"
+
+
+@dataclass(frozen=True)
+class FromIntegers(Unprepared):
+    """A weight a calibrated quantizer (GPTQ) rounded, from the integers, scales and zero points it stored
+    (the inputs, in that order): the dense weight or the packed words, as RTN's would be."""
+
+    method: str
+    bits: int
+    dtype: str
+    part: Literal["dense", "packed"] = "dense"
+    elementwise = False
+
+    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        values, scale, zero = inputs
+        return Quantized(values.to(torch.int8), scale.to(torch_dtype(self.dtype)), zero.to(torch.int8)).part(
+            self.part, self.bits)
+
+    def describe(self) -> str:
+        return f"{self.method} {self.bits}-bit, {self.part}"
 
 
 @dataclass(frozen=True)

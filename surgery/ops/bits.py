@@ -11,13 +11,16 @@ Beside either, `llama-tensor-types.txt` gives llama-quantize the same assignment
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from surgery.checkpoint.modules import is_expert, is_router
-from surgery.compute.quantize import Constant, Rtn
+from surgery.compute.gptq import GptqSettings
+from surgery.compute.quantize import Constant, FromIntegers, Part, Rtn
 from surgery.errors import SurgeryError
 from surgery.evaluation import importance
 from surgery.formats.compressed_tensors import PACKED_BITS, quantization_config
@@ -25,6 +28,7 @@ from surgery.formats.gguf import TENSOR_TYPES_FILE, tensor_types_file
 from surgery.ops.context import OpContext
 from surgery.ops.fields import StepModel, Strict
 from surgery.ops.fit_memo import finite_numbers, folder_stamp, remembered, text_digest
+from surgery.ops.gptq_layers import LayerPlan, gptq_layers
 from surgery.ops.registry import Op
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import Layer, ModelView, Storage
@@ -62,18 +66,39 @@ class BitAssignment(Strict):
 
 
 class Quantizer(Strict):
-    """How each matrix is quantized: round-to-nearest with per-group scales."""
+    """How each matrix is rounded to its width: RTN, or GPTQ on calibration text; per-group scales either way.
+    GPTQ's own settings stay None for RTN (GPTQ's defaults: no act order, dampening 0.01, blocks of 128)."""
 
-    method: Literal["rtn"] = "rtn"
+    method: Literal["rtn", "gptq"] = "rtn"
     group_size: int = Field(default=128, ge=1)
     symmetric: bool = False
+    act_order: bool | None = Field(default=None, description="GPTQ: round the inputs with the largest Hessian "
+                                   "diagonal first [false].")
+    dampening: float | None = Field(default=None, ge=0, description="GPTQ: added to the Hessian's diagonal, times "
+                                    "its mean [0.01].")
+    block_size: int | None = Field(default=None, ge=1, description="GPTQ: columns per lazy batch update, for speed "
+                                   "only [128].")
+
+    @model_validator(mode="after")
+    def _gptq_settings(self) -> Quantizer:
+        given = [name for name in ("act_order", "dampening", "block_size") if getattr(self, name) is not None]
+        if self.method != "gptq" and given:
+            raise ValueError(f"{given[0]} is a GPTQ setting; add method: gptq, or leave it out")
+        return self
+
+    def gptq_settings(self) -> GptqSettings:
+        chosen = {k: v for k, v in (("act_order", self.act_order), ("dampening", self.dampening),
+                                    ("block_size", self.block_size)) if v is not None}
+        return GptqSettings(self.group_size, self.symmetric, **chosen)
 
 
 class BitsStep(StepModel):
     """Layer-wise bit assignment (Dumitru et al. 2024): important layers keep more bits."""
 
     op: Literal["bits"]
-    score: Literal["lim", "zd", "bi", "manual"] = "lim"
+    width: int | None = Field(default=None, ge=1, le=16, description="Every layer at this width: no scores, no assign.")
+    score: Literal["lim", "zd", "bi", "kl", "manual"] | None = Field(default=None,
+                                                                     description="lim unless width is given.")
     calibration: Calibration = Calibration()
     assign: BitAssignment | None = None
     manual: dict[int, int] | None = Field(default=None, description="Bits by layer; overrides the assignment.")
@@ -82,8 +107,21 @@ class BitsStep(StepModel):
                             description="Tensors left in the source dtype, by name part; norms: every 1-D tensor.")
     format: Literal["dense", "compressed-tensors"] = "dense"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _ranked_by_lim(cls, data: Any) -> Any:
+        """Layers are ranked by LIM unless the step says otherwise or gives every layer one width."""
+        if isinstance(data, dict) and data.get("width") is None and data.get("score") is None:
+            return {**data, "score": "lim"}
+        return data
+
     @model_validator(mode="after")
     def _assignment(self) -> BitsStep:
+        if self.width is not None:
+            if self.assign is not None or self.score is not None:
+                raise ValueError("width gives every layer one width; leave out score and assign "
+                                 "(manual still overrides single layers)")
+            return self
         if self.score != "manual" and self.assign is None:
             raise ValueError(f"score: {self.score} ranks layers for an 'assign' section; add one, e.g. "
                              "{high: 8, low: 4, low_fraction: 0.5}")
@@ -101,20 +139,28 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
     targets = [quantized_tensors(layer, step.keep) for layer in view.layers]  # dense and MoE layers differ
     transposed = experts_layout(view, targets)
     _check_quantizer(step, view, targets, transposed)
-    scores = layer_scores(step, view, context)
-    widths = assign_bits(step.assign, scores, depths, step.manual or {})
+    fit: dict[str, Any] = {"score": step.score}
+    if step.score == "kl":
+        assert step.assign is not None
+        costs = measured_costs(step, view, targets, transposed, context)
+        fit["costs"] = {str(w): c for w, c in costs.items()}
+        scores = costs[min(costs)]  # what the lowest width costs each layer: higher, more important
+        widths = assign_bits(step.assign, scores, depths, step.manual or {}) if step.assign.low is not None \
+            else cheapest_widths(costs, step.assign.target_bits, step.manual or {})
+    else:
+        scores = None if step.width is not None else layer_scores(step, view, context)
+        widths = assign_bits(step.assign, scores, depths, step.manual or {}, step.width)
     _check_widths(step, widths, targets)
     average = sum(widths) / depths
-    context.fits.append({"score": step.score, "scores": scores, "bits": widths, "average_bits": average})
+    fit |= {"scores": scores, "bits": widths, "average_bits": average}
+    context.fits.append(fit)
     context.log(f"bits: {', '.join(f'{i}:{b}' for i, b in enumerate(widths))} (average {average:.3g})")
-    q = step.quantizer
+    part = quantized_parts(step, view, targets, widths, transposed, fit, context)
     layers = []
     for depth, (layer, width) in enumerate(zip(view.layers, widths)):
         tensors = dict(layer.tensors)
         for suffix in targets[depth] if width < KEEP_BITS else []:
-            recipe = tensors[suffix]
-            rtn = Rtn(width, q.group_size, q.symmetric, recipe.dtype, transposed=transposed.get(suffix, False))
-            tensors[suffix] = TensorRecipe.computed(recipe.dtype, recipe.shape, (recipe,), rtn)
+            tensors[suffix] = part(depth, suffix, "dense")
         layers.append(Layer(tensors=tensors, config=layer.config, origin=layer.origin.edited(f"{width}-bit")))
     columns = [{suffix: layer.tensors[suffix].shape[-2 if transposed.get(suffix, False) else -1] for suffix in suffixes}
                for layer, suffixes in zip(view.layers, targets)]
@@ -136,16 +182,50 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
             module = name.removesuffix(".weight")
             groups.setdefault(width, []).append(module)
             out, columns = recipe.shape
-            rtn = Rtn(width, q.group_size, q.symmetric, recipe.dtype)
-            stored[f"{module}.weight_packed"] = TensorRecipe.computed("I32", (out, columns * width // 32), (recipe,),
-                                                                      rtn.of_part("packed"))
-            stored[f"{module}.weight_scale"] = TensorRecipe.computed(recipe.dtype, (out, columns // q.group_size),
-                                                                     (recipe,), rtn.of_part("scale"))
+            stored[f"{module}.weight_packed"] = part(depth, suffix, "packed")
+            stored[f"{module}.weight_scale"] = part(depth, suffix, "scale")
             stored[f"{module}.weight_shape"] = TensorRecipe.computed("I64", (2,), (), Constant((out, columns)))
     ignore = [name.removesuffix(".weight") for name, r in view.tensors().items()
               if len(r.shape) == 2 and name.removesuffix(".weight") not in {m for ms in groups.values() for m in ms}]
+    q = step.quantizer
     config = dense.config() | {"quantization_config": quantization_config(groups, q.group_size, q.symmetric, ignore)}
     return replace(dense, storage=Storage(stored, config))
+
+
+QuantizedPart = Callable[[int, str, Part], TensorRecipe]
+
+
+def quantized_parts(step: BitsStep, view: ModelView, targets: list[list[str]], widths: list[int],
+                    transposed: dict[str, bool], fit: dict[str, Any], context: OpContext) -> QuantizedPart:
+    """The recipe of one part (dense weight, packed words, scales) of a quantized tensor, by layer and suffix:
+    RTN computes it from the weight as it streams; GPTQ calibrates first (its figures go to `fit`) and reads
+    the integers it stored."""
+    q = step.quantizer
+    if q.method == "rtn":
+        def rtn_part(depth: int, suffix: str, part: Part) -> TensorRecipe:
+            recipe = view.layers[depth].tensors[suffix]
+            rtn = Rtn(widths[depth], q.group_size, q.symmetric, recipe.dtype, part, transposed.get(suffix, False))
+            return TensorRecipe.computed(*_part_kind(recipe, part, widths[depth], q.group_size), (recipe,), rtn)
+        return rtn_part
+    plans = [LayerPlan(tuple(suffixes), tuple(view.layers[d].tensors[s].dtype for s in suffixes), width)
+             if width < KEEP_BITS and suffixes else None for d, (suffixes, width) in enumerate(zip(targets, widths))]
+    stored, fit["gptq"] = gptq_layers(q.gptq_settings(), step.calibration, view, plans, context)
+
+    def gptq_part(depth: int, suffix: str, part: Part) -> TensorRecipe:
+        recipe, (values, scale, zero) = view.layers[depth].tensors[suffix], stored[depth][suffix]
+        if part == "scale":
+            return scale
+        return TensorRecipe.computed(*_part_kind(recipe, part, widths[depth], q.group_size), (values, scale, zero),
+                                     FromIntegers("GPTQ", widths[depth], recipe.dtype, part))
+    return gptq_part
+
+
+def _part_kind(recipe: TensorRecipe, part: Part, width: int, group_size: int) -> tuple[str, tuple[int, ...]]:
+    """The dtype and shape of one stored part of a quantized 2-D weight (the dense part keeps any shape)."""
+    if part == "dense":
+        return recipe.dtype, recipe.shape
+    out, columns = recipe.shape
+    return ("I32", (out, columns * width // 32)) if part == "packed" else (recipe.dtype, (out, columns // group_size))
 
 
 def layer_scores(step: BitsStep, view: ModelView, context: OpContext) -> list[float] | None:
@@ -178,12 +258,97 @@ def _cosines(step: BitsStep, view: ModelView, context: OpContext) -> list[float]
     return importance.layer_cosines(loaded.model, layer_modules(loaded.model, view.layout.prefix, len(view.layers)), batches)
 
 
-def assign_bits(assign: BitAssignment | None, scores: list[float] | None, depths: int, manual: dict[int, int]) -> list[int]:
-    """Least important layers first get the low width, until `low_fraction` of the layers (or the target
-    average) is reached; `manual` entries override."""
+def measured_costs(step: BitsStep, view: ModelView, targets: list[list[str]], transposed: dict[str, bool],
+                   context: OpContext) -> dict[int, list[float]]:
+    """Per width to choose from, what lowering just each layer to it costs (KL from the model as stored, on
+    the calibration text; each probe rounds by RTN on the step's grid), remembered between check and apply."""
+    from surgery.devices import resolve_device
+    from surgery.evaluation.data import load_text
+
+    assert step.assign is not None
+    widths = [step.assign.low] if step.assign.low is not None else sorted(set(step.assign.choices or []))
+    widths = [w for w in widths if w is not None and w < KEEP_BITS]
+    key = {"calibration": step.calibration.model_dump(mode="json"), "device": resolve_device(context.device),
+           "model": folder_stamp(view.source.path), "targets": targets, "widths": widths,
+           "quantizer": [step.quantizer.group_size, step.quantizer.symmetric],
+           "text": text_digest(load_text(step.calibration.data).text)}
+    measured = remembered("bits-kl", key, lambda: _kl_costs(step, view, targets, transposed, widths, context),
+                          lambda value: isinstance(value, dict) and value.keys() == {str(w) for w in widths}
+                          and all(finite_numbers(v, len(view.layers)) for v in value.values()), context.log)
+    return {int(w): c for w, c in measured.items()} | {w: [0.0] * len(view.layers) for w in
+                                                       (step.assign.choices or []) if w >= KEEP_BITS}
+
+
+def _kl_costs(step: BitsStep, view: ModelView, targets: list[list[str]], transposed: dict[str, bool],
+              widths: list[int], context: OpContext) -> dict[str, list[float]]:
+    from surgery.evaluation.data import load_text
+    from surgery.evaluation.loading import load_for_eval
+    from surgery.evaluation.models import layer_modules
+    from surgery.evaluation.sensitivity import layer_costs
+
+    q, calibration = step.quantizer, step.calibration
+    loaded = load_for_eval(view.source.path, context.device, "float32")
+    layers = layer_modules(loaded.model, view.layout.prefix, len(view.layers))
+    matrices = [{s: _parameter(layers[i], s) for s in suffixes} for i, suffixes in enumerate(targets)]
+    dtypes = {s: view.layers[i].tensors[s].dtype for i, suffixes in enumerate(targets) for s in suffixes}
+    rows = importance.calibration_batches(loaded.tokenizer, load_text(calibration.data).text, calibration.samples,
+                                          calibration.seq_len, "bits.calibration")
+    context.log(f"bits: measuring what {len(widths)} width(s) cost each of {len(view.layers)} layers on "
+                f"{rows.numel()} calibration tokens ({loaded.device})")
+
+    def rounded(suffix: str, weight: Any, width: int) -> Any:
+        rtn = Rtn(width, q.group_size, q.symmetric, dtypes[suffix], transposed=transposed.get(suffix, False))
+        return rtn([weight.clone()]).to(weight.dtype)
+
+    costs = layer_costs(loaded.model, matrices, widths, rounded, rows)
+    return {str(w): c for w, c in costs.items()}
+
+
+def _parameter(layer: Any, suffix: str) -> Any:
+    try:
+        return layer.get_parameter(suffix)
+    except AttributeError:
+        raise SurgeryError(f"bits: score kl rounds layers of transformers' module, where {suffix} is not a "
+                           "parameter (experts are fused when loaded); use score: lim, or add 'experts' to keep"
+                           ) from None
+
+
+def cheapest_widths(costs: dict[int, list[float]], target: float | None, manual: dict[int, int]) -> list[int]:
+    """One width per layer from `costs`' keys, of least total measured cost among those whose mean is at
+    most `target` (exact: dynamic programming over the total width); `manual` layers are fixed and count
+    toward the mean."""
+    assert target is not None
+    choices = sorted(costs)
+    depths = len(costs[choices[0]])
     for layer in manual:
         if not 0 <= layer < depths:
             raise SurgeryError(f"bits.manual: layer {layer} does not exist (the model has {depths}: 0-{depths - 1})")
+    budget = math.floor(target * depths + 1e-9)
+    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}  # total width so far -> cheapest widths
+    for layer in range(depths):
+        options = [(manual[layer], 0.0)] if layer in manual else [(w, costs[w][layer]) for w in choices]
+        reached: dict[int, tuple[float, list[int]]] = {}
+        for total, (cost, widths) in best.items():
+            for width, more in options:
+                if total + width <= budget and (total + width not in reached
+                                                or cost + more < reached[total + width][0]):
+                    reached[total + width] = (cost + more, widths + [width])
+        best = reached
+    if not best:
+        raise SurgeryError(f"bits.assign: target_bits {target:g} is below what the choices {choices} (and the "
+                           "manual widths) can reach")
+    return min(best.items(), key=lambda item: (item[1][0], -item[0]))[1][1]  # ties: the wider
+
+
+def assign_bits(assign: BitAssignment | None, scores: list[float] | None, depths: int, manual: dict[int, int],
+                width: int | None = None) -> list[int]:
+    """Least important layers first get the low width, until `low_fraction` of the layers (or the target
+    average) is reached; or every layer `width`; `manual` entries override."""
+    for layer in manual:
+        if not 0 <= layer < depths:
+            raise SurgeryError(f"bits.manual: layer {layer} does not exist (the model has {depths}: 0-{depths - 1})")
+    if width is not None:
+        return [manual.get(i, width) for i in range(depths)]
     if assign is None or scores is None:
         missing = sorted(set(range(depths)) - set(manual))
         if missing:
@@ -287,8 +452,9 @@ def _check_quantizer(step: BitsStep, view: ModelView, targets: list[list[str]], 
 
 
 def describe(step: BitsStep) -> str:
-    return (f"Layer-wise quantization (`bits`): layers ranked by {step.score}, RTN in groups of "
-            f"{step.quantizer.group_size}, written {step.format}.")
+    q = step.quantizer
+    chosen = f"every layer at {step.width} bits" if step.width is not None else f"layers ranked by {step.score}"
+    return f"Layer-wise quantization (`bits`): {chosen}, {q.method.upper()} in groups of {q.group_size}, written {step.format}."
 
 
 OP = Op("bits", BitsStep, bits, describe,

@@ -41,13 +41,7 @@ def remembered(kind: str, key: dict[str, Any], fit: Callable[[], T], valid: Call
                log: Callable[[str], None]) -> T:
     """`fit()`, or what it returned before for the same `key` (JSON-able values only) when that still
     passes `valid` (a damaged or foreign file is fitted afresh, not trusted)."""
-    import torch
-    import transformers
-
-    from surgery.version import __version__
-
-    versions = {"surgery": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-    digest = hashlib.sha256(json.dumps([kind, key, versions], sort_keys=True, default=str).encode()).hexdigest()
+    digest = _digest(kind, key)
     path = cache_home() / "fits" / f"{kind}-{digest[:40]}.json"
     try:
         record = json.loads(path.read_text())
@@ -59,6 +53,22 @@ def remembered(kind: str, key: dict[str, Any], fit: Callable[[], T], valid: Call
     value = fit()
     _store(path, digest, value)
     return value
+
+
+def fit_folder(kind: str, key: dict[str, Any]) -> Path:
+    """The folder for a fit too large for JSON (GPTQ's integers), named by the same digest `remembered`
+    uses; what the fit writes there is its own to check."""
+    return cache_home() / "fits" / f"{kind}-{_digest(kind, key)[:40]}"
+
+
+def _digest(kind: str, key: dict[str, Any]) -> str:
+    import torch
+    import transformers
+
+    from surgery.version import __version__
+
+    versions = {"surgery": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return hashlib.sha256(json.dumps([kind, key, versions], sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _store(path: Path, digest: str, value: Any) -> None:

@@ -1,0 +1,51 @@
+"""What lowering one layer to one width costs, measured: the mean KL divergence from the unquantized
+model's next-token distribution when only that layer's matrices are rounded to that width, on the
+calibration rows. `bits` with `score: kl` assigns widths from these costs.
+
+Every probe is the whole model's forward (exact for any architecture: final norms, soft-capping, tied
+heads), the reference's log-probabilities computed once per row and kept for that row only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+Round = Callable[[str, "torch.Tensor", int], "torch.Tensor"]  # (name, weight, width) -> the rounded weight
+
+
+def layer_costs(model: Any, matrices: list[dict[str, Any]], widths: list[int], rounded: Round,
+                rows: torch.Tensor, progress: Callable[[str], None] = lambda line: None) -> dict[int, list[float]]:
+    """KL(unquantized || only layer l at width w) in nats per token, for every width and layer l whose
+    `matrices` (its parameters by name, rounded in place and restored) are not empty; 0 for a layer with
+    nothing to quantize."""
+    import torch
+
+    device = next(model.parameters()).device
+    sums = {w: [0.0] * len(matrices) for w in widths}
+    tokens = 0
+    with torch.inference_mode():
+        for number, row in enumerate(rows):
+            ids = row.unsqueeze(0).to(device)
+            reference = _log_probs(model, ids)
+            for layer, params in enumerate(matrices):
+                if not params:
+                    continue
+                originals = {name: p.detach().clone() for name, p in params.items()}
+                for width in widths:
+                    for name, p in params.items():
+                        p.copy_(rounded(name, originals[name], width))
+                    q = _log_probs(model, ids)
+                    sums[width][layer] += float((reference.exp() * (reference - q)).sum())
+                for name, p in params.items():
+                    p.copy_(originals[name])
+            tokens += reference.shape[0]
+            progress(f"bits: measured row {number + 1} of {len(rows)}")
+    return {w: [s / tokens for s in per_layer] for w, per_layer in sums.items()}
+
+
+def _log_probs(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits[0].double().log_softmax(-1)
