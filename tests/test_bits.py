@@ -246,3 +246,22 @@ def test_kl_costs_equal_a_direct_computation(cli, tmp_path):
             kl = torch.nn.functional.kl_div(probe, reference, log_target=True, reduction="batchmean")
             assert costs[width][layer] == pytest.approx(float(kl), rel=1e-4)
             model = load(demo_model("base"))
+
+
+def test_check_says_which_runtimes_cannot_load_the_packed_widths(cli, tmp_path):
+    """2-bit layers load in transformers (equal to the dense simulation) but in no vLLM; 8-bit groups
+    not in vLLM's CPU build: `check` says so before anything is written, `apply` again."""
+    pytest.importorskip("compressed_tensors")
+    step = ("    score: manual\n    manual: {0: 2, 1: 8, 2: 4, 3: 4, 4: 4, 5: 4, 6: 4, 7: 4}\n"
+            "    quantizer: {group_size: 32, symmetric: true}\n")
+    plan = write_plan(tmp_path, f"model: {demo_model('base')}\noutput: {tmp_path / 'packed'}\nsteps:\n  - op: bits\n"
+                      f"{step}    format: compressed-tensors\n", "packed.yaml")
+    checked = cli("check", plan)
+    assert checked.code == 0 and not (tmp_path / "packed").exists()
+    warnings = [line for line in checked.err.splitlines() if "warning" in line]
+    assert any("layers of 2 bits do not load in vLLM (GPU)" in line for line in warnings), checked.err
+    assert any("layers of 2 and 8 bits do not load in vLLM (CPU build)" in line for line in warnings), checked.err
+    assert not any("transformers" in line for line in warnings)
+    packed = _bits(cli, tmp_path, step + "    format: compressed-tensors\n", "packed")
+    dense = _bits(cli, tmp_path, step, "dense")
+    assert (outputs(load(packed), IDS) - outputs(load(dense), IDS)).abs().max() <= 1e-6

@@ -11,6 +11,25 @@ from typing import Any
 
 PACKED_BITS = (2, 4, 8)
 
+# Which packed widths each runtime loads, and where that is known from: a width not listed for a
+# runtime does not load there. Kept beside docs/quantization.md's support table.
+RUNTIME_SUPPORT: dict[str, tuple[tuple[int, ...], str]] = {
+    "transformers with compressed-tensors": ((2, 4, 8), "tested here: tests/test_bits.py, tests/test_gptq.py"),
+    "vLLM (GPU)": ((4, 8), "its compressed-tensors reader takes 4 and 8 bits (WNA16: uint4b8, uint8b128)"),
+    "vLLM (CPU build)": ((4,), "measured with vLLM 0.32: no CPU kernel for 8-bit groups (uint8b128)"),
+}
+
+
+def runtime_warnings(widths: set[int]) -> list[str]:
+    """One line per runtime that cannot load some of the packed widths, naming them and why."""
+    lines = []
+    for runtime, (loads, source) in RUNTIME_SUPPORT.items():
+        missing = sorted(widths - set(loads))
+        if missing:
+            lines.append(f"layers of {' and '.join(map(str, missing))} bits do not load in {runtime} ({source}); "
+                         f"it loads {' and '.join(map(str, loads))} bits")
+    return lines
+
 
 def quantization_config(groups: dict[int, list[str]], group_size: int, symmetric: bool, ignore: list[str]) -> dict[str, Any]:
     """One config group per bit width, targeting modules by exact name."""

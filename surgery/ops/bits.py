@@ -23,7 +23,7 @@ from surgery.compute.gptq import GptqSettings
 from surgery.compute.quantize import Constant, FromIntegers, Part, Rtn
 from surgery.errors import SurgeryError
 from surgery.evaluation import importance
-from surgery.formats.compressed_tensors import PACKED_BITS, quantization_config
+from surgery.formats.compressed_tensors import PACKED_BITS, quantization_config, runtime_warnings
 from surgery.formats.gguf import TENSOR_TYPES_FILE, tensor_types_file
 from surgery.ops.context import OpContext
 from surgery.ops.fields import StepModel, Strict
@@ -187,6 +187,8 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
             stored[f"{module}.weight_shape"] = TensorRecipe.computed("I64", (2,), (), Constant((out, columns)))
     ignore = [name.removesuffix(".weight") for name, r in view.tensors().items()
               if len(r.shape) == 2 and name.removesuffix(".weight") not in {m for ms in groups.values() for m in ms}]
+    for line in runtime_warnings(set(groups)):
+        context.log(f"bits: warning: format compressed-tensors: {line}")
     q = step.quantizer
     config = dense.config() | {"quantization_config": quantization_config(groups, q.group_size, q.symmetric, ignore)}
     return replace(dense, storage=Storage(stored, config))
