@@ -41,8 +41,13 @@ class Scorer:
         return Scores(evaluate(out, self.settings).perplexity, agreement.kl, agreement.top1)
 
 
-def apply_bits(work: Path, base: Path, step: str) -> Path:
-    """One `bits` step (its YAML lines, indented four spaces) applied to `base`, written dense to work/out."""
+def apply_step(work: Path, base: Path, step: str) -> Path:
+    """One step (its YAML lines, from `  - op:`) applied to `base`, written to work/out."""
     plan = work / "plan.yaml"
-    plan.write_text(f"model: {base}\noutput: {work / 'out'}\nsteps:\n  - op: bits\n{step}")
+    plan.write_text(f"model: {base}\noutput: {work / 'out'}\nsteps:\n{step}")
     return pipeline.apply(plan, device="cpu", force=True, fsync=False).output
+
+
+def apply_bits(work: Path, base: Path, step: str) -> Path:
+    """One `bits` step (its YAML lines after `op`, indented four spaces) applied to `base`."""
+    return apply_step(work, base, f"  - op: bits\n{step}")

@@ -122,14 +122,18 @@ def apply(plan: str | Path | Plan, *, out: str | Path | None = None, force: bool
 
 
 def materialize_plan(compact: Path) -> Plan:
-    """The plan `surgery materialize` runs: a compact recursive model written as a standard checkpoint."""
+    """The plan `surgery materialize` runs: a compact recursive or trit-plane model written as a standard
+    checkpoint."""
     from surgery.checkpoint.reader import read_config
     from surgery.errors import SurgeryError
     from surgery.formats.recursive import is_compact
+    from surgery.formats.trit_planes import is_trit_planes
     from surgery.ops.materialize import MaterializeStep
 
-    if not is_compact(read_config(compact)):
-        raise SurgeryError(f"{compact} is not a compact recursive model (its config.json has no surgery_recursive)")
+    config = read_config(compact)
+    if not is_compact(config) and not is_trit_planes(config):
+        raise SurgeryError(f"{compact} is neither a compact recursive model nor trit-planes (its config.json has no "
+                           "surgery_recursive or surgery_trit_planes section)")
     return Plan(model=str(compact.resolve()), steps=[MaterializeStep(op="materialize")])
 
 

@@ -10,6 +10,7 @@ the model is refused rather than calibrated on inputs it would never see.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,17 +46,24 @@ class LayerInputs:
     hidden: list[torch.Tensor]
     calls: list[LayerCall]
 
-    def run(self, index: int, layer: Any, keep: bool = True) -> None:
-        """Layer `index` on every row (its forward hooks see them); with `keep`, its outputs become the
-        next layer's inputs."""
+    def run(self, index: int, layer: Any, keep: bool = True, before_row: Callable[[int], None] = lambda row: None
+            ) -> None:
+        """Layer `index` on every row (its forward hooks see them, `before_row` is told which); with `keep`,
+        its outputs become the next layer's inputs."""
+        outputs = []
+        for row in range(len(self.hidden)):
+            before_row(row)
+            output = self.run_row(index, layer, row)
+            if keep:
+                outputs.append(output)
+        if keep:
+            self.hidden = outputs
+
+    def run_row(self, index: int, layer: Any, row: int) -> torch.Tensor:
         import torch
 
         with torch.inference_mode():
-            if keep:
-                self.hidden = [self.calls[index](layer, row, h) for row, h in enumerate(self.hidden)]
-            else:
-                for row, h in enumerate(self.hidden):
-                    self.calls[index](layer, row, h)
+            return self.calls[index](layer, row, self.hidden[row])
 
 
 def first_layer_inputs(model: Any, layers: Any, rows: torch.Tensor) -> LayerInputs:

@@ -1,9 +1,9 @@
 """Load any model surgery writes, for scoring: every model kind goes through `load_for_eval`.
 
 Standard checkpoints load with plain transformers, compact recursive ones with shared parameters
-(evaluation/recursive_model.py), ensembles as one module over their members (evaluation/ensemble_model.py). Later
-model kinds (packed quantized) register a loader in `LOADERS`, so `surgery eval` and plan `evaluate:` score
-every kind with the same code.
+(evaluation/recursive_model.py), ensembles as one module over their members (evaluation/ensemble_model.py),
+trit-planes as their dense model (evaluation/trit_model.py). Each kind registers a loader in `LOADERS`, so
+`surgery eval` and plan `evaluate:` score every kind with the same code.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from surgery.errors import SurgeryError
 from surgery.evaluation.ensemble_model import load_ensemble
 from surgery.evaluation.models import quiet_transformers, refuse_remote_code, require_causal_lm, resolve_dtype
 from surgery.evaluation.recursive_model import load_compact
+from surgery.evaluation.trit_model import load_trit_planes
 from surgery.formats.ensemble_folder import is_ensemble
 from surgery.formats.recursive import is_compact
+from surgery.formats.trit_planes import is_trit_planes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt")
 
@@ -61,10 +63,11 @@ def _load_standard(folder: Path, device: str, dtype: Any) -> Any:
     return model.to(device).eval()
 
 
-# (recognise by config.json, load) pairs, most specific first; a later issue adds quantized kinds.
+# (recognise by config.json, load) pairs, most specific first.
 LOADERS: list[tuple[Callable[[dict[str, Any]], bool], Callable[[Path, str, Any], Any]]] = [
     (is_ensemble, lambda folder, device, dtype: load_ensemble(folder, device, dtype, load_model)),
     (is_compact, load_compact),
+    (is_trit_planes, load_trit_planes),
     (lambda config: True, _load_standard),
 ]
 

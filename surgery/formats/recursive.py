@@ -24,6 +24,7 @@ from surgery.checkpoint.layout import Layout, layer_count
 from surgery.checkpoint.reader import Checkpoint
 from surgery.compute.lowrank import LowRankSum
 from surgery.errors import SurgeryError
+from surgery.formats.own_config import own_section
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import Layer, LayerOrigin, ModelView
 
@@ -72,11 +73,8 @@ def compact_config(base_config: dict[str, Any], spec: CompactSpec) -> dict[str, 
 def read_spec(checkpoint: Checkpoint) -> tuple[CompactSpec, dict[str, Any]]:
     """The spec and base config of a compact checkpoint, checked against its tensors."""
     where = checkpoint.path / "config.json"
+    section, base = own_section(checkpoint, SECTION, FORMAT_VERSION, "compact recursive")
     try:
-        section, base = checkpoint.config[SECTION], checkpoint.config["base_config"]
-        if section["format_version"] != FORMAT_VERSION:
-            raise SurgeryError(f"{where}: compact format version {section['format_version']} is not supported "
-                               f"(this surgery reads {FORMAT_VERSION}); upgrade surgery")
         spec = CompactSpec(section["layer_prefix"], tuple(int(s) for s in section["loop_map"]),
                            frozenset(section["per_depth"]), {k: int(v) for k, v in section["relaxed"].items()})
     except (KeyError, TypeError, ValueError) as e:

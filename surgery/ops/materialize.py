@@ -1,4 +1,4 @@
-"""`materialize`: a compact recursive model (written by `tie`) as a standard checkpoint."""
+"""`materialize`: a compact recursive model (written by `tie`) or trit-planes (by `ptqtp`) as a standard checkpoint."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ class MaterializeStep(StepModel):
 
 
 def materialize(step: MaterializeStep, view: ModelView, context: OpContext) -> ModelView:
-    """A compact checkpoint opens as its L-layer model already (`open_view`), so writing the view as
-    it is writes the standard checkpoint; on a standard checkpoint this is a plain copy."""
+    """A compact or trit-plane checkpoint opens as the model it stands for already (`open_view`), so writing
+    the view as it is writes the standard checkpoint; on a standard checkpoint this is a plain copy."""
     return view
 
 

@@ -117,11 +117,15 @@ class ModelView:
         return self.storage.config if self.storage is not None else self.config()
 
 
-def standard_view(checkpoint: Checkpoint, label: str, stack: str | None = None) -> ModelView:
-    """The identity view of a standard checkpoint: every tensor a raw copy of itself; its layers are
-    those of `stack` (default: the language model)."""
-    layout = find_layout(checkpoint.config, checkpoint.tensors, where=str(checkpoint.path), stack=stack)
-    outside, by_layer = layout.group({name: TensorRecipe.copy_of(info) for name, info in checkpoint.tensors.items()})
+def standard_view(checkpoint: Checkpoint, label: str, stack: str | None = None,
+                  recipes: dict[str, TensorRecipe] | None = None) -> ModelView:
+    """The identity view of a standard checkpoint: every tensor a raw copy of itself (or, from a format
+    of surgery's own, the given `recipes` of the model it stands for); its layers are those of `stack`
+    (default: the language model)."""
+    if recipes is None:
+        recipes = {name: TensorRecipe.copy_of(info) for name, info in checkpoint.tensors.items()}
+    layout = find_layout(checkpoint.config, recipes, where=str(checkpoint.path), stack=stack)
+    outside, by_layer = layout.group(recipes)
     configs = per_layer_values(checkpoint.config, layout.num_layers, checkpoint.path, layout.config_path)
     layers = tuple(Layer(tensors=t, config=c, origin=LayerOrigin(label, i)) for i, (t, c) in enumerate(zip(by_layer, configs)))
     return ModelView(source=checkpoint, layout=layout, outside=outside, layers=layers, label=label)

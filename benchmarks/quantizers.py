@@ -1,8 +1,10 @@
-"""GPTQ beside RTN on one model (docs/quantization.md): for each width, every layer at that width,
-asymmetric, in groups; held-out perplexity, KL divergence to the unquantized model's next-token
-distribution and top-1 agreement with it, GPTQ's layer output error relative to RTN's, and wall time.
+"""RTN, GPTQ and PTQTP side by side on one model (docs/quantization.md): for each width, every layer at
+that width, asymmetric, in groups, by RTN and GPTQ; then PTQTP's two trit-planes (one format, whatever the
+width). Held-out perplexity, KL divergence to the unquantized model's next-token distribution and top-1
+agreement with it, the bits each layer-matrix weight takes with its scales (and zero points), GPTQ's layer
+output error relative to RTN's, and wall time.
 
-    python benchmarks/gptq_vs_rtn.py [--model PATH] [--widths 2,3,4] [--group-size 32] [--max-tokens 8192]
+    python benchmarks/quantizers.py [--model PATH] [--widths 2,3,4] [--group-size 32] [--max-tokens 8192]
 
 Calibration: builtin:mixed-dev, 32 samples of 256 tokens; scoring: builtin:mixed-heldout. The fits
 cache is a fresh temporary folder, so every GPTQ run calibrates (its time is the whole job).
@@ -18,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from quant_scores import Scorer, apply_bits
+from quant_scores import Scorer, apply_bits, apply_step
 
+from surgery.checkpoint.reader import DTYPE_SIZES, Checkpoint
 from surgery.demo_models import demo_model
 
 METHODS = {"RTN": "method: rtn", "GPTQ": "method: gptq", "GPTQ, act order": "method: gptq, act_order: true"}
@@ -35,8 +38,10 @@ def main() -> None:
     base = args.model or demo_model("base")
     score = Scorer(base, args.max_tokens)
     print(f"model {base}; unquantized perplexity {score.base_perplexity:.2f} on {args.max_tokens} held-out tokens\n")
-    print(f"| width | quantizer | {Scorer.HEADER} | layer output error / RTN's (median) | apply time |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| width | quantizer | {Scorer.HEADER} | bits per matrix weight | layer output error / RTN's (median) "
+          "| apply time |")
+    print("|---|---|---|---|---|---|---|---|")
+    source_bits = 8 * DTYPE_SIZES[next(iter(Checkpoint.open(base).tensors.values())).dtype]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ["SURGERY_CACHE"] = str(work / "cache")  # the demo model's path is resolved already
@@ -49,7 +54,13 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 fit = json.loads((out / "surgery.json").read_text())["fits"][0].get("gptq")
                 ratio = "1" if fit is None else f"{statistics.median(g / r for g, r in zip(fit['output_error']['gptq'], fit['output_error']['rtn'])):.3f}"
-                print(f"| {width} | {name} | {score(out).cells()} | {ratio} | {seconds:.1f} s |", flush=True)
+                bits = width + (source_bits + 8) / args.group_size  # a scale in the source dtype, an 8-bit zero point
+                print(f"| {width} | {name} | {score(out).cells()} | {bits:.2f} | {ratio} | {seconds:.1f} s |", flush=True)
+        start = time.perf_counter()
+        out = apply_step(work, base, f"  - op: ptqtp\n    group_size: {args.group_size}\n")
+        seconds = time.perf_counter() - start
+        bits = json.loads((out / "surgery.json").read_text())["fits"][0]["bits_per_weight"]
+        print(f"| 2 x 1.58 | PTQTP | {score(out).cells()} | {bits:.2f} | | {seconds:.1f} s |", flush=True)
 
 
 if __name__ == "__main__":
