@@ -1,5 +1,6 @@
 """RTN, GPTQ and PTQTP side by side on one model (docs/quantization.md): for each width, every layer at
-that width, asymmetric, in groups, by RTN and GPTQ; then PTQTP's two trit-planes (one format, whatever the
+that width, asymmetric, in groups, by RTN and GPTQ (plain, with activation order, with RSQ's token
+importance); then PTQTP's two trit-planes (one format, whatever the
 width). Held-out perplexity, KL divergence to the unquantized model's next-token distribution and top-1
 agreement with it, the bits each layer-matrix weight takes with its scales (and zero points), GPTQ's layer
 output error relative to RTN's, and wall time.
@@ -25,7 +26,8 @@ from quant_scores import Scorer, apply_bits, apply_step
 from surgery.checkpoint.reader import DTYPE_SIZES, Checkpoint
 from surgery.demo_models import demo_model
 
-METHODS = {"RTN": "method: rtn", "GPTQ": "method: gptq", "GPTQ, act order": "method: gptq, act_order: true"}
+METHODS = {"RTN": "method: rtn", "GPTQ": "method: gptq", "GPTQ, act order": "method: gptq, act_order: true",
+           "GPTQ, RSQ token importance": "method: gptq, token_importance: attention"}
 
 
 def main() -> None:

@@ -266,3 +266,53 @@ def test_next_token_agreement_equals_torchs_kl_divergence():
     assert found.top1 == pytest.approx(float((p.argmax(-1) == q.argmax(-1)).double().mean()))
     assert found.tokens == 120
     assert next_token_agreement(base, base, rows).kl == pytest.approx(0, abs=1e-12)
+
+
+def test_weighted_hessian_is_the_mean_of_2_r_x_xT_with_weights_of_mean_1():
+    torch.manual_seed(1)
+    x, r = torch.randn(12, 6), torch.rand(12) + 0.1
+    h = Hessian(6, "cpu")
+    h.add(x, r)
+    w = (r / r.mean()).double()
+    torch.testing.assert_close(h.matrix.double(), 2 * (x.double().T * w) @ x.double() / 12, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_concentration_equals_transformers_own_attention_probabilities():
+    """Layer 0's importance of each token, from surgery's layer-by-layer replay, against the attention
+    probabilities transformers returns with output_attentions (eager): summed over heads and queries,
+    min-max scaled to [0.005, 1]."""
+    from surgery.demo_models import demo_model
+    from surgery.evaluation.layerwise import first_layer_inputs
+    from surgery.evaluation.token_importance import layer_importance
+    from tests.reference import load
+
+    model = load(demo_model("base"))
+    model.set_attn_implementation("eager")
+    rows = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(3))
+    inputs = first_layer_inputs(model, model.model.layers, rows)
+    found = layer_importance(inputs, 0, model.model.layers[0])
+    for row, importance in zip(rows, found):
+        with torch.no_grad():
+            probabilities = model(input_ids=row[None], output_attentions=True).attentions[0]
+        received = probabilities.double().sum(dim=(0, 1, 2))
+        expected = 0.005 + (received - received.min()) / (received.max() - received.min()) * 0.995
+        torch.testing.assert_close(importance, expected, rtol=1e-6, atol=1e-9)
+        assert float(importance.min()) == pytest.approx(0.005) and float(importance.max()) == pytest.approx(1)
+
+
+def test_rsq_token_importance_changes_the_rounding_and_still_beats_rtn(cli, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    body = f"    width: 3\n{CALIBRATION}    quantizer: {{method: gptq, group_size: 32{{}}}}\n"
+    plain = _bits(cli, tmp_path, body.replace("{}", ""), "plain")
+    rsq = _bits(cli, tmp_path, body.replace("{}", ", token_importance: attention"), "rsq")
+    fit = json.loads((rsq / "surgery.json").read_text())["fits"][0]["gptq"]
+    assert fit["token_importance"] == {"by": "attention", "layers": list(range(8))}
+    assert all(g < r for g, r in zip(fit["output_error"]["gptq"], fit["output_error"]["rtn"]))
+    one, other = load_file(plain / "model.safetensors"), load_file(rsq / "model.safetensors")
+    assert any(not torch.equal(one[n], other[n]) for n in one if ".layers." in n)
+    (tmp_path / "bad.yaml").write_text((tmp_path / "rsq.yaml").read_text().replace("method: gptq", "method: rtn"))
+    bad = cli("apply", tmp_path / "bad.yaml", "--out", tmp_path / "bad")
+    assert bad.code == 2 and "token_importance is a GPTQ setting" in bad.err

@@ -29,10 +29,13 @@ class GptqSettings:
     act_order: bool = False
     dampening: float = 0.01  # added to H's diagonal, as a fraction of its mean
     block_size: int = 128
+    token_importance: str = "uniform"  # or "attention": RSQ's weighting of each token's input
 
 
 class Hessian:
-    """The running mean of 2 x x^T over every input row a linear layer sees (float32, on the rows' device)."""
+    """The running mean of 2 x x^T over every input row a linear layer sees (float32, on the rows' device);
+    with `weights` (one per row, RSQ's token importance), 2 r x x^T with the weights of each call scaled to
+    mean 1, as RSQ's code does, so the Hessian stays on the scale of the unweighted one."""
 
     def __init__(self, columns: int, device: torch.device | str) -> None:
         import torch
@@ -40,8 +43,13 @@ class Hessian:
         self.matrix = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.rows = 0
 
-    def add(self, inputs: torch.Tensor) -> None:
+    def add(self, inputs: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         rows = inputs.reshape(-1, inputs.shape[-1]).float()
+        if weights is not None:
+            if weights.numel() != rows.shape[0]:
+                raise SurgeryError(f"gptq: {weights.numel()} token weights for {rows.shape[0]} input rows; token "
+                                   "importance needs a linear layer that sees each token once")
+            rows = rows * (weights.reshape(-1, 1).to(rows) / weights.mean().to(rows)).sqrt()
         total = self.rows + rows.shape[0]
         self.matrix.mul_(self.rows / total).addmm_(rows.T, rows, alpha=2 / total)
         self.rows = total

@@ -65,6 +65,9 @@ class BitAssignment(Strict):
         raise ValueError("give {high, low, low_fraction} or {target_bits, choices}")
 
 
+GPTQ_SETTINGS = ("act_order", "dampening", "block_size", "token_importance")
+
+
 class Quantizer(Strict):
     """How each matrix is rounded to its width: RTN, or GPTQ on calibration text; per-group scales either way.
     GPTQ's own settings stay None for RTN (GPTQ's defaults: no act order, dampening 0.01, blocks of 128)."""
@@ -78,17 +81,18 @@ class Quantizer(Strict):
                                     "its mean [0.01].")
     block_size: int | None = Field(default=None, ge=1, description="GPTQ: columns per lazy batch update, for speed "
                                    "only [128].")
+    token_importance: Literal["uniform", "attention"] | None = Field(
+        default=None, description="GPTQ: weigh each token's input by the attention it receives (RSQ) [uniform].")
 
     @model_validator(mode="after")
     def _gptq_settings(self) -> Quantizer:
-        given = [name for name in ("act_order", "dampening", "block_size") if getattr(self, name) is not None]
+        given = [name for name in GPTQ_SETTINGS if getattr(self, name) is not None]
         if self.method != "gptq" and given:
             raise ValueError(f"{given[0]} is a GPTQ setting; add method: gptq, or leave it out")
         return self
 
     def gptq_settings(self) -> GptqSettings:
-        chosen = {k: v for k, v in (("act_order", self.act_order), ("dampening", self.dampening),
-                                    ("block_size", self.block_size)) if v is not None}
+        chosen = {name: getattr(self, name) for name in GPTQ_SETTINGS if getattr(self, name) is not None}
         return GptqSettings(self.group_size, self.symmetric, **chosen)
 
 

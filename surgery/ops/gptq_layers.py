@@ -70,6 +70,9 @@ def gptq_layers(settings: GptqSettings, calibration: Any, view: ModelView, plans
     record = {"calibration_tokens": max((e["tokens"] for e in errors if e), default=0),
               "output_error": {"gptq": [e and e["gptq"] for e in errors], "rtn": [e and e["rtn"] for e in errors]},
               "rtn_fallback": sorted({n for e in errors if e for n in e["unseen"]})}
+    if settings.token_importance != "uniform":  # the layers whose tokens were weighed (those with attention)
+        record["token_importance"] = {"by": settings.token_importance,
+                                      "layers": [i for i, e in enumerate(errors) if e and e.get("weighted")]}
     return recipes, record
 
 
@@ -99,6 +102,7 @@ def _calibrate(settings: GptqSettings, calibration: Any, text: str, view: ModelV
     from surgery.evaluation.layerwise import first_layer_inputs
     from surgery.evaluation.loading import load_for_eval
     from surgery.evaluation.models import layer_modules
+    from surgery.evaluation.token_importance import layer_importance
 
     loaded = load_for_eval(view.source.path, context.device, "float32")
     layers = layer_modules(loaded.model, view.layout.prefix, len(view.layers))
@@ -107,6 +111,9 @@ def _calibrate(settings: GptqSettings, calibration: Any, text: str, view: ModelV
                for i, p in enumerate(plans)]
     context.log(f"gptq: calibrating {sum(p is not None for p in plans)} layers in order on {rows.numel()} tokens "
                 f"({loaded.device})")
+    weighted = settings.token_importance == "attention"
+    if weighted:
+        loaded.model.set_attn_implementation("eager")  # the only one that returns attention probabilities
     inputs = first_layer_inputs(loaded.model, layers, rows)
     folder.mkdir(parents=True, exist_ok=True)
     for index, plan in enumerate(plans):
@@ -114,16 +121,20 @@ def _calibrate(settings: GptqSettings, calibration: Any, text: str, view: ModelV
         if plan is not None and _stored_layer(folder, index, plan):
             _set_weights(modules[index], _read_layer(path, plan))
         elif plan is not None:
+            importance = layer_importance(inputs, index, layers[index]) if weighted else None
             hessians = {s: Hessian(m.in_features, m.weight.device) for s, m in modules[index].items()}
-            handles = [m.register_forward_pre_hook(lambda _, args, h=hessians[s]: h.add(args[0]))
-                       for s, m in modules[index].items()]
+            row = [0]
+            handles = [m.register_forward_pre_hook(
+                lambda _, args, h=hessians[s]: h.add(args[0], None if importance is None else importance[row[0]]))
+                for s, m in modules[index].items()]
             try:
-                inputs.run(index, layers[index], keep=False)
+                inputs.run(index, layers[index], keep=False, before_row=lambda r: row.__setitem__(0, r))
             finally:
                 for handle in handles:
                     handle.remove()
             quantized, errors = _quantize_layer(settings, index, plan, modules[index], hessians)
             errors["tokens"] = int(rows.numel())
+            errors["weighted"] = importance is not None
             _write_layer(path, quantized, errors)
             _set_weights(modules[index], quantized)
             context.log(f"gptq: layer {index} at {plan.bits} bits: output error {errors['gptq']:.3g} "
