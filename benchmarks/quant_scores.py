@@ -41,10 +41,10 @@ class Scorer:
         return Scores(evaluate(out, self.settings).perplexity, agreement.kl, agreement.top1)
 
 
-def apply_step(work: Path, base: Path, step: str) -> Path:
-    """One step (its YAML lines, from `  - op:`) applied to `base`, written to work/out."""
+def apply_step(work: Path, base: Path, step: str, name: str = "out") -> Path:
+    """One step (its YAML lines, from `  - op:`) applied to `base`, written to work/NAME."""
     plan = work / "plan.yaml"
-    plan.write_text(f"model: {base}\noutput: {work / 'out'}\nsteps:\n{step}")
+    plan.write_text(f"model: {base}\noutput: {work / name}\nsteps:\n{step}")
     return pipeline.apply(plan, device="cpu", force=True, fsync=False).output
 
 

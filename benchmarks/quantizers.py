@@ -1,6 +1,6 @@
 """RTN, GPTQ and PTQTP side by side on one model (docs/quantization.md): for each width, every layer at
 that width, asymmetric, in groups, by RTN and GPTQ (plain, with activation order, with RSQ's token
-importance); then PTQTP's two trit-planes (one format, whatever the
+importance, and all of RSQ: `rotate` first); then PTQTP's two trit-planes (one format, whatever the
 width). Held-out perplexity, KL divergence to the unquantized model's next-token distribution and top-1
 agreement with it, the bits each layer-matrix weight takes with its scales (and zero points), GPTQ's layer
 output error relative to RTN's, and wall time.
@@ -27,7 +27,8 @@ from surgery.checkpoint.reader import DTYPE_SIZES, Checkpoint
 from surgery.demo_models import demo_model
 
 METHODS = {"RTN": "method: rtn", "GPTQ": "method: gptq", "GPTQ, act order": "method: gptq, act_order: true",
-           "GPTQ, RSQ token importance": "method: gptq, token_importance: attention"}
+           "GPTQ, RSQ token importance": "method: gptq, token_importance: attention",
+           "RSQ (rotate, then GPTQ with token importance)": "method: gptq, token_importance: attention"}
 
 
 def main() -> None:
@@ -47,10 +48,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ["SURGERY_CACHE"] = str(work / "cache")  # the demo model's path is resolved already
+        rotated = apply_step(work, base, "  - op: rotate\n", "rotated")
         for width in [int(w) for w in args.widths.split(",")]:
             for name, method in METHODS.items():
                 start = time.perf_counter()
-                out = apply_bits(work, base, f"    width: {width}\n"
+                out = apply_bits(work, rotated if name.startswith("RSQ") else base, f"    width: {width}\n"
                                  "    calibration: {data: builtin:mixed-dev, samples: 32, seq_len: 256}\n"
                                  f"    quantizer: {{{method}, group_size: {args.group_size}}}\n")
                 seconds = time.perf_counter() - start
