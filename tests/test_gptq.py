@@ -316,3 +316,65 @@ def test_rsq_token_importance_changes_the_rounding_and_still_beats_rtn(cli, tmp_
     (tmp_path / "bad.yaml").write_text((tmp_path / "rsq.yaml").read_text().replace("method: gptq", "method: rtn"))
     bad = cli("apply", tmp_path / "bad.yaml", "--out", tmp_path / "bad")
     assert bad.code == 2 and "token_importance is a GPTQ setting" in bad.err
+
+
+def test_careless_quantization_plans_are_refused_before_any_work(cli, tmp_path):
+    """Found by trying the tool as a new user: each of these is one line, exit 2, nothing written, and none
+    runs a calibration or measurement first."""
+    from surgery.demo_models import demo_model
+    from tests.conftest import assert_plan_refused
+
+    base = demo_model("base")
+    done = _bits(cli, tmp_path, f"    width: 4\n{CALIBRATION}    quantizer: {{method: gptq, group_size: 32}}\n", "out")
+    again = cli("apply", tmp_path / "out.yaml")
+    assert again.code == 2 and again.err.strip().splitlines() == [f"error: output {done} already exists; pass --force "
+                                                                   "to replace it"]
+    cases = [
+        (f"model: {base}\n", "    score: kl\n    assign: {target_bits: 1.5, choices: [2, 4]}\n"
+         "    quantizer: {group_size: 32}\n", "target_bits 1.5 is below the smallest choice 2"),
+        (f"model: {base}\n", "    assign: {high: 2, low: 4, low_fraction: 0.5}\n    quantizer: {group_size: 32}\n",
+         "low (4) is wider than high (2)"),
+        (f"model: {base}\n", "    width: 16\n    format: compressed-tensors\n    quantizer: {group_size: 32, symmetric: true}\n",
+         "format compressed-tensors has nothing to pack"),
+        (f"model: {demo_model('tiny-gpt2')}\n", "    width: 4\n    format: compressed-tensors\n"
+         "    quantizer: {group_size: 16, symmetric: true}\n", "is stored (input, output) (GPT-2's Conv1D)"),
+        (f"model: {base}\n", "    width: 4\n    calibration: {data: nosuch.txt}\n    quantizer: {method: gptq, group_size: 32}\n",
+         "data file nosuch.txt does not exist"),
+    ]
+    for number, (model, step, message) in enumerate(cases):
+        folder = tmp_path / f"case{number}"
+        folder.mkdir()
+        assert_plan_refused(cli, folder, f"{model}output: {folder / 'out'}\nsteps:\n  - op: bits\n{step}", message)
+
+
+def test_a_quantized_checkpoint_is_refused_by_every_quantizer(cli, tmp_path):
+    """A compressed-tensors checkpoint stores integers and scales, not weights: rounding its scales again
+    would write nonsense, so bits and ptqtp refuse it."""
+    pytest.importorskip("compressed_tensors")
+    from tests.conftest import assert_plan_refused
+
+    packed = _bits(cli, tmp_path, "    width: 4\n    format: compressed-tensors\n"
+                   "    quantizer: {group_size: 32, symmetric: true}\n", "packed")
+    for op, step in (("bits", "    width: 4\n    quantizer: {group_size: 1}\n"), ("ptqtp", "    group_size: 1\n")):
+        folder = tmp_path / op
+        folder.mkdir()
+        assert_plan_refused(cli, folder, f"model: {packed}\noutput: {folder / 'out'}\nsteps:\n  - op: {op}\n{step}",
+                            "is already quantized (compressed-tensors); start from the full-precision checkpoint")
+
+
+def test_gpt2s_conv1d_weights_are_rounded_in_groups_along_their_inputs(cli, tmp_path):
+    """GPT-2 stores c_attn, c_proj and c_fc as (input, output): each group of 16 consecutive inputs of one
+    output takes at most 16 values at 4 bits, which holds along the stored rows, not the columns."""
+    from safetensors.torch import load_file
+
+    from surgery.demo_models import demo_model
+    from tests.conftest import write_plan
+
+    out = tmp_path / "gpt2"
+    plan = (f"model: {demo_model('tiny-gpt2')}\noutput: {out}\nsteps:\n  - op: bits\n    width: 2\n"
+            "    quantizer: {group_size: 16}\n")
+    assert cli("apply", write_plan(tmp_path, plan)).code == 0
+    written = load_file(out / "model.safetensors")
+    weight = written["transformer.h.0.attn.c_attn.weight"]  # (input 32, output 96)
+    groups = weight.T.reshape(weight.shape[1], -1, 16)  # per output, groups of 16 inputs
+    assert max(len(set(g.tolist())) for g in groups.reshape(-1, 16)) <= 4

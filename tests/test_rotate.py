@@ -92,3 +92,8 @@ def test_tied_embeddings_are_refused(cli, tmp_path):
     plans.mkdir()
     assert_plan_refused(cli, plans, f"model: {folder}\noutput: {plans / 'out'}\nsteps:\n  - op: rotate\n",
                         "the embeddings are tied to the head")
+
+
+def test_a_seed_out_of_range_is_refused(cli, tmp_path):
+    assert_plan_refused(cli, tmp_path, f"model: {demo_model('base')}\noutput: {tmp_path / 'out'}\nsteps:\n"
+                        "  - op: rotate\n    seed: 99999999999999999999\n", "seed")

@@ -119,6 +119,8 @@ def test_packed_trit_planes_score_as_their_dense_model_and_hold_3_2_bits_a_weigh
     loaded = load_for_eval(packed, "cpu", "float32").model
     assert torch.equal(outputs(loaded, ids), outputs(load(dense), ids))
     assert cli("eval", packed, "--max-tokens", "256", "--device", "cpu").code == 0
+    card = (packed / "README.md").read_text()
+    assert "surgery trit-plane model" in card and "surgery materialize" in card and "from_pretrained" not in card
     assert cli("materialize", packed, tmp_path / "materialized").code == 0
     materialized = load_file(tmp_path / "materialized" / "model.safetensors")
     assert materialized.keys() == written.keys() and all(torch.equal(materialized[n], t) for n, t in written.items())

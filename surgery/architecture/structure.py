@@ -72,9 +72,12 @@ def build_on_meta(cls: type, config: Any) -> Any:
         raise SurgeryError(f"transformers cannot build {cls.__name__} from the output config: {_first_line(e)}") from None
 
 
-def experts_transposed(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, bool | None]:
-    """For fused 3-D expert tensors, whether transformers stores each expert as (input, output), the
-    transpose of a linear layer's weight (gpt-oss), as its experts module says; None where it does not."""
+def stored_transposed(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, bool | None]:
+    """Whether transformers stores each weight as (input, output), the transpose of a linear layer's: fused
+    3-D experts as their module says (gpt-oss), GPT-2's Conv1D always, nn.Linear never; None where the
+    module does not say (no such module, or one of another kind)."""
+    import torch
+
     names = list(names)
     cls = model_class(config)
     if cls is None or not names:
@@ -87,6 +90,10 @@ def experts_transposed(config: Mapping[str, Any], names: Iterable[str]) -> dict[
         except AttributeError:
             module = None
         transposed = getattr(module, "is_transposed", None)
+        if type(module).__name__ == "Conv1D":
+            transposed = True
+        elif isinstance(module, torch.nn.Linear):
+            transposed = False
         found[name] = transposed if isinstance(transposed, bool) else None
     return found
 

@@ -135,7 +135,7 @@ class Rtn(Unprepared):
 
     def describe(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
-        layout = ", experts stored (input, output)" if self.transposed else ""
+        layout = ", stored (input, output)" if self.transposed else ""
         return f"RTN {self.bits}-bit {kind}, groups of {self.group_size}{layout}, {self.part}"
 
 

@@ -43,7 +43,8 @@ def load_text(spec: str) -> EvalText:
         raise SurgeryError(f"unknown built-in data {spec!r}; known: {', '.join(BUILTIN)}")
     path = Path(spec)
     if not path.is_file():
-        raise SurgeryError(f"data file {spec} does not exist (or use --data builtin)")
+        raise SurgeryError(f"data file {spec} does not exist (looked for {path.absolute()}); give a .txt or .jsonl "
+                           "file, or builtin")
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

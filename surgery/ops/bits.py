@@ -59,6 +59,9 @@ class BitAssignment(Strict):
         pair = (self.high, self.low, self.low_fraction)
         target = (self.target_bits, self.choices)
         if all(v is not None for v in pair) and all(v is None for v in target):
+            if self.low > self.high:  # type: ignore[operator]
+                raise ValueError(f"low ({self.low}) is wider than high ({self.high}): the important layers would get "
+                                 "fewer bits; swap them")
             return self
         if all(v is not None for v in target) and all(v is None for v in pair):
             return self
@@ -146,6 +149,10 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
     fit: dict[str, Any] = {"score": step.score}
     if step.score == "kl":
         assert step.assign is not None
+        choices = step.assign.choices or []
+        if step.assign.target_bits is not None and min(choices) > step.assign.target_bits:  # before measuring
+            raise SurgeryError(f"bits.assign: target_bits {step.assign.target_bits:g} is below the smallest choice "
+                               f"{min(choices)}; no assignment of {sorted(set(choices))} reaches it")
         costs = measured_costs(step, view, targets, transposed, context)
         fit["costs"] = {str(w): c for w, c in costs.items()}
         scores = costs[min(costs)]  # what the lowest width costs each layer: higher, more important
@@ -158,14 +165,15 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
     average = sum(widths) / depths
     fit |= {"scores": scores, "bits": widths, "average_bits": average}
     context.fits.append(fit)
-    context.log(f"bits: {', '.join(f'{i}:{b}' for i, b in enumerate(widths))} (average {average:.3g})")
     part = quantized_parts(step, view, targets, widths, transposed, fit, context)
+    context.log(f"bits: {', '.join(f'{i}:{b}' for i, b in enumerate(widths))} (average {average:.3g})")
     layers = []
     for depth, (layer, width) in enumerate(zip(view.layers, widths)):
         tensors = dict(layer.tensors)
         for suffix in targets[depth] if width < KEEP_BITS else []:
             tensors[suffix] = part(depth, suffix, "dense")
-        layers.append(Layer(tensors=tensors, config=layer.config, origin=layer.origin.edited(f"{width}-bit")))
+        label = f"{width}-bit" if width < KEEP_BITS and targets[depth] else "kept"
+        layers.append(Layer(tensors=tensors, config=layer.config, origin=layer.origin.edited(label)))
     columns = [{suffix: layer.tensors[suffix].shape[-2 if transposed.get(suffix, False) else -1] for suffix in suffixes}
                for layer, suffixes in zip(view.layers, targets)]
     types, fallbacks = tensor_types_file(columns, widths)
@@ -387,30 +395,46 @@ def quantized_tensors(layer: Layer, keep: list[str]) -> list[str]:
 
 
 def experts_layout(view: ModelView, targets: list[list[str]]) -> dict[str, bool]:
-    """Whether each fused expert tensor quantized is stored transposed, as transformers' experts module
-    says (the quantizer's groups run along each expert's input); refused where it does not say."""
-    from surgery.architecture.structure import experts_transposed
+    """Whether each quantized tensor is stored transposed, (input, output), as transformers' module says
+    (fused experts of gpt-oss, GPT-2's Conv1D): the quantizer's groups run along the input either way.
+    Refused for fused experts whose module does not say; a 2-D weight it does not say is a linear layer's."""
+    from surgery.architecture.structure import stored_transposed
     from surgery.evaluation.models import quiet_transformers
 
-    first: dict[str, str] = {}  # a fused tensor's name in the first layer that has it
+    first: dict[str, str] = {}  # a tensor's name in the first layer that has it
+    fused: set[str] = set()
     for index, suffixes in enumerate(targets):
         for suffix in suffixes:
+            first.setdefault(suffix, view.layout.layer_name(index, suffix))
             if len(view.layers[index].tensors[suffix].shape) == 3:
-                first.setdefault(suffix, view.layout.layer_name(index, suffix))
+                fused.add(suffix)
     if not first:
         return {}
     names = {name: suffix for suffix, name in first.items()}
     with quiet_transformers():
-        found = experts_transposed(view.config(), names)
+        found = stored_transposed(view.config(), names)
     for name, transposed in found.items():
-        if transposed is None:
+        if transposed is None and names[name] in fused:
             raise SurgeryError(f"bits: {name} holds fused experts whose input axis transformers does not say, so "
                                "they cannot be quantized along it; add 'experts' to keep to leave them unquantized")
-    return {names[name]: transposed for name, transposed in found.items()}
+    return {names[name]: bool(transposed) for name, transposed in found.items()}
 
+
+def check_full_precision(view: ModelView, op: str) -> None:
+    """A checkpoint already quantized (a `quantization_config`: its matrices are packed integers and
+    scales) or in a format of surgery's own is refused: its stored tensors are not the model's weights."""
+    config = view.source.config
+    if "quantization_config" in view.config() or "quantization_config" in config:
+        method = (view.config().get("quantization_config") or config.get("quantization_config") or {})
+        raise SurgeryError(f"{op}: {view.source.path} is already quantized ({method.get('quant_method', 'a quantization_config')}); "
+                           "start from the full-precision checkpoint")
 
 
 def _check_unedited(view: ModelView) -> None:
+    check_full_precision(view, "bits")
+    if any(r.compute is not None and not layer.origin.edits for layer in view.layers for r in layer.tensors.values()):
+        raise SurgeryError(f"bits reads the checkpoint transformers loads, and {view.source.path} is stored in a format "
+                           "of surgery's own; write it as a standard checkpoint first (surgery materialize)")
     for index, layer in enumerate(view.layers):
         if layer.origin.index != index or layer.origin.edits or any(r.compute is not None for r in layer.tensors.values()):
             raise SurgeryError("bits measures and quantizes the model as stored: put it first, or apply the earlier "
@@ -425,6 +449,9 @@ def _check_widths(step: BitsStep, widths: list[int], targets: list[list[str]]) -
                                f"{', '.join(map(str, supported))}" + (" (use format: dense to simulate others)"
                                                                        if step.format != "dense" else ""))
     packed = {w for w, suffixes in zip(widths, targets) if w < KEEP_BITS and suffixes}
+    if step.format == "compressed-tensors" and not packed:
+        raise SurgeryError("bits: format compressed-tensors has nothing to pack: every layer keeps its source dtype "
+                           "(16 bits); use format: dense, or give some layers fewer bits")
     experts = any(is_expert(s) for suffixes in targets for s in suffixes)
     if step.format == "compressed-tensors" and experts and len(packed) > 1:
         raise SurgeryError(f"bits: format compressed-tensors with MoE experts needs one bit width for every quantized "
@@ -445,6 +472,9 @@ def _check_quantizer(step: BitsStep, view: ModelView, targets: list[list[str]], 
             raise SurgeryError(f"bits: {suffix} is stored as {dtype}, already quantized; bits quantizes "
                                f"{', '.join(QUANTIZABLE_DTYPES)} weights: add it to keep, or start from a "
                                "full-precision checkpoint")
+        if len(shape) == 2 and transposed.get(suffix) and step.format == "compressed-tensors":
+            raise SurgeryError(f"bits: format compressed-tensors packs linear weights stored (output, input), and "
+                               f"{suffix} is stored (input, output) (GPT-2's Conv1D); use format: dense")
         if len(shape) == 3 and step.format == "compressed-tensors":
             raise SurgeryError(f"bits: format compressed-tensors cannot pack {suffix}: its experts are fused in one "
                                "3-D tensor, and the format packs 2-D weights only; use format: dense, or add "

@@ -55,6 +55,9 @@ def gptq_layers(settings: GptqSettings, calibration: Any, view: ModelView, plans
            "device": resolve_device(context.device), "model": folder_stamp(view.source.path),
            "layers": [asdict(p) if p else None for p in plans], "text": text_digest(text)}
     folder = fit_folder("gptq", key)
+    if all(p is None for p in plans):  # every layer kept at full precision: nothing to calibrate
+        return [{} for _ in plans], {"calibration_tokens": 0, "output_error": {"gptq": [], "rtn": []},
+                                     "rtn_fallback": []}
     if all(_stored_layer(folder, i, p) for i, p in enumerate(plans) if p is not None):
         context.log(f"gptq: the same calibration ran before; reusing its integers ({folder})")
     else:

@@ -17,7 +17,7 @@ from surgery.checkpoint.reader import DTYPE_SIZES
 from surgery.compute.trits import TRITS_PER_BYTE, TritFit, TritPart
 from surgery.errors import SurgeryError
 from surgery.formats.trit_planes import trit_config
-from surgery.ops.bits import QUANTIZABLE_DTYPES, quantized_tensors
+from surgery.ops.bits import QUANTIZABLE_DTYPES, check_full_precision, quantized_tensors
 from surgery.ops.context import OpContext
 from surgery.ops.fields import StepModel
 from surgery.ops.registry import Op
@@ -80,6 +80,7 @@ def ptqtp(step: PtqtpStep, view: ModelView, context: OpContext) -> ModelView:
 
 
 def _check(step: PtqtpStep, view: ModelView, targets: list[list[str]]) -> None:
+    check_full_precision(view, "ptqtp")
     kinds = {(s, layer.tensors[s].shape, layer.tensors[s].dtype) for layer, suffixes in zip(view.layers, targets)
              for s in suffixes}
     for suffix, shape, dtype in sorted(kinds):

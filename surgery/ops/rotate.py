@@ -37,7 +37,7 @@ class RotateStep(StepModel):
     edits_any_stack: ClassVar[bool] = False
 
     op: Literal["rotate"]
-    seed: int = Field(default=0, description="Seed of the random orthogonal matrix.")
+    seed: int = Field(default=0, ge=0, lt=2**63, description="Seed of the random orthogonal matrix.")
 
 
 def rotate(step: RotateStep, view: ModelView, context: OpContext) -> ModelView:

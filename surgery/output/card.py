@@ -10,11 +10,12 @@ from typing import Any
 
 import yaml
 
-from surgery.formats import ensemble_folder, recursive
+from surgery.formats import ensemble_folder, recursive, trit_planes
 from surgery.ops.registry import registry
 
 CARD_NAME = "README.md"
-_OWN_FORMATS = {recursive.MODEL_TYPE: "compact recursive", ensemble_folder.MODEL_TYPE: "ensemble"}
+_OWN_FORMATS = {recursive.MODEL_TYPE: "compact recursive", ensemble_folder.MODEL_TYPE: "ensemble",
+                trit_planes.MODEL_TYPE: "trit-plane"}
 
 
 def model_card(provenance: dict[str, Any], config: dict[str, Any], name: str, path: str = "PATH") -> str:
@@ -90,9 +91,11 @@ def _how_to_load(own_format: str | None, config: dict[str, Any], path: str) -> l
         return [f"This folder is a surgery {own_format} model: plain transformers refuses it by its model type.",
                 "", "```python", "import surgery", "",
                 f"loaded = surgery.load_for_eval({path!r})  # .model maps input_ids to logits; .tokenizer", "```",
-                "", f"or `surgery eval {path}`. `surgery materialize` turns a compact model into a standard one."]
+                "", f"or `surgery eval {path}`. `surgery materialize` turns a compact or trit-plane model into a "
+                "standard one."]
     quantized = (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
-    return (["Packed compressed-tensors weights: `pip install compressed-tensors` first (vLLM loads it too).", ""]
+    return (["Packed compressed-tensors weights: `pip install compressed-tensors` first (which runtimes load which "
+             "widths: surgery's docs/quantization.md).", ""]
             if quantized else []) + [
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f"model = AutoModelForCausalLM.from_pretrained({path!r})",

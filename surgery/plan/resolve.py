@@ -111,12 +111,14 @@ class Recipe:
 
 
 def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: str = "auto",
-            base_dir: str | Path | None = None) -> Recipe:
+            base_dir: str | Path | None = None, replacing: bool = True) -> Recipe:
     """Open a plan's checkpoints' headers, run its data-dependent fits (on `device`) and its ops into
     one view, and check everything that can be checked before writing.
 
     `plan` is a plan file (its paths are relative to its folder) or a Plan built in code (paths
     relative to `base_dir`, default the current folder); `output` overrides the plan's `output`.
+    Without `replacing` (apply without --force or --resume), an output that exists is refused before
+    any fit runs.
     """
     translation: Translation | None = None
     if isinstance(plan, Plan):
@@ -141,6 +143,11 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
     primary = plan.starting_model()
     if primary is None:
         raise SurgeryError(f"{where}: the plan names no model; add 'model: PATH' at the top")
+    if translation is not None and output is None:
+        raise SurgeryError(f"{where}: a mergekit config names no output folder; pass --out")
+    out = _output_folder(plan, output, folder, where)
+    if not replacing and (out.exists() or out.is_symlink()):
+        raise SurgeryError(f"output {out} already exists; pass --force to replace it")
     lines = plan_path is not None and translation is None  # a translated plan's places are not the file's lines
     with _located(plan_path, ("model",) if plan.model else ("steps", 0), lines):
         view = open_model(primary)
@@ -159,9 +166,6 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
     if translation is not None and translation.stored_dtype is not None:
         _check_stored_dtype(view, translation.stored_dtype, where)
     verification = verify(view, views)
-    if translation is not None and output is None:
-        raise SurgeryError(f"{where}: a mergekit config names no output folder; pass --out")
-    out = _output_folder(plan, output, folder, where)
     for checkpoint in sources.values():
         if _overlaps(checkpoint.path, out):
             raise SurgeryError(
