@@ -154,7 +154,8 @@ def test_packed_output_loads_through_transformers_and_equals_the_dense_simulatio
     ("    score: manual\n    manual: {0: 3, 1: 4, 2: 4, 3: 4, 4: 4, 5: 4, 6: 4, 7: 4}\n    format: compressed-tensors\n"
      "    quantizer: {symmetric: true, group_size: 32}\n", "layer 0 gets 3 bits but format compressed-tensors supports 2, 4, 8"),
     ("    score: zd\n    assign: {high: 8, low: 4, low_fraction: 0.5}\n    quantizer: {group_size: 96}\n",
-     "group_size 96 does not divide the input dimension 256 of mlp.down_proj.weight"),
+     "group_size 96 does not divide the input dimension 256 of mlp.down_proj.weight; use a divisor of 32, which "
+     "divides every quantized matrix's input dimension"),
     ("    score: zd\n    assign: {target_bits: 1, choices: [2, 4]}\n    quantizer: {group_size: 32}\n",
      "target_bits 1 is below the smallest choice 2"),
     ("    score: zd\n    assign: {high: 8, low: 4, low_fraction: 0.5}\n    format: compressed-tensors\n",

@@ -467,6 +467,7 @@ def _check_quantizer(step: BitsStep, view: ModelView, targets: list[list[str]], 
     group = step.quantizer.group_size
     kinds = {(s, layer.tensors[s].shape, layer.tensors[s].dtype) for layer, suffixes in zip(view.layers, targets)
              for s in suffixes}  # every layer's own: shapes and dtypes can differ by layer
+    inputs = [shape[-2] if transposed.get(suffix) else shape[-1] for suffix, shape, _ in kinds]
     for suffix, shape, dtype in sorted(kinds):
         if dtype not in QUANTIZABLE_DTYPES:
             raise SurgeryError(f"bits: {suffix} is stored as {dtype}, already quantized; bits quantizes "
@@ -482,9 +483,15 @@ def _check_quantizer(step: BitsStep, view: ModelView, targets: list[list[str]], 
         columns = shape[-2] if transposed.get(suffix) else shape[-1]
         if columns % group:
             raise SurgeryError(f"bits.quantizer: group_size {group} does not divide the input dimension {columns} "
-                               f"of {suffix}; use a divisor of {columns}")
+                               f"of {suffix}; {common_divisor_hint(inputs)}")
         if step.format == "compressed-tensors" and columns % 16:
             raise SurgeryError(f"bits: {suffix} has {columns} input columns; packing needs a multiple of 16")
+
+
+def common_divisor_hint(inputs: list[int]) -> str:
+    """What group size would fit every quantized matrix: a divisor of their inputs' greatest common divisor."""
+    common = math.gcd(*inputs)
+    return f"use a divisor of {common}, which divides every quantized matrix's input dimension"
 
 
 def describe(step: BitsStep) -> str:

@@ -17,7 +17,7 @@ from surgery.checkpoint.reader import DTYPE_SIZES
 from surgery.compute.trits import TRITS_PER_BYTE, TritFit, TritPart
 from surgery.errors import SurgeryError
 from surgery.formats.trit_planes import trit_config
-from surgery.ops.bits import QUANTIZABLE_DTYPES, check_full_precision, quantized_tensors
+from surgery.ops.bits import QUANTIZABLE_DTYPES, check_full_precision, common_divisor_hint, quantized_tensors
 from surgery.ops.context import OpContext
 from surgery.ops.fields import StepModel
 from surgery.ops.registry import Op
@@ -92,7 +92,7 @@ def _check(step: PtqtpStep, view: ModelView, targets: list[list[str]]) -> None:
                                "'experts' to keep")
         if shape[1] % step.group_size:
             raise SurgeryError(f"ptqtp.group_size: {step.group_size} does not divide the input dimension {shape[1]} "
-                               f"of {suffix}; use a divisor of {shape[1]}")
+                               f"of {suffix}; {common_divisor_hint([k[1][1] for k in kinds if len(k[1]) == 2])}")
     if not kinds:
         raise SurgeryError("ptqtp: no layer matrix is left to quantize (all kept); remove names from keep")
 
