@@ -161,6 +161,8 @@ def test_packed_output_loads_through_transformers_and_equals_the_dense_simulatio
     ("    score: zd\n    assign: {high: 8, low: 4, low_fraction: 0.5}\n    format: compressed-tensors\n",
      "needs quantizer.symmetric: true"),
     ("    score: lim\n", "add one, e.g. {high: 8, low: 4, low_fraction: 0.5}"),
+    ("    width: 4\n    quantizer: {act_order: true, group_size: 32}\n", "act_order is a GPTQ setting; add method: gptq"),
+    ("    width: 4\n    score: zd\n", "width gives every layer one width; leave out score and assign"),
     ("    score: zd\n    assign: {high: 8, low: 4, low_fraction: 0.5}\n    format: compressed-tensors\n"
      "    quantizer: {symmetric: true, group_size: 32}\n  - op: chain\n    layers: [0-3]\n",
      "bits with format: compressed-tensors must be the last step"),

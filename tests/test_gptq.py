@@ -160,18 +160,6 @@ def test_a_stopped_calibration_resumes_at_the_first_layer_not_written(cli, tmp_p
     assert "reusing its integers" in reused.err and "gptq: layer" not in reused.err
 
 
-@pytest.mark.parametrize("step, message", [
-    ("    width: 4\n    quantizer: {act_order: true, group_size: 32}\n", "act_order is a GPTQ setting; add method: gptq"),
-    ("    width: 4\n    score: zd\n", "width gives every layer one width; leave out score and assign"),
-])
-def test_bad_gptq_plans(step, message, cli, tmp_path):
-    from surgery.demo_models import demo_model
-    from tests.conftest import assert_plan_refused
-
-    plan = f"model: {demo_model('base')}\noutput: {tmp_path / 'out'}\nsteps:\n  - op: bits\n{step}"
-    assert_plan_refused(cli, tmp_path, plan, message)
-
-
 def test_too_few_calibration_tokens_without_dampening_is_refused_naming_the_tensor(cli, tmp_path):
     """Known only once the Hessian is measured: after the progress lines, one line naming the layer, the
     tensor and the fix; exit 2; nothing written."""

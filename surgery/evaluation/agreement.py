@@ -25,15 +25,20 @@ def next_token_agreement(reference: Any, model: Any, rows: torch.Tensor) -> Agre
     kl, agree, tokens = 0.0, 0, 0
     with torch.inference_mode():
         for row in rows:
-            ids = row.unsqueeze(0)
-            p = reference(input_ids=ids.to(_device(reference)), use_cache=False).logits[0].double().log_softmax(-1)
-            q = model(input_ids=ids.to(_device(model)), use_cache=False).logits[0].double().log_softmax(-1)
-            q = q.to(p.device)
-            kl += float((p.exp() * (p - q)).sum())
+            p = log_probs(reference, row)
+            q = log_probs(model, row).to(p.device)
+            kl += kl_sum(p, q)
             agree += int((p.argmax(-1) == q.argmax(-1)).sum())
             tokens += p.shape[0]
     return Agreement(kl / tokens, agree / tokens, tokens)
 
 
-def _device(model: Any) -> Any:
-    return next(model.parameters()).device
+def log_probs(model: Any, row: torch.Tensor) -> torch.Tensor:
+    """The model's next-token log-probabilities (float64) at every position of one row of token ids."""
+    ids = row.unsqueeze(0).to(next(model.parameters()).device)
+    return model(input_ids=ids, use_cache=False).logits[0].double().log_softmax(-1)
+
+
+def kl_sum(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Sum over positions of KL(p || q), both given as log-probabilities."""
+    return float((p.exp() * (p - q)).sum())

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from surgery.evaluation.agreement import kl_sum, log_probs
+
 if TYPE_CHECKING:
     import torch
 
@@ -18,19 +20,17 @@ Round = Callable[[str, "torch.Tensor", int], "torch.Tensor"]  # (name, weight, w
 
 
 def layer_costs(model: Any, matrices: list[dict[str, Any]], widths: list[int], rounded: Round,
-                rows: torch.Tensor, progress: Callable[[str], None] = lambda line: None) -> dict[int, list[float]]:
+                rows: torch.Tensor) -> dict[int, list[float]]:
     """KL(unquantized || only layer l at width w) in nats per token, for every width and layer l whose
     `matrices` (its parameters by name, rounded in place and restored) are not empty; 0 for a layer with
     nothing to quantize."""
     import torch
 
-    device = next(model.parameters()).device
     sums = {w: [0.0] * len(matrices) for w in widths}
     tokens = 0
     with torch.inference_mode():
-        for number, row in enumerate(rows):
-            ids = row.unsqueeze(0).to(device)
-            reference = _log_probs(model, ids)
+        for row in rows:
+            reference = log_probs(model, row)
             for layer, params in enumerate(matrices):
                 if not params:
                     continue
@@ -38,14 +38,8 @@ def layer_costs(model: Any, matrices: list[dict[str, Any]], widths: list[int], r
                 for width in widths:
                     for name, p in params.items():
                         p.copy_(rounded(name, originals[name], width))
-                    q = _log_probs(model, ids)
-                    sums[width][layer] += float((reference.exp() * (reference - q)).sum())
+                    sums[width][layer] += kl_sum(reference, log_probs(model, row))
                 for name, p in params.items():
                     p.copy_(originals[name])
             tokens += reference.shape[0]
-            progress(f"bits: measured row {number + 1} of {len(rows)}")
     return {w: [s / tokens for s in per_layer] for w, per_layer in sums.items()}
-
-
-def _log_probs(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits[0].double().log_softmax(-1)

@@ -149,10 +149,7 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
     fit: dict[str, Any] = {"score": step.score}
     if step.score == "kl":
         assert step.assign is not None
-        choices = step.assign.choices or []
-        if step.assign.target_bits is not None and min(choices) > step.assign.target_bits:  # before measuring
-            raise SurgeryError(f"bits.assign: target_bits {step.assign.target_bits:g} is below the smallest choice "
-                               f"{min(choices)}; no assignment of {sorted(set(choices))} reaches it")
+        check_reachable(step.assign)  # before measuring
         costs = measured_costs(step, view, targets, transposed, context)
         fit["costs"] = {str(w): c for w, c in costs.items()}
         scores = costs[min(costs)]  # what the lowest width costs each layer: higher, more important
@@ -174,7 +171,7 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
             tensors[suffix] = part(depth, suffix, "dense")
         label = f"{width}-bit" if width < KEEP_BITS and targets[depth] else "kept"
         layers.append(Layer(tensors=tensors, config=layer.config, origin=layer.origin.edited(label)))
-    columns = [{suffix: layer.tensors[suffix].shape[-2 if transposed.get(suffix, False) else -1] for suffix in suffixes}
+    columns = [{suffix: input_size(layer.tensors[suffix].shape, transposed.get(suffix, False)) for suffix in suffixes}
                for layer, suffixes in zip(view.layers, targets)]
     types, fallbacks = tensor_types_file(columns, widths)
     if fallbacks:
@@ -376,15 +373,20 @@ def assign_bits(assign: BitAssignment | None, scores: list[float] | None, depths
             widths[layer] = assign.low
     else:
         assert assign.choices is not None and assign.target_bits is not None
+        check_reachable(assign)
         choices = sorted(set(assign.choices))
-        if choices[0] > assign.target_bits:
-            raise SurgeryError(f"bits.assign: target_bits {assign.target_bits:g} is below the smallest choice "
-                               f"{choices[0]}; no assignment of {choices} reaches it")
         widths = [choices[-1]] * depths
         for layer in order:
             while sum(widths) / depths > assign.target_bits and widths[layer] > choices[0]:
                 widths[layer] = choices[choices.index(widths[layer]) - 1]
     return [manual.get(i, w) for i, w in enumerate(widths)]
+
+
+def check_reachable(assign: BitAssignment) -> None:
+    """A target average below the smallest choice is one no assignment reaches."""
+    if assign.target_bits is not None and assign.choices and min(assign.choices) > assign.target_bits:
+        raise SurgeryError(f"bits.assign: target_bits {assign.target_bits:g} is below the smallest choice "
+                           f"{min(assign.choices)}; no assignment of {sorted(set(assign.choices))} reaches it")
 
 
 def quantized_tensors(layer: Layer, keep: list[str]) -> list[str]:
@@ -420,14 +422,20 @@ def experts_layout(view: ModelView, targets: list[list[str]]) -> dict[str, bool]
     return {names[name]: bool(transposed) for name, transposed in found.items()}
 
 
+def input_size(shape: tuple[int, ...], transposed: bool) -> int:
+    """A weight's input dimension, along which the quantizers' groups run: its last axis, or the one before
+    where it is stored (input, output)."""
+    return shape[-2] if transposed else shape[-1]
+
+
 def check_full_precision(view: ModelView, op: str) -> None:
     """A checkpoint already quantized (a `quantization_config`: its matrices are packed integers and
-    scales) or in a format of surgery's own is refused: its stored tensors are not the model's weights."""
-    config = view.source.config
-    if "quantization_config" in view.config() or "quantization_config" in config:
-        method = (view.config().get("quantization_config") or config.get("quantization_config") or {})
-        raise SurgeryError(f"{op}: {view.source.path} is already quantized ({method.get('quant_method', 'a quantization_config')}); "
-                           "start from the full-precision checkpoint")
+    scales) is refused: its stored tensors are not the model's weights."""
+    config = view.config()
+    if "quantization_config" in config:
+        method = (config["quantization_config"] or {}).get("quant_method", "a quantization_config")
+        raise SurgeryError(f"{op}: {view.source.path} is already quantized ({method}); start from the full-precision "
+                           "checkpoint")
 
 
 def _check_unedited(view: ModelView) -> None:
@@ -467,7 +475,7 @@ def _check_quantizer(step: BitsStep, view: ModelView, targets: list[list[str]], 
     group = step.quantizer.group_size
     kinds = {(s, layer.tensors[s].shape, layer.tensors[s].dtype) for layer, suffixes in zip(view.layers, targets)
              for s in suffixes}  # every layer's own: shapes and dtypes can differ by layer
-    inputs = [shape[-2] if transposed.get(suffix) else shape[-1] for suffix, shape, _ in kinds]
+    inputs = [input_size(shape, transposed.get(suffix, False)) for suffix, shape, _ in kinds]
     for suffix, shape, dtype in sorted(kinds):
         if dtype not in QUANTIZABLE_DTYPES:
             raise SurgeryError(f"bits: {suffix} is stored as {dtype}, already quantized; bits quantizes "
@@ -480,7 +488,7 @@ def _check_quantizer(step: BitsStep, view: ModelView, targets: list[list[str]], 
             raise SurgeryError(f"bits: format compressed-tensors cannot pack {suffix}: its experts are fused in one "
                                "3-D tensor, and the format packs 2-D weights only; use format: dense, or add "
                                "'experts' to keep")
-        columns = shape[-2] if transposed.get(suffix) else shape[-1]
+        columns = input_size(shape, transposed.get(suffix, False))
         if columns % group:
             raise SurgeryError(f"bits.quantizer: group_size {group} does not divide the input dimension {columns} "
                                f"of {suffix}; {common_divisor_hint(inputs)}")

@@ -58,13 +58,14 @@ def gptq_layers(settings: GptqSettings, calibration: Any, view: ModelView, plans
     if all(p is None for p in plans):  # every layer kept at full precision: nothing to calibrate
         return [{} for _ in plans], {"calibration_tokens": 0, "output_error": {"gptq": [], "rtn": []},
                                      "rtn_fallback": []}
-    if all(_stored_layer(folder, i, p) for i, p in enumerate(plans) if p is not None):
+    headers = _stored_layers(folder, plans)
+    if all(h is not None for h, p in zip(headers, plans) if p is not None):
         context.log(f"gptq: the same calibration ran before; reusing its integers ({folder})")
     else:
-        _calibrate(settings, calibration, text, view, plans, folder, context)
+        _calibrate(settings, calibration, text, view, plans, headers, folder, context)
+        headers = _stored_layers(folder, plans)
     recipes, errors = [], []
-    for index, plan in enumerate(plans):
-        header = _stored_layer(folder, index, plan) if plan is not None else None
+    for index, (plan, header) in enumerate(zip(plans, headers)):
         if plan is not None and header is None:
             raise SurgeryError(f"gptq: {_layer_file(folder, index)} vanished while the plan ran; run it again")
         recipes.append({s: tuple(TensorRecipe.copy_of(header.tensors[f"{s}.{part}"]) for part in PARTS)
@@ -77,6 +78,10 @@ def gptq_layers(settings: GptqSettings, calibration: Any, view: ModelView, plans
         record["token_importance"] = {"by": settings.token_importance,
                                       "layers": [i for i, e in enumerate(errors) if e and e.get("weighted")]}
     return recipes, record
+
+
+def _stored_layers(folder: Path, plans: list[LayerPlan | None]) -> list[ShardHeader | None]:
+    return [_stored_layer(folder, i, p) if p is not None else None for i, p in enumerate(plans)]
 
 
 def _stored_layer(folder: Path, index: int, plan: LayerPlan) -> ShardHeader | None:
@@ -98,7 +103,8 @@ def _stored_layer(folder: Path, index: int, plan: LayerPlan) -> ShardHeader | No
 
 
 def _calibrate(settings: GptqSettings, calibration: Any, text: str, view: ModelView, plans: list[LayerPlan | None],
-               folder: Path, context: OpContext) -> None:
+               done: list[ShardHeader | None], folder: Path, context: OpContext) -> None:
+    """Every planned layer in order: the ones `done` (stored before) are read back, the others fitted and stored."""
     import torch
 
     from surgery.evaluation.importance import calibration_batches
@@ -121,7 +127,7 @@ def _calibrate(settings: GptqSettings, calibration: Any, text: str, view: ModelV
     folder.mkdir(parents=True, exist_ok=True)
     for index, plan in enumerate(plans):
         path = _layer_file(folder, index)
-        if plan is not None and _stored_layer(folder, index, plan):
+        if plan is not None and done[index] is not None:
             _set_weights(modules[index], _read_layer(path, plan))
         elif plan is not None:
             importance = layer_importance(inputs, index, layers[index]) if weighted else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field
 
@@ -33,8 +33,6 @@ NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
 
 class RotateStep(StepModel):
     """Fold a random orthogonal rotation of the residual stream into the weights (QuaRot; RSQ's rotate)."""
-
-    edits_any_stack: ClassVar[bool] = False
 
     op: Literal["rotate"]
     seed: int = Field(default=0, ge=0, lt=2**63, description="Seed of the random orthogonal matrix.")
