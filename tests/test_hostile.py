@@ -147,6 +147,24 @@ def test_bits_refuses_a_non_finite_weight_instead_of_writing_a_group_of_nan(cli,
     assert torch.isinf(load_file(out / "model.safetensors")[name]).sum() == 1  # kept as it is, no NaN made
 
 
+@pytest.mark.parametrize("step, named, keep", [
+    ("  - op: bits\n    width: 4\n    calibration: {data: builtin:mixed-dev, samples: 2, seq_len: 32}\n"
+     "    quantizer: {method: gptq, group_size: 16}\n", "layer 0 mlp.down_proj.weight", "bits.keep"),
+    ("  - op: ptqtp\n    group_size: 16\n", "layers.0.mlp.down_proj.weight", "ptqtp.keep"),
+])
+def test_gptq_and_ptqtp_refuse_a_non_finite_weight(step, named, keep, cli, model, tmp_path):
+    weights = load_file(model / "model.safetensors")
+    name = next(n for n in weights if n.endswith("layers.0.mlp.down_proj.weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    result = cli("apply", write_plan(tmp_path, f"model: {model}\noutput: {out}\nsteps:\n{step}"))
+    last = result.err.strip().splitlines()[-1]
+    assert result.code == 2 and "Traceback" not in result.err
+    assert named in last and "1 non-finite value" in last and keep in last
+    assert not out.exists() and not partial_folder(out).exists()
+
+
 # --- what is read ---------------------------------------------------------------------------------
 
 def test_evaluate_compare_to_may_not_name_the_output(cli, model, tmp_path):

@@ -45,6 +45,16 @@ class Quantized:
         return pack(self.values, bits) if part == "packed" else self.scale
 
 
+def require_finite(weight: torch.Tensor, quantizer: str, op: str) -> None:
+    """Refuse a weight with inf or NaN: its group's scale would be inf, and every weight of the group NaN."""
+    import torch
+
+    finite = torch.isfinite(weight)
+    if not finite.all():
+        raise SurgeryError(f"holds {int((~finite).sum())} non-finite value(s) (inf or NaN), which {quantizer} cannot "
+                           f"scale: fix the input, or leave the tensor unquantized with {op}.keep")
+
+
 def integer_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
@@ -115,12 +125,8 @@ class Rtn(Unprepared):
 
 
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        import torch
 
-        finite = torch.isfinite(inputs[0])
-        if not finite.all():  # its group's scale would be inf, and every weight of the group NaN
-            raise SurgeryError(f"holds {int((~finite).sum())} non-finite value(s) (inf or NaN), which RTN cannot "
-                               "scale: fix the input, or leave the tensor unquantized with bits.keep")
+        require_finite(inputs[0], "RTN", "bits")
         weight = inputs[0].transpose(-1, -2) if self.transposed else inputs[0]
         shape = weight.shape  # groups run along the last axis; each row of each expert is a row
         quantized = quantize(weight.reshape(-1, shape[-1]), self.bits, self.group_size, self.symmetric,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from surgery.checkpoint.blocks import torch_dtype
+from surgery.compute.quantize import require_finite
 from surgery.recipe.tensor import Unprepared
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ class TritFit(Unprepared):
     elementwise = False
 
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        require_finite(inputs[0], "PTQTP", "ptqtp")
         planes = fit(inputs[0], self.group_size, self.iterations, torch_dtype(self.dtype))
         if self.part == "dense":
             return planes.dense()

@@ -20,7 +20,7 @@ from surgery.checkpoint.blocks import torch_dtype
 from surgery.checkpoint.modules import is_expert
 from surgery.checkpoint.reader import ShardHeader, read_shard_header
 from surgery.compute.gptq import GptqSettings, Hessian, gptq, output_error
-from surgery.compute.quantize import Quantized, quantize
+from surgery.compute.quantize import Quantized, quantize, require_finite
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
 from surgery.ops.fit_memo import fit_folder, folder_stamp, text_digest
@@ -118,6 +118,12 @@ def _calibrate(settings: GptqSettings, calibration: Any, text: str, view: ModelV
     rows = calibration_batches(loaded.tokenizer, text, calibration.samples, calibration.seq_len, "bits.calibration")
     modules = [{s: _linear(layers[i], s, view.layers[i].tensors[s].shape) for s in p.suffixes} if p else {}
                for i, p in enumerate(plans)]
+    for index, planned in enumerate(modules):  # before calibrating: inf or NaN would spread through it
+        for suffix, module in planned.items():
+            try:
+                require_finite(module.weight.detach(), "GPTQ", "bits")
+            except SurgeryError as e:
+                raise SurgeryError(f"bits: layer {index} {suffix} {e}") from None
     context.log(f"gptq: calibrating {sum(p is not None for p in plans)} layers in order on {rows.numel()} tokens "
                 f"({loaded.device})")
     weighted = settings.token_importance == "attention"
