@@ -182,18 +182,6 @@ def test_bits_on_cuda_equals_cpu(cli, tmp_path):
         torch.testing.assert_close(outs["cuda"][name], tensor, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("width, columns, kind", [
-    (4, 4096, "q4_k"), (4, 576, "q4_0"), (6, 1536, "q6_k"), (6, 576, "q8_0"), (5, 96, "q5_0"), (3, 576, "q4_0"),
-    (2, 2048, "q2_k"), (8, 576, "q8_0"), (4, 100, "f16"), (16, 4096, "f16"),
-])
-def test_the_llama_cpp_type_fits_the_tensors_rows(width, columns, kind):
-    """A k-quant only where rows divide by 256 (llama.cpp's QK_K), else the narrowest 32-block type at least
-    as wide (never fewer bits than asked), else f16: llama-quantize then honours every line."""
-    from surgery.formats.gguf import gguf_type
-
-    assert gguf_type(width, columns) == kind
-
-
 def test_cheapest_widths_is_the_least_cost_assignment_within_the_target():
     import itertools
     import random

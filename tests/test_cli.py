@@ -9,7 +9,7 @@ import pytest
 from surgery import __version__
 from tests.conftest import ARCHS, listing, write_plan
 
-COMMANDS = ["analyze", "apply", "check", "demo", "diff", "eval", "inspect", "materialize", "push", "verify"]
+COMMANDS = ["analyze", "apply", "check", "demo", "diff", "eval", "gguf", "inspect", "materialize", "push", "verify"]
 
 
 def test_version(cli):

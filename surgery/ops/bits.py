@@ -6,7 +6,7 @@ go to surgery.json. Each layer's matrices are then quantized by RTN with per-gro
 - `dense`: dequantized back to the source dtype, an exact simulation for scoring;
 - `compressed-tensors`: packed integers and a `quantization_config` that transformers (with the
   compressed-tensors package) and vLLM load; symmetric only, see `_check_supported`.
-Beside either, `llama-tensor-types.txt` gives llama-quantize the same assignment.
+Beside either, `llama-tensor-types.txt` gives llama-quantize the same assignment (`surgery gguf` applies it).
 """
 
 from __future__ import annotations
@@ -171,9 +171,11 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
             tensors[suffix] = part(depth, suffix, "dense")
         label = f"{width}-bit" if width < KEEP_BITS and targets[depth] else "kept"
         layers.append(Layer(tensors=tensors, config=layer.config, origin=layer.origin.edited(label)))
-    columns = [{suffix: input_size(layer.tensors[suffix].shape, transposed.get(suffix, False)) for suffix in suffixes}
-               for layer, suffixes in zip(view.layers, targets)]
-    types, fallbacks = tensor_types_file(columns, widths)
+    columns = [{suffix: (input_size(layer.tensors[suffix].shape, transposed.get(suffix, False)), layer.tensors[suffix].dtype)
+                for suffix in suffixes} for layer, suffixes in zip(view.layers, targets)]
+    types, fallbacks = tensor_types_file(columns, widths, step.quantizer.symmetric)
+    fit["quantized_weights"] = [sum(math.prod(layer.tensors[s].shape) for s in suffixes) if width < KEEP_BITS else 0
+                                for layer, suffixes, width in zip(view.layers, targets, widths)]
     if fallbacks:
         context.log(f"bits: {TENSOR_TYPES_FILE}: {len(fallbacks)} tensors' rows do not divide by 256, llama.cpp's "
                     f"k-quant block: they get 32-block types ({fallbacks[0]}{', ...' if len(fallbacks) > 1 else ''})")
