@@ -6,7 +6,8 @@ tokenized the text, with its BOS handling and chunking) in transformers.
 Rows: the source converted alone (is llama.cpp's run of the model transformers' run?), and per plan the
 GGUF beside the dense `bits` output (the same widths; llama.cpp rounds with its own types). Checked: every
 tensor has the type llama-tensor-types.txt names (`surgery gguf` refuses otherwise) and each GGUF's
-perplexity is within 1% of transformers'. Exit 1 when a check fails.
+perplexity is within 1% of transformers'; then, per tiny architecture, whether llama.cpp's converter takes
+it and, where it does, the types hold. Exit 1 when a check fails.
 
     python benchmarks/gguf_llama_cpp.py [--work DIR] [--python CONVERTER_VENV_PYTHON]
 """
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 SDIST = "llama-cpp-python==0.3.36"
 TOOLS = ("llama-quantize", "llama-perplexity")
 CONTEXT, CHUNKS = 256, 24
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "phi3", "gpt2", "gpt_neox")
 PLANS = {  # name -> bits step
     "8/4 by ZD, asymmetric, layer 0 kept": {"op": "bits", "score": "zd", "manual": {0: 16},
                                            "assign": {"high": 8, "low": 4, "low_fraction": 0.5},
@@ -176,6 +178,19 @@ def main() -> None:
         difference = ours / theirs - 1
         failed |= not abs(difference) <= 0.01
         print(f"| {name} | {types} | {ours:.4f} | {theirs:.4f} | {difference:+.2%} |")
+    print("\nThe tiny architectures (random weights: types only), every layer at 4 bits, symmetric, groups of 16:\n")
+    print("| architecture | `surgery gguf` |\n|---|---|")
+    for arch in ARCHITECTURES:
+        plan, out = runs / f"{arch}.yaml", runs / arch
+        plan.write_text(yaml.safe_dump({"base": str(demo_model(f"tiny-{arch}")), "steps": [
+            {"op": "bits", "width": 4, "quantizer": {"group_size": 16, "symmetric": True}}]}))
+        run([sys.executable, "-m", "surgery", "apply", str(plan), "--out", str(out), "--force"])
+        done = subprocess.run([*gguf_command, str(out), str(runs / f"{arch}.gguf")], capture_output=True, text=True, env=env)
+        said = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()[-1]
+        failed |= "did not write the plan's types" in said  # the type file's fault; a converter failure is not
+        cache = os.environ.get("SURGERY_CACHE")
+        said = said.replace(str(runs) + "/", "").replace(cache or "\0", "$SURGERY_CACHE")
+        print(f"| {arch} | {said} |")
     sys.exit(1 if failed else 0)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from surgery.checkpoint.digest import file_sha256
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError, one_line
 from surgery.formats.gguf import FLOAT_TYPES, TENSOR_TYPES_FILE, gguf_tensors, read_tensor_types, type_mismatches
@@ -46,15 +47,15 @@ def locate(root: Path | None, converter: Path | None, quantize: Path | None, pyt
     llama-quantize on PATH serves otherwise."""
     converter = converter or (root / "convert_hf_to_gguf.py" if root else None)
     if converter is None or not converter.is_file():
-        where = f"{converter} does not exist" if converter else "no converter given"
+        where = f"{converter} is not a file" if converter else "no converter given"
         raise SurgeryError(f"gguf: {where}; pass --llama-cpp DIR (a llama.cpp checkout, which holds "
                            "convert_hf_to_gguf.py) or --converter FILE")
     built = root / "build" / "bin" / "llama-quantize" if root else None
     found = quantize or (built if built and built.is_file() else None) or shutil.which("llama-quantize")
-    if found is None or not Path(found).is_file():
-        raise SurgeryError(f"gguf: {f'{quantize} does not exist' if quantize else 'llama-quantize not found'}; build "
-                           "llama.cpp (cmake -B build && cmake --build build --target llama-quantize) and pass "
-                           "--quantize FILE, or put it on PATH")
+    if found is None or not Path(found).is_file() or not os.access(found, os.X_OK):
+        what = f"{quantize} is not an executable file" if quantize else "llama-quantize not found"
+        raise SurgeryError(f"gguf: {what}; build llama.cpp (cmake -B build && cmake --build build --target "
+                           "llama-quantize) and pass --quantize FILE, or put it on PATH")
     return LlamaCpp(converter, Path(found), python or sys.executable)
 
 
@@ -68,37 +69,53 @@ class BitsOutput:
 
 def bits_output(folder: Path) -> BitsOutput:
     """What a `bits` output says about its source, checked: one bits step read that source as stored (so its
-    GGUF, given the file's types, is the plan's model), and the source is still the one it read."""
+    GGUF, given the file's types, is the plan's model), the type file is the one bits wrote, every matrix
+    it rounds has a llama.cpp type, and the source's headers are still the ones it read."""
     record = read_provenance(folder)
     if record is None:
         raise SurgeryError(f"gguf: {folder} is not a surgery output (no surgery.json); pass a folder `surgery apply` "
                            "wrote from a bits plan")
-    steps = record.get("plan", {}).get("steps", [])
-    if [s.get("op") for s in steps] != ["bits"]:
-        raise SurgeryError(f"gguf: {folder}'s plan is {[s.get('op') for s in steps]}; the GGUF is made from the model "
-                           "a bits step read, so the plan must be that one step (apply earlier steps as their own plan)")
-    fit = next((f for f in record.get("fits", []) if f.get("op") == "bits"), {})
+    try:
+        steps = record["plan"]["steps"]
+        ops = [step["op"] for step in steps]
+        fit = next((f for f in record.get("fits", []) if f["op"] == "bits"), {})
+        source = Path(record["source_model"])
+        recorded = next((s["header_sha256"] for s in record["sources"].values() if Path(s["path"]).resolve()
+                         == source.resolve()), None)
+        layer_weights = [int(n) for n in fit.get("quantized_weights") or []]
+        llama_cpp = fit.get("llama_cpp") or {}
+        method = str((steps[0].get("quantizer") or {}).get("method", "rtn")) if ops == ["bits"] else ""
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise SurgeryError(f"gguf: {folder / 'surgery.json'} is not as surgery writes it; apply the plan again") from None
+    if ops != ["bits"]:
+        raise SurgeryError(f"gguf: {folder}'s plan is {ops}; the GGUF is made from the model a bits step read, so the "
+                           "plan must be that one step (apply earlier steps as their own plan)")
     rules_file = folder / TENSOR_TYPES_FILE
-    if not rules_file.is_file() or "quantized_weights" not in fit:
-        raise SurgeryError(f"gguf: {folder} has no {TENSOR_TYPES_FILE} or no count of quantized weights in surgery.json "
-                           "(written by an older surgery); apply the plan again")
-    source = Path(record["source_model"])
-    recorded = record.get("sources", {}).get(str(source), {}).get("header_sha256")
+    if not rules_file.is_file() or not layer_weights or "tensor_types_sha256" not in llama_cpp:
+        raise SurgeryError(f"gguf: {folder} has no {TENSOR_TYPES_FILE} or no record of it in surgery.json (written by "
+                           "an older surgery); apply the plan again")
+    if file_sha256(rules_file) != llama_cpp["tensor_types_sha256"]:
+        raise SurgeryError(f"gguf: {rules_file} is not the file bits wrote (it was edited); apply the plan again, with "
+                           "the widths you want in the plan (`manual`)")
+    unfit = llama_cpp.get("unfit") or []
+    if unfit:
+        more = f" and {len(unfit) - 1} more" if len(unfit) > 1 else ""
+        raise SurgeryError(f"gguf: no llama.cpp type holds {unfit[0]}{more}: its types' blocks are 32 or 256 weights "
+                           "per row; this plan cannot be a GGUF (keep those tensors, or choose a model whose rows fit)")
     if not source.is_dir() or Checkpoint.open(source).header_hashes != recorded:
         raise SurgeryError(f"gguf: {source}, the model bits read, is gone or has changed since {folder} was written; "
                            "apply the plan again")
-    return BitsOutput(source, rules_file, list(fit["quantized_weights"]), steps[0].get("quantizer", {}).get("method", "rtn"))
+    return BitsOutput(source, rules_file, layer_weights, method)
 
 
 def source_float_type(source: Path) -> str:
-    """The converter's --outtype: the dtype most of the source's matrices are stored in, so nothing is rounded
-    on the way into GGUF."""
-    dtypes = Counter(t.dtype for t in Checkpoint.open(source).tensors.values() if len(t.shape) == 2)
-    dtype = dtypes.most_common(1)[0][0] if dtypes else "F32"
-    if dtype not in FLOAT_TYPES:
-        raise SurgeryError(f"gguf: {source} stores its matrices as {dtype}; the converter takes float32, float16 or "
-                           "bfloat16 models")
-    return FLOAT_TYPES[dtype]
+    """The converter's --outtype: the source's own dtype where all its matrices share one, else f32, which holds
+    float16 and bfloat16 exactly, so nothing is rounded on the way into GGUF."""
+    dtypes = {t.dtype for t in Checkpoint.open(source).tensors.values() if len(t.shape) >= 2}
+    if not dtypes <= set(FLOAT_TYPES):
+        raise SurgeryError(f"gguf: {source} stores matrices as {sorted(dtypes - set(FLOAT_TYPES))[0]}; the converter "
+                           "takes float32, float16 or bfloat16 models")
+    return FLOAT_TYPES[dtypes.pop()] if len(dtypes) == 1 else "f32"
 
 
 def _run(command: list[str], what: str) -> None:
@@ -123,6 +140,9 @@ def make_gguf(folder: Path, out: Path, tools: LlamaCpp, *, force: bool = False,
         raise SurgeryError(f"gguf: {out} exists; pass --force to replace it")
     if not out.parent.is_dir():
         raise SurgeryError(f"gguf: {out.parent} does not exist; create it first")
+    for inside in (bits.source, folder):
+        if out.resolve().is_relative_to(inside.resolve()):
+            raise SurgeryError(f"gguf: {out} is inside {inside}, an input; write the GGUF elsewhere")
     rules = read_tensor_types(bits.rules_file)
     float_type = source_float_type(bits.source)
     if bits.method != "rtn":
@@ -143,6 +163,8 @@ def make_gguf(folder: Path, out: Path, tools: LlamaCpp, *, force: bool = False,
         log(f"gguf: quantizing with {bits.rules_file.name} ({len(rules)} lines)")
         _run([str(tools.quantize), "--pure", "--tensor-type-file", str(bits.rules_file), *sum(outside, []),
               str(converted), str(partial), DEFAULT_QUANTIZED_TYPE], "llama-quantize")
+        if not partial.is_file():
+            raise ToolFailed(f"gguf: {tools.quantize} exited 0 but wrote no file; is it llama-quantize?")
         quantized = gguf_tensors(partial)
         problems = type_mismatches(rules, base, quantized, bits.layer_weights)
         if problems:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from surgery.demo_models import demo_model
-from surgery.formats.gguf import GgufTensor, gguf_name, gguf_type, type_mismatches
+from surgery.formats.gguf import GgufTensor, Matrix, gguf_name, gguf_type, tensor_types_file, type_mismatches
 from tests.conftest import ARCHS, write_plan
 
 GGUF_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "gemma2": "GEMMA2",
@@ -89,6 +89,37 @@ def test_gguf_names_are_llama_cpps_own(tiny, arch):
         assert f"blk.0.{gguf_name(suffix)}.weight" == names.get_name(name, try_suffixes=(".weight",)), name
 
 
+def test_the_file_names_every_matrix_of_a_layer_kept_ones_at_their_own_dtype():
+    """llama-quantize gives a tensor no line names its default type: a matrix kept by name in a rounded layer,
+    and every matrix of a kept layer, get a line with their own dtype; what no type holds is said."""
+    layers = [{"self_attn.q_proj.weight": Matrix(96, 96 * 96, "BF16", True),
+               "self_attn.o_proj.weight": Matrix(96, 96 * 96, "F32", False),
+               "mlp.down_proj.weight": Matrix(256, 96 * 256, "BF16", True)},
+              {"self_attn.q_proj.weight": Matrix(48, 48 * 48, "F16", True),
+               "mlp.experts.gate_up_proj": Matrix(48, 4 * 48 * 96, "F16", True)}]
+    file = tensor_types_file(layers, [4, 8], symmetric=False)
+    assert file.text.splitlines() == [r"blk\.0\.(attn_output)\.weight=f32", r"blk\.0\.(attn_q)\.weight=q4_1",
+                                      r"blk\.0\.(ffn_down)\.weight=q4_k", r"blk\.1\.(attn_q)\.weight=f16"]
+    assert file.fallbacks == ["blk.0.attn_q (96 columns): q4_1 for q4_k"]
+    assert file.unfit == ["mlp.experts.gate_up_proj of layer 1 (no GGUF name known)", "blk.1.attn_q (48 columns)"]
+
+
+def test_the_converter_keeps_every_source_dtype(tmp_path):
+    """Its --outtype is the source's one dtype, else f32, which holds float16 and bfloat16 exactly."""
+    import torch
+    from safetensors.torch import save_file
+
+    from surgery.llama_cpp import source_float_type
+
+    for dtypes, want in (([torch.bfloat16], "bf16"), ([torch.float16], "f16"), ([torch.bfloat16, torch.float32], "f32")):
+        folder = tmp_path / want
+        folder.mkdir()
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        save_file({f"m{i}.weight": torch.zeros(4, 4, dtype=d) for i, d in enumerate(dtypes)} | {"n.weight": torch.zeros(4)},
+                  folder / "model.safetensors")
+        assert source_float_type(folder) == want
+
+
 def test_type_mismatches_names_each_way_a_gguf_can_differ_from_the_file():
     shape = (96, 48)
     base = {n: GgufTensor("f32", shape) for n in ("token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight",
@@ -155,6 +186,19 @@ def test_gguf_writes_the_plans_types_and_nothing_else(cli, tmp_path):
     assert cli("gguf", out, tmp_path / "m.gguf", *tools, "--force").code == 0
 
 
+def test_gguf_keeps_what_the_plan_keeps_and_reads_a_relative_model_path(cli, tmp_path):
+    """Matrices kept by name in a rounded layer stay f32 (llama-quantize would give an unnamed one its default
+    type); a plan naming its model relative to itself works as written."""
+    pytest.importorskip("gguf")
+    tools = _tools(tmp_path)
+    shutil.copytree(demo_model("base"), tmp_path / "source")
+    out = _bits_output(cli, tmp_path, Path("source/"), "    width: 8\n    quantizer: {group_size: 32}\n"
+                       "    keep: [embed, lm_head, norms, q_proj]\n")
+    result = cli("gguf", out, tmp_path / "m.gguf", *tools)
+    assert result.code == 0, result.err
+    assert "48 q8_0" in result.out and "27 f32" in result.out
+
+
 def test_gguf_refuses_a_file_whose_types_llama_quantize_substituted(cli, tmp_path):
     """Width 4 asks q4_k for down_proj (256 columns); the stand-in writes q5_0, as llama-quantize does where a
     k-quant does not fit: exit 1, the tensor named, nothing written."""
@@ -181,9 +225,22 @@ def test_gguf_refuses_what_it_cannot_make_exactly(cli, tmp_path):
         "no converter given": (out, "m.gguf", "--quantize", tools[3]),
         "llama-quantize not found": (out, "m.gguf", "--converter", tools[1] + "/convert_hf_to_gguf.py"),
     }
+    true = tmp_path / "true"
+    true.write_text("#!/bin/sh\nexit 0\n")
+    true.chmod(0o755)
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    cases |= {
+        "is inside": (out, "out/m.gguf"),
+        "is not an executable file": (out, "m.gguf", "--llama-cpp", tools[1], "--quantize", str(plain)),
+        "is not a file": (out, "m.gguf", "--converter", str(tmp_path), "--quantize", tools[3]),
+    }
     for message, (folder, name, *flags) in cases.items():
         result = cli("gguf", folder, tmp_path / name, *(flags or tools))
         assert result.code == 2 and message in result.err, (message, result.err)
+    result = cli("gguf", out, tmp_path / "m.gguf", "--llama-cpp", tools[1], "--quantize", str(true), "--python", sys.executable)
+    assert result.code == 1 and "exited 0 but wrote no file" in result.err
+    assert cli("gguf", out, source / "m.gguf", *tools).err.count("is inside") == 1  # the source, an input
     dropped = tmp_path / "dropped"
     assert cli("apply", write_plan(tmp_path, f"model: {source}\noutput: {dropped}\nsteps:\n  - op: chain\n"
                                    "    layers: [0, 1, 2, 4, 5, 6, 7]\n", "drop.yaml")).code == 0
@@ -200,4 +257,21 @@ def test_gguf_refuses_what_it_cannot_make_exactly(cli, tmp_path):
     save_file(load_file(source / "model.safetensors"), source / "model.safetensors", metadata={"format": "pt", "x": "1"})
     (source / "config.json").write_text(json.dumps(config))
     assert "has changed since" in cli("gguf", out, tmp_path / "m.gguf", *tools).err
+    record = json.loads((out / "surgery.json").read_text())
+    (out / "surgery.json").write_text(json.dumps(record | {"plan": "bits"}))
+    assert "is not as surgery writes it" in cli("gguf", out, tmp_path / "m.gguf", *tools).err
+    record["fits"][0]["llama_cpp"]["unfit"] = ["blk.0.attn_q (48 columns)"]
+    (out / "surgery.json").write_text(json.dumps(record))
+    assert "no llama.cpp type holds blk.0.attn_q (48 columns)" in cli("gguf", out, tmp_path / "m.gguf", *tools).err
+    record["fits"][0]["llama_cpp"]["unfit"] = []
+    (out / "surgery.json").write_text(json.dumps(record))
+    types = out / "llama-tensor-types.txt"
+    types.write_text(types.read_text().replace("q8_0", "q2_k", 1))
+    assert "is not the file bits wrote (it was edited)" in cli("gguf", out, tmp_path / "m.gguf", *tools).err
+    from surgery.errors import SurgeryError
+    from surgery.formats.gguf import read_tensor_types
+
+    types.write_text("blk\\.0\\.(attn_q)\\.weight=q8_0\n\nblk\\.(0=q4_0\n")
+    with pytest.raises(SurgeryError, match=r"llama-tensor-types.txt:3: .*missing \)"):
+        read_tensor_types(types)  # a hand-made file reaches it only through the library
     assert [p.name for p in tmp_path.rglob("*.gguf")] == ["d.gguf"]

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgery.checkpoint.modules import is_expert
 from surgery.errors import SurgeryError
 
 TENSOR_TYPES_FILE = "llama-tensor-types.txt"
@@ -42,39 +43,67 @@ def gguf_type(width: int, columns: int, symmetric: bool = True, float_type: str 
 def gguf_name(suffix: str) -> str | None:
     """The GGUF name of a layer's matrix (`self_attn.q_proj.weight` -> attn_q), matched on whole name parts, so
     phi3's `qkv_proj` is never taken for a `v_proj`."""
+    if not suffix.endswith(".weight") or is_expert(suffix):
+        return None  # MoE experts: llama.cpp stacks them into ffn_*_exps, a layout of its own
     parts = suffix.removesuffix(".weight").split(".")
     return next((GGUF_NAMES[key] for key in GGUF_NAMES if parts[-len(key.split(".")):] == key.split(".")), None)
 
 
-def tensor_types_file(tensors: list[dict[str, tuple[int, str]]], widths: list[int],
-                      symmetric: bool) -> tuple[str, list[str]]:
+@dataclass(frozen=True)
+class Matrix:
+    """A layer's matrix as the type file sees it."""
+
+    columns: int  # a row's length: the input dimension
+    size: int
+    dtype: str  # the source dtype, which a kept matrix keeps
+    quantized: bool  # the plan rounds it
+
+
+@dataclass(frozen=True)
+class TypeFile:
+    text: str  # `regex=type` lines
+    fallbacks: list[str]  # where a k-quant did not fit and a 32-block type was named, in words
+    unfit: list[str]  # matrices the plan rounds that no llama.cpp type (or no GGUF name) holds
+
+
+def tensor_types_file(layers: list[dict[str, Matrix]], widths: list[int], symmetric: bool) -> TypeFile:
     """`regex=type` lines for llama-quantize --tensor-type-file (GGUF tensor names), one per layer and type,
-    from each layer's quantized tensors (suffix -> columns, source dtype); and, in words, where a k-quant
-    did not fit."""
-    lines, notes = [], []
-    for layer, (named, width) in enumerate(zip(tensors, widths)):
+    naming every matrix of the layer: those the plan rounds at its width's type, the others (kept, by
+    layer or by name) at their own dtype, since llama-quantize gives an unnamed tensor its default type."""
+    lines, fallbacks, unfit = [], [], []
+    for layer, (matrices, width) in enumerate(zip(layers, widths)):
         chosen: dict[str, set[str]] = {}
-        for suffix, (count, dtype) in sorted(named.items()):
-            name = gguf_name(suffix)
+        for suffix, matrix in sorted(matrices.items()):
+            name, own = gguf_name(suffix), FLOAT_TYPES.get(matrix.dtype, "f16")
             if name is None:
+                if matrix.quantized:
+                    unfit.append(f"{suffix} of layer {layer} (no GGUF name known)")
                 continue
-            kind = gguf_type(width, count, symmetric, FLOAT_TYPES.get(dtype, "f16"))
+            kind = gguf_type(width, matrix.columns, symmetric, own) if matrix.quantized else own
             chosen.setdefault(kind, set()).add(name)
-            if width in K_QUANTS and kind != K_QUANTS[width]:
-                notes.append(f"blk.{layer}.{name} ({count} columns): {kind} for {K_QUANTS[width]}")
+            if matrix.quantized and kind == own:
+                unfit.append(f"blk.{layer}.{name} ({matrix.columns} columns)")
+            elif matrix.quantized and width in K_QUANTS and kind != K_QUANTS[width]:
+                fallbacks.append(f"blk.{layer}.{name} ({matrix.columns} columns): {kind} for {K_QUANTS[width]}")
         lines += [f"blk\\.{layer}\\.({'|'.join(sorted(names))})\\.weight={kind}\n" for kind, names in sorted(chosen.items())]
-    return "".join(lines), notes
+    return TypeFile("".join(lines), fallbacks, unfit)
 
 
 def read_tensor_types(path: Path) -> list[tuple[re.Pattern[str], str]]:
     """The (pattern, type) lines of a tensor-type file, in order (llama-quantize takes the first match)."""
     rules = []
-    for number, line in enumerate(path.read_text().split(), 1):
-        match = LINE.match(line)
-        if match is None:
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        match = LINE.match(line.strip())
+        try:
+            pattern = re.compile(match[1]) if match else None
+        except re.error as e:
+            pattern, line = None, f"{line} ({e})"
+        if match is None or pattern is None:
             raise SurgeryError(f"{path}:{number}: {line!r} is not a regex=type line; write the file again with "
                                "`surgery apply` (it is bits' output, not meant to be edited)")
-        rules.append((re.compile(match[1]), match[2]))
+        rules.append((pattern, match[2]))
     return rules
 
 
@@ -109,7 +138,8 @@ def type_mismatches(rules: list[tuple[re.Pattern[str], str]], base: dict[str, Gg
     """Where `quantized` is not `base` with the rules' types, in words: a tensor named by a rule must have
     its type, every other tensor its type in `base`, every rule must name a tensor, and each layer's
     changed tensors must hold exactly the weights the plan quantized in it (`layer_weights`), so a
-    tensor the rules missed (a name llama.cpp spells otherwise) is found too."""
+    tensor the rules missed (a name llama.cpp spells otherwise) is found too. A float type is not a quantized one:
+    a kept bfloat16 matrix of a model converted to f32 goes back to bf16, exactly."""
     problems = [f"{name}: missing" for name in base if name not in quantized]
     problems += [f"{name}: not in the converted model" for name in quantized if name not in base]
     used: set[int] = set()
@@ -124,7 +154,7 @@ def type_mismatches(rules: list[tuple[re.Pattern[str], str]], base: dict[str, Gg
         if tensor.kind != expected or tensor.shape != base[name].shape:
             problems.append(f"{name}: {tensor.kind} {list(tensor.shape)}, expected {expected} {list(base[name].shape)}")
         layer = re.match(r"blk\.(\d+)\.", name)
-        if layer and int(layer[1]) < len(changed) and tensor.kind != base[name].kind:
+        if layer and int(layer[1]) < len(changed) and tensor.kind not in FLOAT_TYPES.values():
             changed[int(layer[1])] += tensor.size
     problems += [f"line {i + 1} ({rules[i][0].pattern}) names no tensor" for i in range(len(rules)) if i not in used]
     problems += [f"layer {i}: {got} weights quantized, the plan quantized {want}"

@@ -24,7 +24,7 @@ from surgery.compute.quantize import Constant, FromIntegers, Part, Rtn
 from surgery.errors import SurgeryError
 from surgery.evaluation import importance
 from surgery.formats.compressed_tensors import PACKED_BITS, quantization_config, runtime_warnings
-from surgery.formats.gguf import TENSOR_TYPES_FILE, tensor_types_file
+from surgery.formats.gguf import TENSOR_TYPES_FILE, Matrix, tensor_types_file
 from surgery.ops.context import OpContext
 from surgery.ops.fields import StepModel, Strict
 from surgery.ops.fit_memo import finite_numbers, folder_stamp, remembered, text_digest
@@ -171,15 +171,22 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
             tensors[suffix] = part(depth, suffix, "dense")
         label = f"{width}-bit" if width < KEEP_BITS and targets[depth] else "kept"
         layers.append(Layer(tensors=tensors, config=layer.config, origin=layer.origin.edited(label)))
-    columns = [{suffix: (input_size(layer.tensors[suffix].shape, transposed.get(suffix, False)), layer.tensors[suffix].dtype)
-                for suffix in suffixes} for layer, suffixes in zip(view.layers, targets)]
-    types, fallbacks = tensor_types_file(columns, widths, step.quantizer.symmetric)
+    file = tensor_types_file([{s: Matrix(input_size(r.shape, transposed.get(s, False)), math.prod(r.shape), r.dtype,
+                                         s in suffixes and width < KEEP_BITS)
+                                for s, r in {**layer.matrices(), **{s: layer.tensors[s] for s in suffixes}}.items()}
+                               for layer, suffixes, width in zip(view.layers, targets, widths)],
+                              widths, step.quantizer.symmetric)
     fit["quantized_weights"] = [sum(math.prod(layer.tensors[s].shape) for s in suffixes) if width < KEEP_BITS else 0
                                 for layer, suffixes, width in zip(view.layers, targets, widths)]
-    if fallbacks:
-        context.log(f"bits: {TENSOR_TYPES_FILE}: {len(fallbacks)} tensors' rows do not divide by 256, llama.cpp's "
-                    f"k-quant block: they get 32-block types ({fallbacks[0]}{', ...' if len(fallbacks) > 1 else ''})")
-    dense = replace(view.with_layers(layers), extra_files={TENSOR_TYPES_FILE: types})
+    fit["llama_cpp"] = {"tensor_types_sha256": text_digest(file.text), "unfit": file.unfit}
+    if file.fallbacks:
+        context.log(f"bits: {TENSOR_TYPES_FILE}: {len(file.fallbacks)} tensors' rows do not divide by 256, llama.cpp's "
+                    f"k-quant block: they get 32-block types ({file.fallbacks[0]}{', ...' if len(file.fallbacks) > 1 else ''})")
+    if file.unfit:
+        context.log(f"bits: {TENSOR_TYPES_FILE}: {len(file.unfit)} quantized tensors fit no llama.cpp type (blocks of 32 "
+                    f"or 256 weights per row), so `surgery gguf` refuses this output ({file.unfit[0]}"
+                    f"{', ...' if len(file.unfit) > 1 else ''})")
+    dense = replace(view.with_layers(layers), extra_files={TENSOR_TYPES_FILE: file.text})
     if step.format == "dense":
         return dense
     stored: dict[str, TensorRecipe] = dict(view.outside)
