@@ -15,6 +15,7 @@ from surgery.plan.resolve import Recipe, resolve
 from surgery.plan.schema import Plan, PushSection
 
 if TYPE_CHECKING:
+    from surgery.evaluation.gates import GateResult
     from surgery.evaluation.run import EvalReport, Phase
     from surgery.hub import PushResult
     from surgery.output.execute import Written
@@ -105,7 +106,7 @@ def apply(plan: str | Path | Plan, *, out: str | Path | None = None, force: bool
     report = None
     if recipe.plan.evaluate is not None:
         try:
-            report = _evaluate(recipe, written, device, hooks.phase)
+            report, gates = _evaluate(recipe, written, device, hooks.phase)
         except KeyboardInterrupt:
             from surgery.output.execute import Interrupted
 
@@ -113,6 +114,13 @@ def apply(plan: str | Path | Plan, *, out: str | Path | None = None, force: bool
                               "scored: run the same command with --resume to score it (nothing is written again)"
                               ) from None
         hooks.evaluated(report)
+        if gates is not None and gates.passed:
+            hooks.log("quality gates passed: " + ", ".join(f"{k} {v:.4g}" for k, v in gates.measured.items()))
+        if gates is not None and not gates.passed:
+            from surgery.evaluation.gates import QualityGatesMissed
+
+            raise QualityGatesMissed(f"quality gates missed: {'; '.join(gates.missed)}; the output {written.folder} is "
+                                     "kept, records it (surgery.json, README.md), and is not pushed")
     pushed = None
     if target is not None:
         from surgery.hub import push
@@ -145,9 +153,9 @@ def _push_target(recipe: Recipe, push_to: str | None) -> PushSection | None:
     return PushSection(repo=push_to) if section is None else section.model_copy(update={"repo": push_to})
 
 
-def _evaluate(recipe: Recipe, written: Written, device: str, phase: Phase) -> EvalReport:
-    """Score the output beside the plan's reference and record the scores with it; `device` other
-    than auto overrides the section's."""
+def _evaluate(recipe: Recipe, written: Written, device: str, phase: Phase) -> tuple[EvalReport, GateResult | None]:
+    """Score the output beside the plan's reference, measure its quality gates, and record both with it;
+    `device` other than auto overrides the section's."""
     from surgery.evaluation.run import EvalSettings, evaluate
     from surgery.output.provenance import write_record
 
@@ -157,5 +165,14 @@ def _evaluate(recipe: Recipe, written: Written, device: str, phase: Phase) -> Ev
                             stride=section.stride, batch_size=section.batch_size,
                             device=section.device if device == "auto" else device, dtype=section.dtype)
     report = evaluate(written.folder, settings, compare=recipe.evaluation_reference, phase=phase)
-    write_record(written.folder, written.provenance | {"evaluation": report.to_dict()}, recipe.config)
-    return report
+    record = {"evaluation": report.to_dict()}
+    gates = None
+    if section.limits is not None and section.limits.set():
+        from surgery.evaluation.gates import measure_gates
+
+        with phase("checking the quality gates"):
+            gates = measure_gates(section.limits.set(), report, written.folder, Path(recipe.evaluation_reference),
+                                  settings)
+        record["quality_gates"] = gates.to_dict()
+    write_record(written.folder, written.provenance | record, recipe.config)
+    return report, gates

@@ -49,6 +49,9 @@ def model_card(provenance: dict[str, Any], config: dict[str, Any], name: str, pa
     evaluation = provenance.get("evaluation")
     if evaluation:
         body += ["## Evaluation", "", *_evaluation_table(evaluation), ""]
+    gates = provenance.get("quality_gates")
+    if gates:
+        body += ["## Quality gates", "", *_gates_lines(gates), ""]
     body += ["## How to load", "", *_how_to_load(own_format, config, path), ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content
 
@@ -83,6 +86,18 @@ def _evaluation_table(evaluation: dict[str, Any]) -> list[str]:
     rows += ["", f"Reference: `{reference}`. " if reference else "",
              f"Window {evaluation.get('window')}, stride {evaluation.get('stride')}, {evaluation.get('dtype')} on "
              f"{evaluation.get('device')}."]
+    return rows
+
+
+def _gates_lines(gates: dict[str, Any]) -> list[str]:
+    """Each limit beside its measure against the reference; a missed gate first, in bold, so nobody misses it."""
+    names = {"perplexity_increase": "perplexity increase", "kl": "KL divergence from the reference, nats/token",
+             "top1_agreement": "top-1 agreement"}
+    rows = [] if gates.get("passed") else [f"**This model misses its plan's quality gates: {'; '.join(gates['missed'])}.**", ""]
+    rows += ["| gate | limit | measured |", "|---|---|---|"]
+    for key, limit in gates.get("limits", {}).items():
+        rows.append(f"| {names.get(key, key)} | {'at least' if key == 'top1_agreement' else 'at most'} {limit:.4g} | "
+                    f"{gates.get('measured', {}).get(key, float('nan')):.4g} |")
     return rows
 
 

@@ -17,6 +17,19 @@ from surgery.ops.registry import registry
 Step = Annotated[Union[tuple(op.step for op in registry().values())], Field(discriminator="op")]  # noqa: UP007
 
 
+class Limits(Strict):
+    """What the output must meet against the model it is compared with, on the evaluation text."""
+
+    perplexity_increase: float | None = Field(default=None, ge=0, description="Most the perplexity may rise over the "
+                                              "reference's, as a fraction: 0.05 is 5%.")
+    kl: float | None = Field(default=None, ge=0, description="Most mean KL(reference || output) per token, in nats.")
+    top1_agreement: float | None = Field(default=None, ge=0, le=1, description="Least fraction of tokens whose most "
+                                         "likely next token is the reference's.")
+
+    def set(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class EvaluateSection(Strict):
     """Score the output after `apply`, beside a reference model, on the same tokens."""
 
@@ -28,6 +41,8 @@ class EvaluateSection(Strict):
     device: str = "auto"
     dtype: str = "auto"
     compare_to: str = Field(default="model", description="base | model | PATH: the reference scored beside it.")
+    limits: Limits | None = Field(default=None, description="Quality gates: a run that misses them keeps its output, "
+                                  "says so, exits 3 and does not push.")
 
     @field_validator("data", mode="before")
     @classmethod

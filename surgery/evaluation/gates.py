@@ -1,0 +1,74 @@
+"""Quality gates: limits a plan's output must meet against the model it is compared with, measured on the
+evaluation text (perplexity increase; KL divergence and top-1 agreement of the next-token distributions),
+so a merge or prune that outputs gibberish is said to have failed instead of being shipped."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import SurgeryError
+from surgery.evaluation.run import EvalReport, EvalSettings
+
+GATE_ROW = 512  # tokens per row for KL and agreement, where the evaluation's window does not say
+
+
+class QualityGatesMissed(SurgeryError):
+    """The output is written and kept, but misses the plan's limits: not the input's fault, and not pushed."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class GateResult:
+    limits: dict[str, float]
+    measured: dict[str, float]
+    missed: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.missed
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"passed": self.passed}
+
+
+def measure_gates(limits: dict[str, float], report: EvalReport, output: Path, reference: Path,
+                  settings: EvalSettings) -> GateResult:
+    """Each limit's measure: the perplexity increase from the report (the same tokens for both); KL and top-1
+    agreement from both models on the first tokens of the evaluation text, in rows of the window."""
+    measured: dict[str, float] = {}
+    if "perplexity_increase" in limits:
+        assert report.base_perplexity is not None
+        measured["perplexity_increase"] = report.perplexity / report.base_perplexity - 1
+    if {"kl", "top1_agreement"} & set(limits):
+        agreement = _agreement(output, reference, settings)
+        measured |= {"kl": agreement.kl, "top1_agreement": agreement.top1}
+    missed = []
+    if "perplexity_increase" in limits and not measured["perplexity_increase"] <= limits["perplexity_increase"]:
+        missed.append(f"perplexity +{measured['perplexity_increase']:.2%} > +{limits['perplexity_increase']:.2%}")
+    if "kl" in limits and not measured["kl"] <= limits["kl"]:
+        missed.append(f"KL {measured['kl']:.4g} > {limits['kl']:.4g} nats/token")
+    if "top1_agreement" in limits and not measured["top1_agreement"] >= limits["top1_agreement"]:
+        missed.append(f"top-1 agreement {measured['top1_agreement']:.2%} < {limits['top1_agreement']:.2%}")
+    return GateResult(dict(limits), {k: v for k, v in measured.items() if k in limits}, missed)
+
+
+def _agreement(output: Path, reference: Path, settings: EvalSettings) -> Any:
+    """Both models at once (the reference's distribution is compared row by row, one row in memory)."""
+    import torch
+
+    from surgery.evaluation.agreement import next_token_agreement
+    from surgery.evaluation.data import load_text
+    from surgery.evaluation.importance import calibration_batches
+    from surgery.evaluation.loading import load_for_eval
+    from surgery.evaluation.models import context_length
+
+    model = load_for_eval(output, settings.device, settings.dtype)
+    base = load_for_eval(reference, settings.device, settings.dtype)
+    context = context_length(model.model.config) or GATE_ROW
+    row = min(settings.window or GATE_ROW, context)
+    rows = torch.cat([calibration_batches(model.tokenizer, load_text(spec).text, max(1, settings.max_tokens // row),
+                                          row, f"evaluate: limits: {spec}") for spec in settings.data])
+    return next_token_agreement(base.model, model.model, rows)
