@@ -23,7 +23,14 @@ from typing import Any
 from surgery.checkpoint.digest import file_sha256
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError, one_line
-from surgery.formats.gguf import FLOAT_TYPES, TENSOR_TYPES_FILE, gguf_tensors, read_tensor_types, type_mismatches
+from surgery.formats.gguf import (
+    FLOAT_TYPES,
+    TENSOR_TYPES_FILE,
+    gguf_reader,
+    gguf_tensors,
+    read_tensor_types,
+    type_mismatches,
+)
 from surgery.output.provenance import read_provenance
 
 DEFAULT_QUANTIZED_TYPE = "q8_0"  # llama-quantize applies a type file only when its default type is quantized
@@ -143,6 +150,7 @@ def make_gguf(folder: Path, out: Path, tools: LlamaCpp, *, force: bool = False,
     for inside in (bits.source, folder):
         if out.resolve().is_relative_to(inside.resolve()):
             raise SurgeryError(f"gguf: {out} is inside {inside}, an input; write the GGUF elsewhere")
+    gguf_reader()  # before the converter runs, not after
     rules = read_tensor_types(bits.rules_file)
     float_type = source_float_type(bits.source)
     if bits.method != "rtn":

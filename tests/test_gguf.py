@@ -92,11 +92,11 @@ def test_gguf_names_are_llama_cpps_own(tiny, arch):
 def test_the_file_names_every_matrix_of_a_layer_kept_ones_at_their_own_dtype():
     """llama-quantize gives a tensor no line names its default type: a matrix kept by name in a rounded layer,
     and every matrix of a kept layer, get a line with their own dtype; what no type holds is said."""
-    layers = [{"self_attn.q_proj.weight": Matrix(96, 96 * 96, "BF16", True),
-               "self_attn.o_proj.weight": Matrix(96, 96 * 96, "F32", False),
-               "mlp.down_proj.weight": Matrix(256, 96 * 256, "BF16", True)},
-              {"self_attn.q_proj.weight": Matrix(48, 48 * 48, "F16", True),
-               "mlp.experts.gate_up_proj": Matrix(48, 4 * 48 * 96, "F16", True)}]
+    layers = [{"self_attn.q_proj.weight": Matrix(96, "BF16", True),
+               "self_attn.o_proj.weight": Matrix(96, "F32", False),
+               "mlp.down_proj.weight": Matrix(256, "BF16", True)},
+              {"self_attn.q_proj.weight": Matrix(48, "F16", True),
+               "mlp.experts.gate_up_proj": Matrix(48, "F16", True)}]
     file = tensor_types_file(layers, [4, 8], symmetric=False)
     assert file.text.splitlines() == [r"blk\.0\.(attn_output)\.weight=f32", r"blk\.0\.(attn_q)\.weight=q4_1",
                                       r"blk\.0\.(ffn_down)\.weight=q4_k", r"blk\.1\.(attn_q)\.weight=f16"]

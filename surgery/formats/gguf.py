@@ -5,6 +5,7 @@ fit a tensor without failing)."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
 LINE = re.compile(r"^(\S+)=([a-z0-9_]+)$")
 
 
-def gguf_type(width: int, columns: int, symmetric: bool = True, float_type: str = "f16") -> str:
+def gguf_type(width: int, columns: int, symmetric: bool, float_type: str) -> str:
     """The llama.cpp type for `width` bits whose block fits rows of `columns` weights: the k-quant where the
     columns divide by 256, else the narrowest 32-block type at least that wide, else `float_type` (the
     tensor's own dtype: a kept layer, or rows no block fits)."""
@@ -54,7 +55,6 @@ class Matrix:
     """A layer's matrix as the type file sees it."""
 
     columns: int  # a row's length: the input dimension
-    size: int
     dtype: str  # the source dtype, which a kept matrix keeps
     quantized: bool  # the plan rounds it
 
@@ -114,20 +114,23 @@ class GgufTensor:
 
     @property
     def size(self) -> int:
-        count = 1
-        for n in self.shape:
-            count *= n
-        return count
+        return math.prod(self.shape)
 
 
-def gguf_tensors(path: Path) -> dict[str, GgufTensor]:
-    """Each tensor's type and shape, from the file's header, with the gguf package (llama.cpp's own reader)."""
+def gguf_reader() -> type:
+    """The gguf package's reader (llama.cpp's own), or the one line saying how to install it."""
     try:
         from gguf import GGUFReader
     except ImportError:
         raise SurgeryError("reading GGUF needs the gguf package: pip install 'surgery[gguf]'") from None
+    return GGUFReader
+
+
+def gguf_tensors(path: Path) -> dict[str, GgufTensor]:
+    """Each tensor's type and shape, from the file's header."""
+    reader_class = gguf_reader()
     try:
-        reader = GGUFReader(path)
+        reader = reader_class(path)
     except (ValueError, OSError) as e:
         raise SurgeryError(f"{path}: not a GGUF file gguf can read ({e})") from None
     return {t.name: GgufTensor(t.tensor_type.name.lower(), tuple(int(n) for n in t.shape)) for t in reader.tensors}

@@ -171,11 +171,10 @@ def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
             tensors[suffix] = part(depth, suffix, "dense")
         label = f"{width}-bit" if width < KEEP_BITS and targets[depth] else "kept"
         layers.append(Layer(tensors=tensors, config=layer.config, origin=layer.origin.edited(label)))
-    file = tensor_types_file([{s: Matrix(input_size(r.shape, transposed.get(s, False)), math.prod(r.shape), r.dtype,
-                                         s in suffixes and width < KEEP_BITS)
-                                for s, r in {**layer.matrices(), **{s: layer.tensors[s] for s in suffixes}}.items()}
-                               for layer, suffixes, width in zip(view.layers, targets, widths)],
-                              widths, step.quantizer.symmetric)
+    matrices = [{s: Matrix(input_size(r.shape, transposed.get(s, False)), r.dtype, s in suffixes and width < KEEP_BITS)
+                 for s, r in {**layer.matrices(), **{s: layer.tensors[s] for s in suffixes}}.items()}
+                for layer, suffixes, width in zip(view.layers, targets, widths)]
+    file = tensor_types_file(matrices, widths, step.quantizer.symmetric)
     fit["quantized_weights"] = [sum(math.prod(layer.tensors[s].shape) for s in suffixes) if width < KEEP_BITS else 0
                                 for layer, suffixes, width in zip(view.layers, targets, widths)]
     fit["llama_cpp"] = {"tensor_types_sha256": text_digest(file.text), "unfit": file.unfit}
