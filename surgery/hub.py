@@ -36,13 +36,19 @@ class PushResult:
     bytes: int
 
 
-def upload_list(folder: Path) -> list[tuple[str, int]]:
-    """The files that go up (relative path, size), after checking the folder is a surgery output."""
+def upload_list(folder: Path, allow_failed_gates: bool = False) -> list[tuple[str, int]]:
+    """The files that go up (relative path, size), after checking the folder is a surgery output that met its
+    plan's quality gates (or `allow_failed_gates`)."""
     if not folder.is_dir():
         raise SurgeryError(f"{folder} does not exist or is not a folder")
     if not (folder / PROVENANCE_NAME).is_file() or not (folder / "config.json").is_file():
         raise SurgeryError(f"{folder} is not a surgery output (no {PROVENANCE_NAME} or config.json); "
                            "push folders written by `surgery apply`")
+    gates = (read_provenance(folder) or {}).get("quality_gates")
+    if isinstance(gates, dict) and gates.get("passed") is False and not allow_failed_gates:
+        missed = "; ".join(str(m) for m in gates.get("missed", []))
+        raise SurgeryError(f"{folder} missed its plan's quality gates ({missed}); pass --allow-failed-gates to push it "
+                           "anyway (its card says so)")
     links = sorted(p for p in folder.rglob("*") if p.is_symlink())
     if links:
         raise SurgeryError(f"{links[0]} is a link; surgery never writes links into an output, so this one was put "
@@ -57,11 +63,11 @@ def upload_list(folder: Path) -> list[tuple[str, int]]:
 
 
 def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, create_pr: bool = False) -> PushResult:
+         commit_message: str | None = None, create_pr: bool = False, allow_failed_gates: bool = False) -> PushResult:
     """Create the repo and branch if needed, validate the card, upload the folder."""
     from huggingface_hub import HfApi
 
-    files = upload_list(folder)
+    files = upload_list(folder, allow_failed_gates)
     token = ready_to_push(repo_id)
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     message = commit_message or f"surgery: upload {folder.name}"

@@ -90,3 +90,38 @@ def test_bad_limits_are_refused_before_anything_is_written(cli, tmp_path, limits
     result = cli("apply", plan)
     assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1
     assert listing(tmp_path) == sorted(before + [plan.name])
+
+
+def test_a_near_miss_never_reads_as_equal():
+    from surgery.evaluation.gates import _distinct
+
+    assert _distinct(8.904015914, 8.904) == ("8.90402", "8.904")
+    assert _distinct(0.0658533, 0.1) == ("0.06585", "0.1")
+
+
+def test_gates_on_a_short_text_of_the_plans_folder_measure_what_there_is(cli, tmp_path):
+    """A text shorter than the window is one shorter row (not an error after writing); a data file is found
+    beside the plan, as every path of a plan is."""
+    plan_folder = tmp_path / "plans"
+    plan_folder.mkdir()
+    (plan_folder / "short.txt").write_text("def add(a, b):\n    return a + b\n")
+    plan = write_plan(plan_folder, f"model: {demo_model('base')}\noutput: out\nsteps:\n  - op: chain\n    layers: [0-7]\n"
+                      "evaluate:\n  data: short.txt\n  max_tokens: 64\n  limits: {kl: 0, top1_agreement: 1}\n")
+    result = cli("apply", plan)
+    assert result.code == 0, result.err
+    assert json.loads((plan_folder / "out" / "surgery.json").read_text())["quality_gates"]["passed"] is True
+
+
+def test_an_output_that_missed_its_gates_is_pushed_only_when_asked(cli, tmp_path):
+    assert cli("apply", _plan(tmp_path, "[0, 7]", "{kl: 0.001}")).code == 3
+    result = cli("push", tmp_path / "out", "someone/model", "--dry-run")
+    assert result.code == 2 and "missed its plan's quality gates (KL" in result.err and "--allow-failed-gates" in result.err
+    assert cli("push", tmp_path / "out", "someone/model", "--dry-run", "--allow-failed-gates").code == 0
+
+
+def test_a_reference_with_a_shorter_context_bounds_the_window(cli, tiny):
+    """Both models are scored on the same windows: the shorter context (tiny-gpt2's 128 positions) bounds them,
+    where the output's alone once gave an IndexError."""
+    result = cli("eval", demo_model("base"), "--compare", tiny("gpt2"), "--max-tokens", "512", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["window"] == 128

@@ -21,6 +21,7 @@ def push(
     commit_message: Annotated[str | None, typer.Option("--commit-message", metavar="TEXT")] = None,
     create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go up, show the card, send nothing.")] = False,
+    allow_failed_gates: Annotated[bool, typer.Option("--allow-failed-gates", help="Push a folder that missed its plan's quality gates.")] = False,
 ) -> None:
     """Upload an output folder (weights, config, tokenizer, surgery.json, model card) to the Hugging Face Hub."""
     from surgery import hub
@@ -30,7 +31,7 @@ def push(
 
         from surgery.output.card import CARD_NAME
 
-        files = hub.upload_list(folder)
+        files = hub.upload_list(folder, allow_failed_gates)
         table = Table("file", "bytes", title=f"would upload to {repo_id}")
         for name, size in files:
             table.add_row(name, human_bytes(size))
@@ -39,5 +40,5 @@ def push(
         console.print((folder / CARD_NAME).read_text(), markup=False, highlight=False)
         return
     result = hub.push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
-                      create_pr=create_pr)
+                      create_pr=create_pr, allow_failed_gates=allow_failed_gates)
     console.print(f"[green]pushed[/] {result.files} files ({human_bytes(result.bytes)}) to {result.repo}: {result.url}")

@@ -47,28 +47,45 @@ def measure_gates(limits: dict[str, float], report: EvalReport, output: Path, re
         measured |= {"kl": agreement.kl, "top1_agreement": agreement.top1}
     missed = []
     if "perplexity_increase" in limits and not measured["perplexity_increase"] <= limits["perplexity_increase"]:
-        missed.append(f"perplexity +{measured['perplexity_increase']:.2%} > +{limits['perplexity_increase']:.2%}")
+        got, limit = _distinct(measured["perplexity_increase"] * 100, limits["perplexity_increase"] * 100)
+        missed.append(f"perplexity +{got}% > +{limit}%")
     if "kl" in limits and not measured["kl"] <= limits["kl"]:
-        missed.append(f"KL {measured['kl']:.4g} > {limits['kl']:.4g} nats/token")
+        got, limit = _distinct(measured["kl"], limits["kl"])
+        missed.append(f"KL {got} > {limit} nats/token")
     if "top1_agreement" in limits and not measured["top1_agreement"] >= limits["top1_agreement"]:
-        missed.append(f"top-1 agreement {measured['top1_agreement']:.2%} < {limits['top1_agreement']:.2%}")
+        got, limit = _distinct(measured["top1_agreement"] * 100, limits["top1_agreement"] * 100)
+        missed.append(f"top-1 agreement {got}% < {limit}%")
     return GateResult(dict(limits), {k: v for k, v in measured.items() if k in limits}, missed)
 
 
+def _distinct(value: float, limit: float) -> tuple[str, str]:
+    """Both numbers with the fewest significant digits (at least 4) that tell them apart, so a near miss never
+    reads as equal."""
+    for digits in range(4, 18):
+        shown = f"{value:.{digits}g}", f"{limit:.{digits}g}"
+        if shown[0] != shown[1]:
+            return shown
+    return repr(value), repr(limit)
+
+
 def _agreement(output: Path, reference: Path, settings: EvalSettings) -> Any:
-    """Both models at once (the reference's distribution is compared row by row, one row in memory)."""
+    """Both models at once on the first `max_tokens` tokens of each text, in rows of the window (the last row
+    of a text shorter), the reference's distribution compared row by row."""
     import torch
 
     from surgery.evaluation.agreement import next_token_agreement
-    from surgery.evaluation.data import load_text
-    from surgery.evaluation.importance import calibration_batches
+    from surgery.evaluation.data import first_tokens, load_text
     from surgery.evaluation.loading import load_for_eval
     from surgery.evaluation.models import context_length
 
     model = load_for_eval(output, settings.device, settings.dtype)
     base = load_for_eval(reference, settings.device, settings.dtype)
-    context = context_length(model.model.config) or GATE_ROW
-    row = min(settings.window or GATE_ROW, context)
-    rows = torch.cat([calibration_batches(model.tokenizer, load_text(spec).text, max(1, settings.max_tokens // row),
-                                          row, f"evaluate: limits: {spec}") for spec in settings.data])
+    contexts = [c for c in (context_length(model.model.config), context_length(base.model.config)) if c]
+    row = min([settings.window or GATE_ROW, *contexts])
+    rows = []
+    for spec in settings.data:
+        ids = torch.tensor(first_tokens(model.tokenizer, load_text(spec).text, settings.max_tokens))
+        rows += list(ids.split(row))
+    if not rows:
+        raise SurgeryError("evaluate: limits: the evaluation text has no tokens to compare the models on")
     return next_token_agreement(base.model, model.model, rows)

@@ -174,6 +174,9 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
     if plan.evaluate is None:
         return Recipe(plan, plan_path, out, view, sources, tuple(fits), verification=verification, plan_text=plan_text,
                       translation=translation)
+    data = [spec if spec.startswith("builtin") or Path(spec).is_absolute() else str(folder / spec)
+            for spec in plan.evaluate.data]  # relative to the plan's folder, as every path in it
+    plan = plan.model_copy(update={"evaluate": plan.evaluate.model_copy(update={"data": data})})
     reference = _reference_model(plan, plan.evaluate, lambda ref: resolve_model_path(ref, folder), view.source.path)
     if _overlaps(reference, out):
         raise SurgeryError(f"evaluate.compare_to: {reference} overlaps the output {out}: the output would be scored "
