@@ -72,6 +72,7 @@ class BitsOutput:
     rules_file: Path
     layer_weights: list[int]  # weights quantized per layer
     method: str
+    float_type: str  # the converter's --outtype
 
 
 def bits_output(folder: Path) -> BitsOutput:
@@ -109,18 +110,19 @@ def bits_output(folder: Path) -> BitsOutput:
         more = f" and {len(unfit) - 1} more" if len(unfit) > 1 else ""
         raise SurgeryError(f"gguf: no llama.cpp type holds {unfit[0]}{more}: its types' blocks are 32 or 256 weights "
                            "per row; this plan cannot be a GGUF (keep those tensors, or choose a model whose rows fit)")
-    if not source.is_dir() or Checkpoint.open(source).header_hashes != recorded:
+    checkpoint = Checkpoint.open(source) if source.is_dir() else None
+    if checkpoint is None or checkpoint.header_hashes != recorded:
         raise SurgeryError(f"gguf: {source}, the model bits read, is gone or has changed since {folder} was written; "
                            "apply the plan again")
-    return BitsOutput(source, rules_file, layer_weights, method)
+    return BitsOutput(source, rules_file, layer_weights, method, source_float_type(checkpoint))
 
 
-def source_float_type(source: Path) -> str:
+def source_float_type(checkpoint: Checkpoint) -> str:
     """The converter's --outtype: the source's own dtype where all its matrices share one, else f32, which holds
     float16 and bfloat16 exactly, so nothing is rounded on the way into GGUF."""
-    dtypes = {t.dtype for t in Checkpoint.open(source).tensors.values() if len(t.shape) >= 2}
+    dtypes = {t.dtype for t in checkpoint.tensors.values() if len(t.shape) >= 2}
     if not dtypes <= set(FLOAT_TYPES):
-        raise SurgeryError(f"gguf: {source} stores matrices as {sorted(dtypes - set(FLOAT_TYPES))[0]}; the converter "
+        raise SurgeryError(f"gguf: {checkpoint.path} stores matrices as {sorted(dtypes - set(FLOAT_TYPES))[0]}; the converter "
                            "takes float32, float16 or bfloat16 models")
     return FLOAT_TYPES[dtypes.pop()] if len(dtypes) == 1 else "f32"
 
@@ -152,14 +154,13 @@ def make_gguf(folder: Path, out: Path, tools: LlamaCpp, *, force: bool = False,
             raise SurgeryError(f"gguf: {out} is inside {inside}, an input; write the GGUF elsewhere")
     gguf_reader()  # before the converter runs, not after
     rules = read_tensor_types(bits.rules_file)
-    float_type = source_float_type(bits.source)
     if bits.method != "rtn":
         log(f"gguf: llama-quantize rounds {bits.source} itself: the GGUF has the plan's widths, not {bits.method}'s "
             "integers")
     converted, partial = (out.with_name(f".{out.name}.{part}") for part in ("source", "partial"))
     try:
-        log(f"gguf: converting {bits.source} ({float_type}) with {tools.converter}")
-        _run([tools.python, str(tools.converter), str(bits.source), "--outtype", float_type,
+        log(f"gguf: converting {bits.source} ({bits.float_type}) with {tools.converter}")
+        _run([tools.python, str(tools.converter), str(bits.source), "--outtype", bits.float_type,
               "--outfile", str(converted)], "convert_hf_to_gguf.py")
         base = gguf_tensors(converted)
         blocks = {int(name.split(".")[1]) for name in base if name.startswith("blk.")}

@@ -116,7 +116,7 @@ def apply(plan: str | Path | Plan, *, out: str | Path | None = None, force: bool
         hooks.evaluated(report)
         if gates is not None and gates.passed:
             hooks.log("quality gates passed: " + ", ".join(f"{k} {v:.4g}" for k, v in gates.measured.items()))
-        if gates is not None and not gates.passed:
+        elif gates is not None:
             from surgery.evaluation.gates import QualityGatesMissed
 
             raise QualityGatesMissed(f"quality gates missed: {'; '.join(gates.missed)}; the output {written.folder} is "
@@ -166,13 +166,12 @@ def _evaluate(recipe: Recipe, written: Written, device: str, phase: Phase) -> tu
                             device=section.device if device == "auto" else device, dtype=section.dtype)
     report = evaluate(written.folder, settings, compare=recipe.evaluation_reference, phase=phase)
     record = {"evaluation": report.to_dict()}
-    gates = None
-    if section.limits is not None and section.limits.set():
+    gates, limits = None, section.limits.set() if section.limits is not None else {}
+    if limits:
         from surgery.evaluation.gates import measure_gates
 
         with phase("checking the quality gates"):
-            gates = measure_gates(section.limits.set(), report, written.folder, Path(recipe.evaluation_reference),
-                                  settings)
+            gates = measure_gates(limits, report, written.folder, Path(recipe.evaluation_reference), settings)
         record["quality_gates"] = gates.to_dict()
     write_record(written.folder, written.provenance | record, recipe.config)
     return report, gates

@@ -109,6 +109,7 @@ def test_the_converter_keeps_every_source_dtype(tmp_path):
     import torch
     from safetensors.torch import save_file
 
+    from surgery.checkpoint.reader import Checkpoint
     from surgery.llama_cpp import source_float_type
 
     for dtypes, want in (([torch.bfloat16], "bf16"), ([torch.float16], "f16"), ([torch.bfloat16, torch.float32], "f32")):
@@ -117,7 +118,7 @@ def test_the_converter_keeps_every_source_dtype(tmp_path):
         (folder / "config.json").write_text('{"model_type": "llama"}')
         save_file({f"m{i}.weight": torch.zeros(4, 4, dtype=d) for i, d in enumerate(dtypes)} | {"n.weight": torch.zeros(4)},
                   folder / "model.safetensors")
-        assert source_float_type(folder) == want
+        assert source_float_type(Checkpoint.open(folder)) == want
 
 
 def test_type_mismatches_names_each_way_a_gguf_can_differ_from_the_file():

@@ -43,7 +43,7 @@ def measure_gates(limits: dict[str, float], report: EvalReport, output: Path, re
         assert report.base_perplexity is not None
         measured["perplexity_increase"] = report.perplexity / report.base_perplexity - 1
     if {"kl", "top1_agreement"} & set(limits):
-        agreement = _agreement(output, reference, settings)
+        agreement = _agreement(output, reference, settings, min(settings.window or GATE_ROW, report.window))
         measured |= {"kl": agreement.kl, "top1_agreement": agreement.top1}
     missed = []
     if "perplexity_increase" in limits and not measured["perplexity_increase"] <= limits["perplexity_increase"]:
@@ -68,20 +68,18 @@ def _distinct(value: float, limit: float) -> tuple[str, str]:
     return repr(value), repr(limit)
 
 
-def _agreement(output: Path, reference: Path, settings: EvalSettings) -> Any:
-    """Both models at once on the first `max_tokens` tokens of each text, in rows of the window (the last row
-    of a text shorter), the reference's distribution compared row by row."""
+def _agreement(output: Path, reference: Path, settings: EvalSettings, row: int) -> Any:
+    """Both models at once on the first `max_tokens` tokens of each text, in rows of `row` tokens (the last row
+    of a text shorter; never longer than the window the evaluation chose, which fits both contexts), the
+    reference's distribution compared row by row."""
     import torch
 
     from surgery.evaluation.agreement import next_token_agreement
     from surgery.evaluation.data import first_tokens, load_text
     from surgery.evaluation.loading import load_for_eval
-    from surgery.evaluation.models import context_length
 
     model = load_for_eval(output, settings.device, settings.dtype)
     base = load_for_eval(reference, settings.device, settings.dtype)
-    contexts = [c for c in (context_length(model.model.config), context_length(base.model.config)) if c]
-    row = min([settings.window or GATE_ROW, *contexts])
     rows = []
     for spec in settings.data:
         ids = torch.tensor(first_tokens(model.tokenizer, load_text(spec).text, settings.max_tokens))

@@ -85,16 +85,17 @@ def evaluate(model_path: str | Path, settings: EvalSettings = EvalSettings(),
     if settings.tasks:
         check_tasks(list(settings.tasks))
     loaded = load_for_eval(model_path, settings.device, settings.dtype)
-    limits = {model_path: context_length(loaded.model.config)}
+    contexts = {model_path: context_length(loaded.model.config)}
     if compare is not None:  # both are scored on the same windows: the shorter context bounds them
         from surgery.checkpoint.reader import read_config
 
-        limits[compare] = context_length(read_config(Path(compare)))
-    shortest = min(((c, m) for m, c in limits.items() if c), default=None, key=lambda item: item[0])
-    context = shortest[0] if shortest else None
-    if settings.window is not None and shortest and settings.window > shortest[0]:
-        raise SurgeryError(f"--window {settings.window} is longer than {shortest[1]}'s context of {shortest[0]} tokens "
-                           f"(its config's position limit); give --window {shortest[0]} or less")
+        contexts[compare] = context_length(read_config(Path(compare)))
+    known = {m: c for m, c in contexts.items() if c}
+    bound = min(known, key=known.__getitem__, default=None)  # the model whose context is shortest
+    context = known.get(bound)
+    if settings.window is not None and context is not None and settings.window > context:
+        raise SurgeryError(f"--window {settings.window} is longer than {bound}'s context of {context} tokens "
+                           f"(its config's position limit); give --window {context} or less")
     window = settings.window or min(DEFAULT_WINDOW, context or DEFAULT_WINDOW)
     stride = settings.stride or max(1, window // 2)
     token_ids = [_tokenize(loaded, text, settings.max_tokens) for text in texts]
