@@ -139,6 +139,9 @@ def test_type_mismatches_names_each_way_a_gguf_can_differ_from_the_file():
     assert type_mismatches(unnamed, base, right, [3 * 96 * 48, 0]) == [
         r"line 3 (blk\.0\.(attn_v)\.weight) names no tensor",
         f"layer 0: {2 * 96 * 48} weights quantized, the plan quantized {3 * 96 * 48}"]
+    # a kept bfloat16 matrix of a model converted to f32 goes back to bf16: a float type, not a quantized weight
+    kept = [(re.compile(r"blk\.1\.(attn_q)\.weight"), "bf16"), *rules[:1]]
+    assert type_mismatches(kept, base, right | {"blk.1.attn_q.weight": GgufTensor("bf16", shape)}, [2 * 96 * 48, 0]) == []
     missing = {n: t for n, t in right.items() if n != "blk.0.attn_norm.weight"}
     assert type_mismatches(rules, base, missing, [2 * 96 * 48, 0]) == ["blk.0.attn_norm.weight: missing"]
 
