@@ -8,6 +8,12 @@ class SurgeryError(Exception):
     exit_code = 2
 
 
+class Interrupted(SurgeryError):
+    """The run was stopped (Ctrl-C, SIGTERM); what it finished is kept for --resume."""
+
+    exit_code = 130
+
+
 def one_line(text: str) -> str:
     """Messages quote users' files, keys and parser output; a newline in one must not split the error line."""
     return " ".join(part.strip() for part in text.splitlines())

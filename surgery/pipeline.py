@@ -90,7 +90,7 @@ def apply(plan: str | Path | Plan, *, out: str | Path | None = None, force: bool
     from surgery.output.execute import execute
 
     with hooks.phase("checking the plan against the checkpoints"):
-        recipe = _checked(resolve(plan, out, device, base_dir, replacing=force or resume))
+        recipe = _checked(resolve(plan, out, device, base_dir, replacing=force or resume, resume=resume))
     target = _push_target(recipe, push_to)
     if target is not None:
         from surgery.hub import ready_to_push

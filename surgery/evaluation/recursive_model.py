@@ -16,7 +16,7 @@ from surgery.checkpoint.layout import layer_count
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.evaluation.models import layer_modules, require_causal_lm
-from surgery.formats.recursive import depth_name, lora_names, read_spec
+from surgery.formats.recursive import CompactSpec, depth_name, lora_names, read_spec
 
 
 def load_compact(folder: Path, device: str, dtype: Any) -> Any:
@@ -56,7 +56,7 @@ def load_compact(folder: Path, device: str, dtype: Any) -> Any:
             _put(layers[depth], suffix, stored(depth_name(depth, suffix)))
         for suffix in spec.ranks:
             b, a = (stored(n) for n in lora_names(depth, suffix))
-            _relax(layers[depth].get_submodule(suffix.removesuffix(".weight")), b, a)
+            add_low_rank(layers[depth].get_submodule(suffix.removesuffix(".weight")), b, a)
     return model.to(device).eval()
 
 
@@ -69,19 +69,39 @@ def _put(root: Any, name: str, param: Any) -> None:
     (root.get_submodule(module_name) if module_name else root).register_parameter(leaf, param)
 
 
-class LowRankDelta:
-    """The forward hook adding a depth's B A term to a shared linear's output."""
+def stored_parameters(model: Any, spec: CompactSpec) -> dict[str, Any]:
+    """Each tensor of the compact checkpoint by its stored name -> the Parameter `load_compact` made of it
+    (a shared slot's tensor once: its depths hold that one Parameter), so training it trains every depth."""
+    layers = layer_modules(model, spec.layer_prefix, len(spec.loop_map))
+    layer_path = _path_of(model, layers)
+    out = {name: p for name, p in model.named_parameters() if not name.startswith(layer_path + ".")}
+    for depth, slot in enumerate(spec.loop_map):
+        for name, param in layers[depth].named_parameters(remove_duplicate=False):
+            module, _, leaf = name.rpartition(".")
+            if leaf in ("lora_B", "lora_A"):
+                out[depth_name(depth, f"{module}.{leaf}.weight")] = param
+            elif name in spec.per_depth:
+                out[depth_name(depth, name)] = param
+            else:
+                out.setdefault(f"{spec.layer_prefix}.{slot}.{name}", param)
+    return out
 
-    def __init__(self, b: Any, a: Any, conv1d: bool) -> None:
-        self.b, self.a, self.conv1d = b, a, conv1d
+
+class LowRankDelta:
+    """The forward hook adding `scale` B A to a linear's output (a depth's relaxation, a heal's adapter)."""
+
+    def __init__(self, b: Any, a: Any, conv1d: bool, scale: float = 1.0) -> None:
+        self.b, self.a, self.conv1d, self.scale = b, a, conv1d, scale
 
     def __call__(self, module: Any, args: tuple[Any, ...], output: Any) -> Any:
         x = args[0]
         delta = (x @ self.b) @ self.a if self.conv1d else (x @ self.a.T) @ self.b.T
-        return output + delta
+        return output + (delta if self.scale == 1.0 else self.scale * delta)
 
 
-def _relax(module: Any, b: Any, a: Any) -> None:
+def add_low_rank(module: Any, b: Any, a: Any, scale: float = 1.0) -> None:
+    """`module` (Linear or transformers' Conv1D) computes with weight + scale B A, in its stored layout
+    (out, in) or (in, out), B and A registered on it as `lora_B` and `lora_A`."""
     import torch
 
     conv1d = type(module).__name__ == "Conv1D"  # transformers' GPT-2 style linear, weight (in, out)
@@ -90,7 +110,7 @@ def _relax(module: Any, b: Any, a: Any) -> None:
     # registered as parameters so they count, move with .to() and show in state_dict
     module.register_parameter("lora_B", b)
     module.register_parameter("lora_A", a)
-    module.register_forward_hook(LowRankDelta(b, a, conv1d))
+    module.register_forward_hook(LowRankDelta(b, a, conv1d, scale))
 
 
 def _no_init_weights() -> Any:

@@ -70,13 +70,18 @@ def compact_config(base_config: dict[str, Any], spec: CompactSpec) -> dict[str, 
     return {"model_type": MODEL_TYPE, "architectures": architectures, SECTION: spec.to_dict(), "base_config": base_config}
 
 
+def spec_of(section: dict[str, Any]) -> CompactSpec:
+    """The spec a `surgery_recursive` section (as `to_dict` writes it) describes."""
+    return CompactSpec(section["layer_prefix"], tuple(int(s) for s in section["loop_map"]),
+                       frozenset(section["per_depth"]), {k: int(v) for k, v in section["relaxed"].items()})
+
+
 def read_spec(checkpoint: Checkpoint) -> tuple[CompactSpec, dict[str, Any]]:
     """The spec and base config of a compact checkpoint, checked against its tensors."""
     where = checkpoint.path / "config.json"
     section, base = own_section(checkpoint, SECTION, FORMAT_VERSION, "compact recursive")
     try:
-        spec = CompactSpec(section["layer_prefix"], tuple(int(s) for s in section["loop_map"]),
-                           frozenset(section["per_depth"]), {k: int(v) for k, v in section["relaxed"].items()})
+        spec = spec_of(section)
     except (KeyError, TypeError, ValueError) as e:
         raise SurgeryError(f"{where}: not a valid compact recursive config (bad or missing {e})") from None
     if layer_count(base)[1] != len(spec.loop_map) or sorted(set(spec.loop_map)) != list(range(spec.slots)):
@@ -100,26 +105,35 @@ def compact_view(checkpoint: Checkpoint, label: str) -> ModelView:
     """The L-layer model a compact checkpoint stands for: shared tensors copied to every depth that
     uses them, per-depth tensors copied, relaxed matrices computed as shared + B A."""
     spec, base = read_spec(checkpoint)
+    stored = {name: TensorRecipe.copy_of(info) for name, info in checkpoint.tensors.items()}
+    outside, layers = depth_layers(spec, base, stored, label, checkpoint.path)
     count_key, depths = layer_count(base)
     layout = Layout(prefix=spec.layer_prefix, num_layers=depths, count_key=count_key)
+    source = replace(checkpoint, config=base)
+    return ModelView(source=source, layout=layout, outside=outside, layers=tuple(layers), label=label)
+
+
+def depth_layers(spec: CompactSpec, base: dict[str, Any], stored: dict[str, TensorRecipe], label: str,
+                 where: Any) -> tuple[dict[str, TensorRecipe], list[Layer]]:
+    """The tensors outside the layers and the L depths a compact model's stored tensors (as recipes: a
+    checkpoint's, or a heal's trained ones) stand for."""
+    count_key, depths = layer_count(base)
     slot_layout = Layout(prefix=spec.layer_prefix, num_layers=spec.slots, count_key=count_key)
-    outside, slots = slot_layout.group(checkpoint.tensors)
-    outside = {n: TensorRecipe.copy_of(i) for n, i in outside.items() if not n.startswith("depths.")}
-    configs = per_layer_values(base, depths, checkpoint.path)
+    outside, slots = slot_layout.group(stored)
+    outside = {n: r for n, r in outside.items() if not n.startswith("depths.")}
+    configs = per_layer_values(base, depths, where)
     layers = []
     for depth, slot in enumerate(spec.loop_map):
         tensors: dict[str, TensorRecipe] = {}
         for suffix in sorted(set(slots[slot]) | spec.per_depth):
             if suffix in spec.per_depth:
-                tensors[suffix] = TensorRecipe.copy_of(checkpoint.tensors[depth_name(depth, suffix)])
+                tensors[suffix] = stored[depth_name(depth, suffix)]
             elif suffix in spec.ranks:
                 shared = slots[slot][suffix]
-                factors = tuple(TensorRecipe.copy_of(checkpoint.tensors[n]) for n in lora_names(depth, suffix))
-                tensors[suffix] = TensorRecipe.computed(shared.dtype, shared.shape,
-                                                        (TensorRecipe.copy_of(shared), *factors), LowRankSum())
+                factors = tuple(stored[n] for n in lora_names(depth, suffix))
+                tensors[suffix] = TensorRecipe.computed(shared.dtype, shared.shape, (shared, *factors), LowRankSum())
             else:
-                tensors[suffix] = TensorRecipe.copy_of(slots[slot][suffix])
+                tensors[suffix] = slots[slot][suffix]
         origin = LayerOrigin(label, depth, (f"slot {slot}",))
         layers.append(Layer(tensors=tensors, config=configs[depth], origin=origin))
-    source = replace(checkpoint, config=base)
-    return ModelView(source=source, layout=layout, outside=outside, layers=tuple(layers), label=label)
+    return outside, layers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
@@ -12,14 +13,24 @@ from surgery.recipe.view import ModelView
 
 @dataclass
 class OpContext:
-    """Opens models by reference (each once), names the plan's `base:`, and collects what data-dependent
-    fits found (learned coefficients, fitted scales) for surgery.json."""
+    """Opens models by reference (each once), names the plan's `base:` and starting model, resolves its
+    data files against the plan's folder, and collects what data-dependent fits found (learned
+    coefficients, fitted scales) for surgery.json. `resume` continues a fit interrupted before (heal)."""
 
     open_model: Callable[[str], ModelView]
     base_ref: str | None = None
     device: str = "auto"
     log: Callable[[str], None] = lambda line: None
     fits: list[dict[str, Any]] = field(default_factory=list)
+    start_ref: str | None = None
+    folder: Path | None = None
+    resume: bool = False
+
+    def data_path(self, spec: str) -> str:
+        """A plan's `data:` entry as load_text reads it: built-in names as they are, files relative to the plan."""
+        if spec.startswith("builtin") or self.folder is None or Path(spec).is_absolute():
+            return spec
+        return str(self.folder / spec)
 
     def base(self, op: str) -> ModelView:
         if self.base_ref is None:

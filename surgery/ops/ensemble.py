@@ -54,8 +54,8 @@ class EnsembleStep(StepModel):
     def starting_model(self) -> str | None:
         return self.members[0]
 
-    def placement_error(self, index: int, steps: int, plan_model: str | None) -> str | None:
-        if steps > 1:
+    def placement_error(self, index: int, steps: list[StepModel], plan_model: str | None) -> str | None:
+        if len(steps) > 1:
             return "an ensemble combines whole models: it must be the plan's only step"
         if plan_model is not None:
             return "an ensemble takes its models from 'members'; leave 'model:' out"

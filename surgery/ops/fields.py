@@ -26,6 +26,9 @@ class StepModel(Strict):
     # Whether the step can edit any layer stack (a vision tower, an encoder): false where it runs
     # the language model (a fit, a calibration) or writes a format only a language model loads.
     edits_any_stack: ClassVar[bool] = False
+    # Whether the step writes the format it received (heal trains a compact model and keeps it compact),
+    # so it may follow a step that writes a storage format.
+    keeps_storage: ClassVar[bool] = False
 
     def starting_model(self) -> str | None:
         """The model a plan without `model:` starts from, when this step names one."""
@@ -36,13 +39,13 @@ class StepModel(Strict):
         which nothing can edit after it."""
         return None
 
-    def placement_error(self, index: int, steps: int, plan_model: str | None) -> str | None:
+    def placement_error(self, index: int, steps: list[StepModel], plan_model: str | None) -> str | None:
         """Why this step cannot stand at `index` of `steps` (in a plan whose `model:` is `plan_model`), if it cannot."""
         storage = self.storage_format()
-        if storage is not None and index < steps - 1:
+        if storage is not None and not all(later.keeps_storage for later in steps[index + 1:]):
             written, instead = storage
-            return (f"step {index}: {self.op} with format: {written} must be the last step ({written} is a storage "
-                    f"format); use format: {instead} to keep editing after it")
+            return (f"step {index}: {self.op} with format: {written} must be the last step but heal ({written} is a "
+                    f"storage format); use format: {instead} to keep editing after it")
         return None
 
 

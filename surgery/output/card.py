@@ -46,6 +46,9 @@ def model_card(provenance: dict[str, Any], config: dict[str, Any], name: str, pa
                "(translated_plan).", ""] if provenance.get("translated_from") == "mergekit" else [])
     body += ["", "## Plan", "", *origin, f"{fence}yaml", written.rstrip(), fence, "",
              "surgery.json records it resolved: every default filled in, every model's files and header hashes.", ""]
+    heals = [(fit["step"], fit["heal"]) for fit in provenance.get("fits", []) if "heal" in fit]
+    if heals:
+        body += ["## Healing", "", *_healing_lines(heals), ""]
     evaluation = provenance.get("evaluation")
     if evaluation:
         body += ["## Evaluation", "", *_evaluation_table(evaluation), ""]
@@ -86,6 +89,25 @@ def _evaluation_table(evaluation: dict[str, Any]) -> list[str]:
     rows += ["", f"Reference: `{reference}`. " if reference else "",
              f"Window {evaluation.get('window')}, stride {evaluation.get('stride')}, {evaluation.get('dtype')} on "
              f"{evaluation.get('device')}."]
+    return rows
+
+
+def _healing_lines(heals: list[tuple[int, dict[str, Any]]]) -> list[str]:
+    """Each heal's held-out scores before and after beside the teacher's, then its schedule and losses."""
+    rows = []
+    for step, record in heals:
+        held, schedule, tokens = record["held_out"], record["schedule"], record["tokens"]
+        loss = f"KL to the teacher's top {record['top_k']} log-probabilities" if record["loss"] == "kl" else "LM loss"
+        rows += [f"Step {step + 1} trained {', '.join(record['trained'])} ({record['parameters']:,} parameters) by "
+                 f"{loss}: {schedule['optimizer']}, lr {schedule['lr']:g} ({schedule['warmup_steps']} warm-up steps, "
+                 f"{schedule['decay']}), {schedule['steps']} steps of {schedule['batch_size']} x {schedule['window']} "
+                 f"tokens ({tokens['trained']:,} tokens from {tokens['train_text']:,} of text), seed "
+                 f"{schedule['seed']}, {record['seconds']:g} s on {record['device']}.", "",
+                 "| held-out text | perplexity | KL to the teacher |", "|---|---|---|",
+                 f"| before healing | {held['before']['perplexity']:.3f} | {held['before']['kl']:.4f} |",
+                 f"| after healing | {held['after']['perplexity']:.3f} | {held['after']['kl']:.4f} |",
+                 f"| teacher | {held['teacher_perplexity']:.3f} | |", "",
+                 f"Held out: {tokens['held_out_text']:,} tokens of the same text, never trained on.", ""]
     return rows
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from surgery.checkpoint.digest import file_stamp
 from surgery.checkpoint.writer import ShardEntry, ShardPlan, shard_header, write_index, write_shard
 from surgery.devices import resolve_device
-from surgery.errors import SurgeryError
+from surgery.errors import Interrupted, SurgeryError
 from surgery.formatting import human_bytes
 from surgery.ops.vocabulary import TOKENIZER_FILES
 from surgery.output.partial import (
@@ -45,12 +45,6 @@ class WriteFailed(SurgeryError):
     """The output could not be written (disk full, I/O error); its partial files are gone."""
 
     exit_code = 1
-
-
-class Interrupted(SurgeryError):
-    """The run was stopped (Ctrl-C, SIGTERM); its finished shards are kept for --resume."""
-
-    exit_code = 130
 
 
 @dataclass(frozen=True)

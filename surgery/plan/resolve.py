@@ -111,14 +111,14 @@ class Recipe:
 
 
 def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: str = "auto",
-            base_dir: str | Path | None = None, replacing: bool = True) -> Recipe:
+            base_dir: str | Path | None = None, replacing: bool = True, resume: bool = False) -> Recipe:
     """Open a plan's checkpoints' headers, run its data-dependent fits (on `device`) and its ops into
     one view, and check everything that can be checked before writing.
 
     `plan` is a plan file (its paths are relative to its folder) or a Plan built in code (paths
     relative to `base_dir`, default the current folder); `output` overrides the plan's `output`.
     Without `replacing` (apply without --force or --resume), an output that exists is refused before
-    any fit runs.
+    any fit runs. `resume` continues a fit interrupted before (heal's last checkpoint).
     """
     translation: Translation | None = None
     if isinstance(plan, Plan):
@@ -151,7 +151,8 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
     lines = plan_path is not None and translation is None  # a translated plan's places are not the file's lines
     with _located(plan_path, ("model",) if plan.model else ("steps", 0), lines):
         view = open_model(primary)
-    context = OpContext(open_model, plan.base, device, log=lambda line: print(line, file=sys.stderr))
+    context = OpContext(open_model, plan.base, device, log=lambda line: print(line, file=sys.stderr),
+                        start_ref=primary, folder=folder, resume=resume)
     if translation is not None:
         for note in translation.notes:
             context.log(f"note: {note}")

@@ -86,7 +86,7 @@ class Plan(Strict):
     @model_validator(mode="after")
     def _placement(self) -> Plan:
         for index, step in enumerate(self.steps):
-            problem = step.placement_error(index, len(self.steps), self.model)
+            problem = step.placement_error(index, list(self.steps), self.model)
             if problem is not None:
                 raise ValueError(problem)
             if self.stack is not None and not step.edits_any_stack:
