@@ -68,7 +68,7 @@ def test_a_healed_tie_stays_compact_with_one_tensor_per_slot_and_lowers_held_out
     record = _heal_record(healed)
     assert record["trained"] == ["relaxation", "shared"]
     held = record["held_out"]
-    # measured here: 0.066 -> 0.021 KL and 238 -> 226 perplexity; the margins hold on any CPU
+    # measured here: KL 0.076 -> 0.030, perplexity 338.2 -> 317.4 (teacher 302.7); the margins hold on any CPU
     assert held["after"]["kl"] < 0.6 * held["before"]["kl"]
     assert held["after"]["perplexity"] < 0.98 * held["before"]["perplexity"]
     assert held["teacher_perplexity"] < held["after"]["perplexity"]
@@ -218,3 +218,22 @@ def test_too_little_text_is_refused(cli, tmp_path):
                       "  - op: heal\n    data: short.txt\n")  # relative to the plan's folder
     result = cli("apply", plan)
     assert result.code == 2 and "short.txt has" in result.err and "fewer than two windows of 128" in result.err
+
+
+def test_every_ops_data_file_is_relative_to_the_plan(cli, tmp_path, monkeypatch):
+    """bits' calibration and atlas' learning text, like heal's and evaluate's, are found beside the plan,
+    whatever the current folder."""
+    from surgery.evaluation.data import load_text
+
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    (plans / "calibration.txt").write_text(load_text("builtin:mixed-dev").text[:60000])
+    monkeypatch.chdir(tmp_path)
+    bits = write_plan(plans, f"model: {demo_model('base')}\noutput: {tmp_path / 'bits'}\nsteps:\n  - op: bits\n"
+                      "    score: lim\n    calibration: {data: calibration.txt, samples: 2, seq_len: 64}\n"
+                      "    assign: {high: 8, low: 4, low_fraction: 0.5}\n", "bits.yaml")
+    assert cli("apply", bits).code == 0
+    atlas = write_plan(plans, f"base: {demo_model('base')}\noutput: {tmp_path / 'atlas'}\nsteps:\n  - op: atlas\n"
+                       f"    models: [{demo_model('prose')}]\n    granularity: module\n"
+                       "    learn: {data: calibration.txt, steps: 2, max_tokens: 512}\n", "atlas.yaml")
+    assert cli("apply", atlas).code == 0

@@ -84,7 +84,8 @@ def atlas(step: AtlasStep, view: ModelView, context: OpContext) -> ModelView:
         coefficients = given_coefficients(step.coefficients, refs, blocks, step.granularity)
     else:
         assert step.learn is not None
-        settings = step.learn if context.device == "auto" else step.learn.model_copy(update={"device": context.device})
+        settings = step.learn.model_copy(update={"data": [context.data_path(spec) for spec in step.learn.data],
+                                                 **({} if context.device == "auto" else {"device": context.device})})
         check_device_name(settings.device)
         key = {"step": step.model_dump(mode="json"), "device": resolve_device(settings.device), "blocks": blocks,
                "base": folder_stamp(base.source.path), "models": [folder_stamp(m.source.path) for m in models],

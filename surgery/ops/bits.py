@@ -142,6 +142,8 @@ class BitsStep(StepModel):
 
 def bits(step: BitsStep, view: ModelView, context: OpContext) -> ModelView:
     _check_unedited(view)
+    calibration = step.calibration.model_copy(update={"data": context.data_path(step.calibration.data)})
+    step = step.model_copy(update={"calibration": calibration})  # its text file relative to the plan's folder
     depths = len(view.layers)
     targets = [quantized_tensors(layer, step.keep) for layer in view.layers]  # dense and MoE layers differ
     transposed = experts_layout(view, targets)

@@ -12,6 +12,7 @@ The trained tensors go to one safetensors file in the fits cache, which the exec
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
@@ -70,7 +71,7 @@ class HealStep(StepModel):
     top_k: int = Field(default=64, ge=1, description="Teacher log-probabilities kept per token (the rest as one).")
     steps: int | None = Field(default=None, ge=1, le=10_000_000, description="Optimizer steps (default 100).")
     tokens: int | None = Field(default=None, ge=1, description="Instead of steps: the tokens to train on.")
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float | None = Field(default=None, gt=0, description="Default: 1e-3 for adapters alone, 1e-4 otherwise.")
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=8, ge=1, le=65536)
@@ -104,9 +105,13 @@ class HealStep(StepModel):
                     f"heal before {quantizing[0]}")
         return None
 
-    def schedule(self) -> Schedule:
+    def schedule(self, parts: list[str]) -> Schedule:
+        """The schedule, for `parts` trained: new zero-started adapters take LoRA's usual 1e-3; weights that
+        already hold the model (shared layers, SVD factors, all) take 1e-4, since Adam's steps are about lr
+        in size even where the gradient is noise (a full-rank tie, already exact, would be pushed off)."""
         steps = self.steps or (math.ceil(self.tokens / (self.batch_size * self.window)) if self.tokens else 100)
-        return Schedule(steps=steps, lr=self.lr, warmup_steps=min(self.warmup_steps, steps), weight_decay=self.weight_decay,
+        lr = self.lr if self.lr is not None else (1e-3 if parts == ["adapter"] else 1e-4)
+        return Schedule(steps=steps, lr=lr, warmup_steps=min(self.warmup_steps, steps), weight_decay=self.weight_decay,
                         batch_size=self.batch_size, window=self.window, loss=self.loss, top_k=self.top_k, seed=self.seed,
                         checkpoint_every=self.checkpoint_every, eval_every=max(1, steps // 5),
                         gradient_checkpointing=self.gradient_checkpointing)
@@ -211,7 +216,7 @@ def _fit(step: HealStep, parts: list[str], view: ModelView, compact: bool, teach
     from surgery.evaluation.data import first_tokens
     from surgery.evaluation.loading import load_for_eval
 
-    schedule = step.schedule()
+    schedule = step.schedule(parts)
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     loaded = load_for_eval(teacher, device, "float32")
@@ -227,6 +232,7 @@ def _fit(step: HealStep, parts: list[str], view: ModelView, compact: bool, teach
         _save(targets_path, targets, {})
     teacher_vocab = loaded.model.config.get_text_config().vocab_size
     del loaded  # the student loads only now: teacher and student are never in memory together
+    gc.collect()
     split = len(windows.train)
     train_targets = {k: v[:split] for k, v in targets.items()}
     held_targets = {k: v[split:] for k, v in targets.items()}
@@ -244,6 +250,10 @@ def _fit(step: HealStep, parts: list[str], view: ModelView, compact: bool, teach
     teacher_ppl = math.exp(float(held_targets["nll"].sum()) / windows.held_out[:, 1:].numel())
     record = _record(step, parts, schedule, windows, history, teacher_ppl, count, device,
                      time.perf_counter() - started)
+    before, after = record["held_out"]["before"]["kl"], record["held_out"]["after"]["kl"]
+    if after > before:
+        context.log(f"heal: warning: the held-out KL rose from {before:.4g} to {after:.4g}; the model was closer to the "
+                    "teacher before training (try a lower lr or fewer steps)")
     _save(folder / HEALED_FILE, tensors, {"record": json.dumps(record)})
     for name in (TEACHER_FILE, "student"):
         path = folder / name
@@ -426,7 +436,8 @@ def _with_healed(view: ModelView, healed: dict[str, TensorRecipe], compact: bool
 def describe(step: HealStep) -> str:
     parts = ", ".join(step.train) if step.train else "the default parts"
     loss = "KL to the teacher's next-token distribution" if step.loss == "kl" else "the next-token loss"
-    return f"Healed by training {parts} on {', '.join(step.data)} ({loss}, {step.schedule().steps} steps) (`heal`)."
+    budget = f"{step.tokens:,} tokens" if step.tokens else f"{step.steps or 100} steps"
+    return f"Healed by training {parts} on {', '.join(step.data)} ({loss}, {budget}) (`heal`)."
 
 
 OP = Op("heal", HealStep, heal, describe,
