@@ -231,7 +231,7 @@ def test_every_ops_data_file_is_relative_to_the_plan(cli, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     bits = write_plan(plans, f"model: {demo_model('base')}\noutput: {tmp_path / 'bits'}\nsteps:\n  - op: bits\n"
                       "    score: lim\n    calibration: {data: calibration.txt, samples: 2, seq_len: 64}\n"
-                      "    assign: {high: 8, low: 4, low_fraction: 0.5}\n", "bits.yaml")
+                      "    assign: {high: 8, low: 4, low_fraction: 0.5}\n    quantizer: {group_size: 32}\n", "bits.yaml")
     assert cli("apply", bits).code == 0
     atlas = write_plan(plans, f"base: {demo_model('base')}\noutput: {tmp_path / 'atlas'}\nsteps:\n  - op: atlas\n"
                        f"    models: [{demo_model('prose')}]\n    granularity: module\n"
