@@ -204,6 +204,7 @@ def test_the_same_seed_gives_the_same_bytes_and_an_interrupted_run_resumes_to_th
     (DROP, "    train: [all, adapter]\n", "train: all already trains every parameter"),
     (DROP, "    adapter: {layers: [9]}\n", "adapter layer 9 does not exist"),
     (DROP, "    teacher: ./missing\n", "missing"),
+    (DROP, "    adapter: {write: peft}\n  - op: chain\n    layers: [0-3]\n", "write: peft must be the last step"),
 ])
 def test_bad_heal_steps_are_refused_before_writing(cli, tmp_path, edit, extra, message):
     result = cli("apply", _plan(tmp_path, edit, "heal", extra=extra))
@@ -237,3 +238,32 @@ def test_every_ops_data_file_is_relative_to_the_plan(cli, tmp_path, monkeypatch)
                        f"    models: [{demo_model('prose')}]\n    granularity: module\n"
                        "    learn: {data: calibration.txt, steps: 2, max_tokens: 512}\n", "atlas.yaml")
     assert cli("apply", atlas).code == 0
+
+
+def test_a_peft_adapter_beside_the_unchanged_model_computes_the_merged_model(dropped, tmp_path, cli, monkeypatch):
+    """write: peft leaves the weights as the drop wrote them and puts the adapter beside them; surgery's loader
+    (without peft) and transformers with peft both compute what the merged heal of the same run wrote."""
+    from transformers import AutoModelForCausalLM
+
+    from surgery.evaluation.loading import load_for_eval
+
+    unhealed, merged, adapter = dropped
+    peft_adapter = adapter.replace("down_proj]}", "down_proj], write: peft}")
+    assert cli("apply", _plan(tmp_path, DROP, "heal", extra=peft_adapter)).code == 0
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").read_bytes() == (unhealed / "model.safetensors").read_bytes()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and len(config["target_modules"]) == 6
+    ids = torch.arange(96).view(1, 96) * 11 % 2048
+    expected = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(input_ids=ids).logits
+    import transformers.integrations.peft as transformers_peft
+
+    monkeypatch.setattr(transformers_peft, "is_peft_available", lambda: False)  # as on a machine without peft
+    own = load_for_eval(out, "cpu", "float32").model
+    assert not getattr(own, "_hf_peft_config_loaded", False)  # surgery's own hooks, not peft's
+    torch.testing.assert_close(own(input_ids=ids).logits, expected, rtol=0, atol=2e-5)
+    monkeypatch.undo()
+    pytest.importorskip("peft")
+    with_peft = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert with_peft._hf_peft_config_loaded
+    torch.testing.assert_close(with_peft(input_ids=ids).logits, expected, rtol=0, atol=2e-5)

@@ -18,6 +18,7 @@ from surgery.checkpoint.reader import Checkpoint, read_config, regular_file
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError
 from surgery.evaluation.ensemble_model import load_ensemble
+from surgery.evaluation.lora_adapter import apply_lora_adapter
 from surgery.evaluation.models import quiet_transformers, refuse_remote_code, require_causal_lm, resolve_dtype
 from surgery.evaluation.recursive_model import load_compact
 from surgery.evaluation.trit_model import load_trit_planes
@@ -60,7 +61,7 @@ def _load_standard(folder: Path, device: str, dtype: Any) -> Any:
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise SurgeryError(f"{folder} lacks weights the causal LM needs ({', '.join(missing[:3])}); is it a causal LM?")
-    return model.to(device).eval()
+    return apply_lora_adapter(model.to(device), folder).eval()
 
 
 # (recognise by config.json, load) pairs, most specific first.

@@ -38,6 +38,7 @@ from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import Layer, ModelView
 
 HEALED_FILE = "healed.safetensors"
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 Part = Literal["relaxation", "shared", "adapter", "all"]
 
 
@@ -50,6 +51,8 @@ class AdapterSettings(Strict):
     modules: list[str] | None = Field(
         default=None, description="Linear modules given adapters, e.g. [q_proj, down_proj]; default every matrix "
         "of a layer but an MoE expert's or router's.")
+    write: Literal["merged", "peft"] = Field(
+        default="merged", description="merged: into the weights; peft: a PEFT LoRA adapter beside the unchanged model.")
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -100,6 +103,9 @@ class HealStep(StepModel):
 
     def placement_error(self, index: int, steps: list[StepModel], plan_model: str | None) -> str | None:
         quantizing = [s.op for s in steps[:index] if s.op in ("bits", "ptqtp")]
+        if self.adapter.write == "peft" and index < len(steps) - 1:
+            return (f"step {index}: heal with adapter.write: peft must be the last step (the adapter names the modules "
+                    "of the model as it is then); use write: merged to keep editing after it")
         if quantizing:
             return (f"step {index}: heal after {quantizing[0]} would move the quantized weights off their grid; put "
                     f"heal before {quantizing[0]}")
@@ -144,6 +150,9 @@ def heal(step: HealStep, view: ModelView, context: OpContext) -> ModelView:
         context.log(f"heal: the same training ran before; reusing what it trained ({folder})")
     record = json.loads(header.metadata["record"])
     context.fits.append({"heal": record})
+    if "adapter_config" in header.metadata:  # a PEFT adapter beside the model, which stays as it was
+        adapter = {PEFT_CONFIG: header.metadata["adapter_config"], PEFT_WEIGHTS: (folder / PEFT_WEIGHTS).read_bytes()}
+        return replace(view, extra_files={**view.extra_files, **adapter})
     healed = {name: TensorRecipe.copy_of(info) for name, info in header.tensors.items()}
     return _with_healed(view, healed, compact)
 
@@ -201,6 +210,8 @@ def _healed(folder: Path) -> ShardHeader | None:
     try:
         header = read_shard_header(path)
         json.loads(header.metadata["record"])
+        if "adapter_config" in header.metadata and not (folder / PEFT_WEIGHTS).is_file():
+            raise KeyError(PEFT_WEIGHTS)
         return header
     except (SurgeryError, KeyError, ValueError, TypeError, AttributeError):
         path.unlink(missing_ok=True)
@@ -246,7 +257,8 @@ def _fit(step: HealStep, parts: list[str], view: ModelView, compact: bool, teach
                 f"{schedule.batch_size} x {schedule.window} tokens on {device}")
     history = train(student, windows, train_targets, held_targets, schedule, device, folder, context.resume,
                     context.log)
-    tensors = _trained_tensors(student, view.written_tensors())
+    peft = step.adapter.write == "peft" and "adapter" in parts
+    tensors = {} if peft else _trained_tensors(student, view.written_tensors())
     teacher_ppl = math.exp(float(held_targets["nll"].sum()) / windows.held_out[:, 1:].numel())
     record = _record(step, parts, schedule, windows, history, teacher_ppl, count, device,
                      time.perf_counter() - started)
@@ -254,7 +266,11 @@ def _fit(step: HealStep, parts: list[str], view: ModelView, compact: bool, teach
     if after > before:
         context.log(f"heal: warning: the held-out KL rose from {before:.4g} to {after:.4g}; the model was closer to the "
                     "teacher before training (try a lower lr or fewer steps)")
-    _save(folder / HEALED_FILE, tensors, {"record": json.dumps(record)})
+    metadata = {"record": json.dumps(record)}
+    if peft:
+        weights, metadata["adapter_config"] = peft_adapter(student, step.adapter)
+        _save(folder / PEFT_WEIGHTS, weights, {"format": "pt"})
+    _save(folder / HEALED_FILE, tensors, metadata)
     for name in (TEACHER_FILE, "student"):
         path = folder / name
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
@@ -398,6 +414,33 @@ def _trained_tensors(student: Student, written: dict[str, TensorRecipe]) -> dict
         for name, (weight, b, a, scale) in student.adapters.items():
             out[name] = (weight + scale * (b @ a)).cpu().to(torch_dtype(written[name].dtype))
     return out
+
+
+def peft_adapter(student: Student, settings: AdapterSettings) -> tuple[dict[str, Any], str]:
+    """The adapters as PEFT writes a LoRA adapter: `base_model.model.{module}.lora_A.weight` (r x in) and
+    `lora_B.weight` (out x r), scaling lora_alpha / r (a rank capped below `rank` gets its own r and alpha in
+    rank_pattern and alpha_pattern, so every module keeps the scale it trained with)."""
+    weights, modules, rank_pattern, alpha_pattern, conv1d = {}, [], {}, {}, False
+    for name, (weight, b, a, scale) in student.adapters.items():
+        module = name.removesuffix(".weight")
+        is_conv1d = _is_conv1d(student, module)
+        conv1d |= is_conv1d
+        lora_a, lora_b = (b.T, a.T) if is_conv1d else (a, b)  # PEFT keeps (r, in) and (out, r) for both
+        weights[f"base_model.model.{module}.lora_A.weight"] = lora_a.detach().cpu().contiguous()
+        weights[f"base_model.model.{module}.lora_B.weight"] = lora_b.detach().cpu().contiguous()
+        modules.append(module)
+        rank = lora_a.shape[0]
+        if rank != settings.rank:
+            rank_pattern[module], alpha_pattern[module] = rank, scale * rank
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.rank, "lora_alpha": settings.alpha,
+              "target_modules": modules, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": conv1d,
+              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "base_model_name_or_path": None,
+              "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
+    return weights, json.dumps(config, indent=2)
+
+
+def _is_conv1d(student: Student, module: str) -> bool:
+    return type(student.model.get_submodule(module)).__name__ == "Conv1D"
 
 
 def _record(step: HealStep, parts: list[str], schedule: Schedule, windows: Windows, history: dict[str, Any],

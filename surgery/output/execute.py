@@ -103,8 +103,9 @@ def execute(
         copy_side_files(recipe.view.source.path, staging, TOKENIZER_FILES if tokenizer is not None else ())
         for name, data in (tokenizer or {}).items():
             _inside(staging, name).write_bytes(data)
-        for name, text in recipe.view.extra_files.items():
-            _inside(staging, name).write_text(text)
+        for name, data in recipe.view.extra_files.items():
+            path = _inside(staging, name)
+            path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
         provenance = recipe.provenance() | {
             "output_shards": [s.filename for s in shards],
             "output_sha256": {name: record.sha256 for name, record in sorted(partial.shards.items())},

@@ -74,7 +74,7 @@ class ModelView:
     outside: dict[str, TensorRecipe]
     layers: tuple[Layer, ...]
     label: str = "model"
-    extra_files: dict[str, str] = field(default_factory=dict)  # written beside the weights (name -> text)
+    extra_files: dict[str, str | bytes] = field(default_factory=dict)  # written beside the weights (name -> text or bytes)
     storage: Storage | None = None
     config_updates: dict[str, Any] = field(default_factory=dict)  # top-level config keys an op set (a merge's dtype)
     tokenizer_files: dict[str, bytes] | None = None  # the output's tokenizer, replacing the source's (name -> bytes)
