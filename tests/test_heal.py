@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from surgery.demo_models import demo_model
-from tests.conftest import write_plan
+from tests.conftest import listing, write_plan
 
 HEAL = ("  - op: heal\n    data: builtin:mixed-dev\n    max_tokens: 8192\n    window: 64\n    steps: {steps}\n"
         "    checkpoint_every: 4\n{extra}")
@@ -205,12 +205,19 @@ def test_the_same_seed_gives_the_same_bytes_and_an_interrupted_run_resumes_to_th
     (DROP, "    adapter: {layers: [9]}\n", "adapter layer 9 does not exist"),
     (DROP, "    teacher: ./missing\n", "missing"),
     (DROP, "    adapter: {write: peft}\n  - op: chain\n    layers: [0-3]\n", "write: peft must be the last step"),
+    ("  - op: task_arithmetic\n    models: [./prose]\n", "", "heal after task_arithmetic needs 'teacher:'"),
+    (DROP, "    max_tokens: 128\n    window: 64\n    held_out: 0.75\n", "leaving none to train on"),
+    (DROP, "    data: .\n", "is a folder"),
 ])
-def test_bad_heal_steps_are_refused_before_writing(cli, tmp_path, edit, extra, message):
-    result = cli("apply", _plan(tmp_path, edit, "heal", extra=extra))
+def test_bad_heal_steps_are_refused_before_writing(cli, tmp_path, edit, extra, message, monkeypatch):
+    plan = _plan(tmp_path, edit, "heal", extra=extra)
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))  # after the demo model's path is resolved
+    result = cli("apply", plan)
     assert result.code == 2, result.err
     assert message in result.err and "Traceback" not in result.err
+    assert "keeping its top" not in result.err  # refused before the teacher scored anything
     assert not (tmp_path / "out").exists()
+    assert listing(tmp_path / "cache" / "fits") == []  # a refused heal leaves nothing in the fits cache
 
 
 def test_too_little_text_is_refused(cli, tmp_path):
@@ -267,3 +274,46 @@ def test_a_peft_adapter_beside_the_unchanged_model_computes_the_merged_model(dro
     with_peft = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert with_peft._hf_peft_config_loaded
     torch.testing.assert_close(with_peft(input_ids=ids).logits, expected, rtol=0, atol=2e-5)
+
+
+def test_heal_is_deterministic_with_dropout_and_conv1d_adapters_merge_as_peft_applies_them(tiny, cli, tmp_path,
+                                                                                          monkeypatch):
+    """GPT-2 (dropout 0.1 in its config, Conv1D weights stored in x out): dropout stays off while healing, so two
+    runs in fresh caches write the same bytes; its PEFT adapter computes the merged model."""
+    from transformers import AutoModelForCausalLM
+
+    from surgery.evaluation.loading import load_for_eval
+
+    assert json.loads((tiny("gpt2") / "config.json").read_text())["resid_pdrop"] > 0
+    heal = ("  - op: heal\n    data: builtin:mixed-dev\n    max_tokens: 2048\n    window: 64\n    steps: 6\n"
+            "    adapter: {layers: [1, 2]%s}\n")
+    outputs = []
+    for run, extra in (("a", ""), ("b", ""), ("peft", ", write: peft")):
+        plan = write_plan(tmp_path, f"model: {tiny('gpt2')}\noutput: {tmp_path / run}\nsteps:\n  - op: chain\n"
+                          f"    layers: [0-2]\n" + heal % extra, f"{run}.yaml")
+        monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / f"cache-{run}"))
+        assert cli("apply", plan).code == 0
+        outputs.append(tmp_path / run)
+    assert (outputs[0] / "model.safetensors").read_bytes() == (outputs[1] / "model.safetensors").read_bytes()
+    ids = torch.arange(64).view(1, 64) * 5 % 1000
+    merged = AutoModelForCausalLM.from_pretrained(outputs[0], dtype=torch.float32)(input_ids=ids).logits
+    adapted = load_for_eval(outputs[2], "cpu", "float32").model(input_ids=ids).logits
+    torch.testing.assert_close(adapted, merged, rtol=0, atol=2e-5)
+
+
+def test_a_teacher_of_another_vocabulary_is_refused_before_it_scores(cli, tmp_path, monkeypatch):
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    teacher = tmp_path / "teacher"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(teacher)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_model("base") / name, teacher / name)
+    plan = _plan(tmp_path, DROP, "heal", extra=f"    teacher: {teacher}\n")
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    result = cli("apply", plan)
+    assert result.code == 2 and "vocabulary (2048 tokens) differs from the teacher's (1000)" in result.err
+    assert listing(tmp_path / "cache" / "fits") == [] and not (tmp_path / "out").exists()

@@ -42,6 +42,8 @@ def load_text(spec: str) -> EvalText:
     if spec.startswith("builtin"):
         raise SurgeryError(f"unknown built-in data {spec!r}; known: {', '.join(BUILTIN)}")
     path = Path(spec)
+    if path.is_dir():
+        raise SurgeryError(f"data {spec} is a folder; give a .txt or .jsonl file (or several), or builtin")
     if not path.is_file():
         raise SurgeryError(f"data file {spec} does not exist (looked for {path.absolute()}); give a .txt or .jsonl "
                            "file, or builtin")

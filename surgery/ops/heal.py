@@ -27,12 +27,21 @@ from surgery.checkpoint.blocks import torch_dtype
 from surgery.checkpoint.modules import is_expert, is_router
 from surgery.checkpoint.reader import FLOAT_DTYPES, ShardHeader, read_shard_header
 from surgery.devices import check_device_name, resolve_device
-from surgery.errors import SurgeryError
+from surgery.errors import Interrupted, SurgeryError
 from surgery.formats.recursive import SECTION, depth_layers, is_compact, lora_names, spec_of
 from surgery.ops.context import OpContext
 from surgery.ops.fields import StepModel, Strict, parse_layers
 from surgery.ops.fit_memo import fit_folder, folder_stamp, text_digest
-from surgery.ops.heal_train import TEACHER_FILE, Schedule, Student, Windows, cut_windows, teacher_targets, train
+from surgery.ops.heal_train import (
+    CHECKPOINT_FILE,
+    TEACHER_FILE,
+    Schedule,
+    Student,
+    Windows,
+    cut_windows,
+    teacher_targets,
+    train,
+)
 from surgery.ops.registry import Op
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import Layer, ModelView
@@ -57,7 +66,7 @@ class AdapterSettings(Strict):
     @field_validator("layers", mode="before")
     @classmethod
     def _layers(cls, value: Any) -> Any:
-        return None if value is None else parse_layers(value)
+        return None if value is None else sorted(set(parse_layers(value)))  # a layer adapted once
 
 
 class HealStep(StepModel):
@@ -93,6 +102,11 @@ class HealStep(StepModel):
     def _listify(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("train")
+    @classmethod
+    def _once_each(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else list(dict.fromkeys(value))
+
     @model_validator(mode="after")
     def _budget(self) -> HealStep:
         if self.steps is not None and self.tokens is not None:
@@ -109,6 +123,10 @@ class HealStep(StepModel):
         if quantizing:
             return (f"step {index}: heal after {quantizing[0]} would move the quantized weights off their grid; put "
                     f"heal before {quantizing[0]}")
+        merging = [s.op for s in steps[:index] if hasattr(s, "models")]
+        if merging and self.teacher is None:
+            return (f"step {index}: heal after {merging[0]} needs 'teacher:' (the plan starts from the merge's base, and "
+                    "distilling toward it would undo the merge): name the model to distil toward")
         return None
 
     def schedule(self, parts: list[str]) -> Schedule:
@@ -133,6 +151,9 @@ def heal(step: HealStep, view: ModelView, context: OpContext) -> ModelView:
     device = resolve_device(step.device if context.device == "auto" else context.device)
     check_device_name(device)
     teacher = _teacher_path(step, view, context)
+    if "adapter" in parts:
+        adapter_targets(view, step.adapter)
+    _check_names(view, compact)
     texts = [_text(context.data_path(spec)) for spec in step.data]
     written, config = view.written_tensors(), view.written_config()
     key = {"step": step.model_dump(mode="json"), "device": device, "parts": parts, "config": config,
@@ -155,6 +176,29 @@ def heal(step: HealStep, view: ModelView, context: OpContext) -> ModelView:
         return replace(view, extra_files={**view.extra_files, **adapter})
     healed = {name: TensorRecipe.copy_of(info) for name, info in header.tensors.items()}
     return _with_healed(view, healed, compact)
+
+
+def _check_names(view: ModelView, compact: bool) -> None:
+    """Refused before anything runs: a model whose parameters transformers names unlike the checkpoint's tensors
+    (it renames some architectures' keys when loading), since the trained tensors could not be written back.
+    Checked on the module transformers builds from the config on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from surgery.evaluation.models import quiet_transformers
+
+    with quiet_transformers(), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**view.config()))
+    written = view.written_tensors() if compact else view.tensors()
+    prefix = view.layout.prefix + "."
+    _refuse_renamed([n for n, _ in model.named_parameters() if not (compact and n.startswith(prefix))], written)
+
+
+def _refuse_renamed(names: list[str], written: dict[str, TensorRecipe]) -> None:
+    stray = sorted(n for n in names if n not in written)
+    if stray:
+        raise SurgeryError(f"heal: transformers names a parameter {stray[0]!r} that the checkpoint does not store under "
+                           "that name (it renames this architecture's tensors when loading); heal cannot write it back")
 
 
 def _default_parts(view: ModelView, compact: bool) -> list[str]:
@@ -221,7 +265,30 @@ def _healed(folder: Path) -> ShardHeader | None:
 def _fit(step: HealStep, parts: list[str], view: ModelView, compact: bool, teacher: Path, texts: list[str],
          device: str, folder: Path, context: OpContext) -> None:
     """Teacher targets (kept for --resume), then the student trained, then the trained tensors under their
-    stored names and dtypes in `folder / HEALED_FILE`."""
+    stored names and dtypes in `folder / HEALED_FILE`. What a failed run leaves is removed, but for an
+    interrupted one's teacher targets and checkpoint (what --resume continues from)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _train_and_store(step, parts, view, compact, teacher, texts, device, folder, context)
+    except KeyboardInterrupt:
+        shutil.rmtree(folder / "student", ignore_errors=True)
+        kept = "its teacher scores are kept" if (folder / TEACHER_FILE).is_file() else "nothing was kept"
+        raise Interrupted(f"heal: interrupted before training began; {kept} in {folder}: run the same command "
+                          "again to continue") from None
+    except BaseException:
+        if (folder / CHECKPOINT_FILE).is_file():  # stopped while training: --resume continues from its checkpoint
+            shutil.rmtree(folder / "student", ignore_errors=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        for name in ("student", TEACHER_FILE, CHECKPOINT_FILE) if (folder / HEALED_FILE).is_file() else ():
+            path = folder / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _train_and_store(step: HealStep, parts: list[str], view: ModelView, compact: bool, teacher: Path,
+                     texts: list[str], device: str, folder: Path, context: OpContext) -> None:
     import torch
 
     from surgery.evaluation.data import first_tokens
@@ -229,9 +296,9 @@ def _fit(step: HealStep, parts: list[str], view: ModelView, compact: bool, teach
 
     schedule = step.schedule(parts)
     started = time.perf_counter()
-    folder.mkdir(parents=True, exist_ok=True)
     loaded = load_for_eval(teacher, device, "float32")
     ids = [first_tokens(loaded.tokenizer, text, step.max_tokens) for text in texts]
+    _check_vocabulary(view, loaded, teacher, ids, texts, step)
     windows = cut_windows(ids, schedule.window, step.held_out, step.data)
     targets_path = folder / TEACHER_FILE
     targets = _load_targets(targets_path, len(windows.train) + len(windows.held_out))
@@ -241,17 +308,12 @@ def _fit(step: HealStep, parts: list[str], view: ModelView, compact: bool, teach
         targets = teacher_targets(loaded.model, torch.cat([windows.train, windows.held_out]), schedule.top_k,
                                   schedule.batch_size, loaded.device)
         _save(targets_path, targets, {})
-    teacher_vocab = loaded.model.config.get_text_config().vocab_size
     del loaded  # the student loads only now: teacher and student are never in memory together
     gc.collect()
     split = len(windows.train)
     train_targets = {k: v[:split] for k, v in targets.items()}
     held_targets = {k: v[split:] for k, v in targets.items()}
     student = _student(view, compact, parts, step, device, folder)
-    vocab = student.model.config.get_text_config().vocab_size
-    if vocab != teacher_vocab:
-        raise SurgeryError(f"heal: the edited model's vocabulary ({vocab} tokens) differs from the teacher's "
-                           f"({teacher_vocab}); distillation compares their next-token distributions token by token")
     count = sum(p.numel() for p in student.trainable.values())
     context.log(f"heal: training {', '.join(parts)} ({count:,} parameters) for {schedule.steps} steps of "
                 f"{schedule.batch_size} x {schedule.window} tokens on {device}")
@@ -262,6 +324,7 @@ def _fit(step: HealStep, parts: list[str], view: ModelView, compact: bool, teach
     teacher_ppl = math.exp(float(held_targets["nll"].sum()) / windows.held_out[:, 1:].numel())
     record = _record(step, parts, schedule, windows, history, teacher_ppl, count, device,
                      time.perf_counter() - started)
+    record |= {"teacher": str(teacher), **({"top_k": int(targets["index"].shape[-1])} if step.loss == "kl" else {})}
     before, after = record["held_out"]["before"]["kl"], record["held_out"]["after"]["kl"]
     if after > before:
         context.log(f"heal: warning: the held-out KL rose from {before:.4g} to {after:.4g}; the model was closer to the "
@@ -271,10 +334,35 @@ def _fit(step: HealStep, parts: list[str], view: ModelView, compact: bool, teach
         weights, metadata["adapter_config"] = peft_adapter(student, step.adapter)
         _save(folder / PEFT_WEIGHTS, weights, {"format": "pt"})
     _save(folder / HEALED_FILE, tensors, metadata)
-    for name in (TEACHER_FILE, "student"):
-        path = folder / name
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    (folder / "checkpoint.safetensors").unlink(missing_ok=True)
+
+
+def _check_vocabulary(view: ModelView, teacher: Any, teacher_path: Path, ids: list[list[int]], texts: list[str],
+                      step: HealStep) -> None:
+    """Before the teacher runs: both models predict the same vocabulary, the text's ids fit it, and the edited
+    model's own tokenizer reads the text as the teacher's does (distillation compares them token by token)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from surgery.evaluation.data import first_tokens
+    from surgery.evaluation.models import quiet_transformers
+
+    if view.tokenizer_files is not None:
+        raise SurgeryError("heal: an earlier step changed the tokenizer; heal the model before changing its vocabulary")
+    rows = teacher.model.get_output_embeddings().weight.shape[0]
+    vocab = AutoConfig.for_model(**view.config()).get_text_config().vocab_size
+    if vocab != rows:
+        raise SurgeryError(f"heal: the edited model's vocabulary ({vocab} tokens) differs from the teacher's "
+                           f"({rows}); distillation compares their next-token distributions token by token")
+    for name, tokens in zip(step.data, ids):
+        if tokens and max(tokens) >= rows:
+            raise SurgeryError(f"heal: the teacher's tokenizer gives id {max(tokens)} on {name}, beyond its "
+                               f"vocabulary of {rows}; give a teacher whose tokenizer and model agree")
+    if teacher_path != view.source.path:
+        with quiet_transformers():
+            own = AutoTokenizer.from_pretrained(view.source.path)
+        for name, text, tokens in zip(step.data, texts, ids):
+            if first_tokens(own, text, step.max_tokens) != tokens:
+                raise SurgeryError(f"heal: the teacher {teacher_path} tokenizes {name} unlike the edited model "
+                                   f"({view.source.path}); distillation needs one tokenizer")
 
 
 def _load_targets(path: Path, windows: int) -> dict[str, Any] | None:
@@ -333,10 +421,7 @@ def _student(view: ModelView, compact: bool, parts: list[str], step: HealStep, d
         by_name = stored_parameters(model, spec)
     else:
         by_name = dict(model.named_parameters())
-    stray = sorted(n for n in by_name if n not in written)
-    if stray:
-        raise SurgeryError(f"heal: transformers names a parameter {stray[0]!r} that the checkpoint does not store under "
-                           "that name (it renames this architecture's tensors when loading); heal cannot write it back")
+    _refuse_renamed(list(by_name), written)
     trainable: dict[str, Any] = {}
     if "all" in parts:
         trainable = {n: p for n, p in by_name.items() if written[n].dtype in FLOAT_DTYPES}
@@ -354,6 +439,15 @@ def _student(view: ModelView, compact: bool, parts: list[str], step: HealStep, d
     return student
 
 
+def adapter_targets(view: ModelView, settings: AdapterSettings) -> dict[int, list[str]]:
+    """Each adapted layer's matrices by suffix, checked against the view (before anything runs)."""
+    chosen = settings.layers if settings.layers is not None else list(range(len(view.layers)))
+    outside = [i for i in chosen if i >= len(view.layers)]
+    if outside:
+        raise SurgeryError(f"heal: adapter layer {outside[0]} does not exist (the edited model has {len(view.layers)})")
+    return {index: _adapted(view.layers[index], settings.modules) for index in chosen}
+
+
 def _add_adapters(student: Student, view: ModelView, settings: AdapterSettings, seed: int, device: str) -> None:
     """LoRA on the chosen matrices: the factor the input meets drawn as PEFT draws it (kaiming-uniform,
     bound 1/sqrt(fan-in)), the other zero, so the adapted model starts as the edited one."""
@@ -363,14 +457,10 @@ def _add_adapters(student: Student, view: ModelView, settings: AdapterSettings, 
     from surgery.evaluation.recursive_model import add_low_rank
 
     layers = layer_modules(student.model, view.layout.prefix, len(view.layers))
-    chosen = settings.layers if settings.layers is not None else list(range(len(view.layers)))
-    outside = [i for i in chosen if i >= len(view.layers)]
-    if outside:
-        raise SurgeryError(f"heal: adapter layer {outside[0]} does not exist (the edited model has {len(view.layers)})")
     generator = torch.Generator().manual_seed(seed)
     scale = settings.alpha / settings.rank
-    for index in chosen:
-        for suffix in _adapted(view.layers[index], settings.modules):
+    for index, suffixes in adapter_targets(view, settings).items():
+        for suffix in suffixes:
             module = layers[index].get_submodule(suffix.removesuffix(".weight"))
             conv1d = type(module).__name__ == "Conv1D"
             rows, cols = module.weight.shape
@@ -448,7 +538,6 @@ def _record(step: HealStep, parts: list[str], schedule: Schedule, windows: Windo
     held = history["held_out"]
     return {
         "trained": parts, "parameters": count, "loss": schedule.loss,
-        **({"top_k": schedule.top_k} if schedule.loss == "kl" else {}),
         "schedule": {"optimizer": "AdamW", "lr": schedule.lr, "warmup_steps": schedule.warmup_steps,
                      "decay": "cosine to 0", "weight_decay": schedule.weight_decay, "grad_clip": 1.0,
                      "steps": schedule.steps, "batch_size": schedule.batch_size, "window": schedule.window,

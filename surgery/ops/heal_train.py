@@ -1,5 +1,6 @@
 """The training behind `heal`: an edited model (the student) trained toward the model it came from (the
 teacher) on text, by KL divergence between their next-token distributions or by the plain LM loss.
+Dropout stays off (the model trains in eval mode), so a run is a function of its seed.
 
 Teacher and student are never in memory together: the teacher runs first over every window and keeps
 its top-k log-probabilities per token (and the log-probability of the rest of the vocabulary, so the
@@ -84,6 +85,9 @@ def cut_windows(token_lists: list[list[int]], window: int, held_out: float, name
                                "on, one held out); give more text or a smaller window")
         rows = torch.tensor(ids[: count * window]).view(count, window)
         kept = max(1, round(count * held_out))
+        if kept >= count:
+            raise SurgeryError(f"heal: held_out {held_out} holds out all {count} windows of {name}, leaving none to "
+                               "train on; give a smaller held_out or more text")
         train.append(rows[: count - kept])
         held.append(rows[count - kept:])
     return Windows(torch.cat(train), torch.cat(held))
@@ -143,8 +147,6 @@ def held_out_scores(model: Any, windows: Any, targets: dict[str, Any], batch_siz
     import torch
 
     kl_sum, nll_sum, count = 0.0, 0.0, 0
-    was_training = model.training
-    model.eval()
     with torch.no_grad():
         for start in range(0, len(windows), batch_size):
             batch = windows[start:start + batch_size].to(device)
@@ -153,7 +155,6 @@ def held_out_scores(model: Any, windows: Any, targets: dict[str, Any], batch_siz
             kl_sum += float(distillation_kl(logits, part).sum())
             nll_sum += float(language_model_nll(logits, batch).sum())
             count += batch[:, 1:].numel()
-    model.train(was_training)
     return {"kl": kl_sum / count, "perplexity": math.exp(nll_sum / count)}
 
 
@@ -184,15 +185,16 @@ def train(student: Student, windows: Windows, targets: dict[str, Any], held_targ
         first, history = _load_checkpoint(checkpoint, student, optimizer)
         log(f"heal: continuing from the checkpoint of step {first} ({checkpoint})")
     elif checkpoint.is_file():
-        log(f"heal: a checkpoint of an interrupted run is kept in {folder}; starting over (--resume continues it)")
+        log(f"heal: a checkpoint of an interrupted run was in {folder}; starting over without it (--resume would "
+            "have continued it)")
         checkpoint.unlink()
-    if schedule.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable()
+    checkpointing = schedule.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
+    if checkpointing:
+        _checkpoint_layers(model)
     if first == 0:
         scores = held_out_scores(model, windows.held_out, held_targets, schedule.batch_size, device)
         history["held_out"].append({"step": 0, **scores})
         log(f"heal: before training, held-out KL {scores['kl']:.4f}, perplexity {scores['perplexity']:.2f}")
-    model.train()
     done = saved = first
     started = time.perf_counter()
     try:
@@ -226,10 +228,23 @@ def train(student: Student, windows: Windows, targets: dict[str, Any], held_targ
         where = f"the checkpoint of step {saved} is kept in {folder}" if saved else "no checkpoint was reached yet"
         raise Interrupted(f"heal: interrupted at step {done} of {schedule.steps}; {where}: run the same command with "
                           "--resume to continue") from None
-    model.eval()
-    if schedule.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+    if checkpointing:
         model.gradient_checkpointing_disable()
+        model.eval()
     return history
+
+
+def _checkpoint_layers(model: Any) -> None:
+    """transformers' gradient checkpointing with dropout still off: the model stays in eval mode (so the
+    training is deterministic and the student matches the teacher as it will run), and only the layers
+    that checkpoint are flagged training, which is what their checkpointing asks (not their submodules)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True
 
 
 def _save_checkpoint(path: Path, step: int, history: dict[str, Any], student: Student, optimizer: Any) -> None:
