@@ -327,7 +327,7 @@ def test_careless_quantization_plans_are_refused_before_any_work(cli, tmp_path):
         (f"model: {demo_model('tiny-gpt2')}\n", "    width: 4\n    format: compressed-tensors\n"
          "    quantizer: {group_size: 16, symmetric: true}\n", "is stored (input, output) (GPT-2's Conv1D)"),
         (f"model: {base}\n", "    width: 4\n    calibration: {data: nosuch.txt}\n    quantizer: {method: gptq, group_size: 32}\n",
-         "data file nosuch.txt does not exist"),
+         "case4/nosuch.txt does not exist; give a .txt"),
     ]
     for number, (model, step, message) in enumerate(cases):
         folder = tmp_path / f"case{number}"

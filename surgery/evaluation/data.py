@@ -45,8 +45,8 @@ def load_text(spec: str) -> EvalText:
     if path.is_dir():
         raise SurgeryError(f"data {spec} is a folder; give a .txt or .jsonl file (or several), or builtin")
     if not path.is_file():
-        raise SurgeryError(f"data file {spec} does not exist (looked for {path.absolute()}); give a .txt or .jsonl "
-                           "file, or builtin")
+        looked = "" if path.is_absolute() else f" (looked for {path.absolute()})"
+        raise SurgeryError(f"data file {spec} does not exist{looked}; give a .txt or .jsonl file, or builtin")
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
