@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from surgery.checkpoint.digest import file_stamp
+from surgery.errors import SurgeryError
 from surgery.user_cache import cache_home
 
 T = TypeVar("T")
@@ -59,6 +60,21 @@ def fit_folder(kind: str, key: dict[str, Any]) -> Path:
     """The folder for a fit too large for JSON (GPTQ's integers), named by the same digest `remembered`
     uses; what the fit writes there is its own to check."""
     return cache_home() / "fits" / f"{kind}-{_digest(kind, key)[:40]}"
+
+
+def save_fit_tensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str], failing: str, room: str) -> None:
+    """A fit's tensors written whole then renamed into place (never half a file); a write that fails is one line,
+    `{failing} to FOLDER (why)`, saying the fits cache needs room for `room`."""
+    from safetensors.torch import save_file
+
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, staging, metadata=metadata)
+        os.replace(staging, path)
+    except OSError as e:
+        staging.unlink(missing_ok=True)
+        raise SurgeryError(f"{failing} to {path.parent} ({e.strerror}); set SURGERY_CACHE to a writable folder with "
+                           f"room for {room}") from None
 
 
 def _digest(kind: str, key: dict[str, Any]) -> str:

@@ -10,8 +10,6 @@ activations and Hessians, and a run stopped half way resumes at the first layer 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +21,7 @@ from surgery.compute.gptq import GptqSettings, Hessian, gptq, output_error
 from surgery.compute.quantize import Quantized, quantize, require_finite
 from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
-from surgery.ops.fit_memo import fit_folder, folder_stamp, text_digest
+from surgery.ops.fit_memo import fit_folder, folder_stamp, save_fit_tensors, text_digest
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import ModelView
 
@@ -214,17 +212,8 @@ def _layer_file(folder: Path, index: int) -> Path:
 
 
 def _write_layer(path: Path, quantized: dict[str, Quantized], errors: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"{s}.{part}": getattr(q, part).contiguous().cpu() for s, q in quantized.items() for part in PARTS}
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        save_file(tensors, staging, metadata={"errors": json.dumps(errors)})
-        os.replace(staging, path)
-    except OSError as e:
-        staging.unlink(missing_ok=True)
-        raise SurgeryError(f"gptq: cannot write its integers to {path.parent} ({e.strerror}); set SURGERY_CACHE to a "
-                           "writable folder with room for the quantized model") from None
+    tensors = {f"{s}.{part}": getattr(q, part).cpu() for s, q in quantized.items() for part in PARTS}
+    save_fit_tensors(path, tensors, {"errors": json.dumps(errors)}, "gptq: cannot write its integers", "the quantized model")
 
 
 def _read_layer(path: Path, plan: LayerPlan) -> dict[str, Quantized]:

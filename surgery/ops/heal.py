@@ -31,7 +31,7 @@ from surgery.errors import Interrupted, SurgeryError
 from surgery.formats.recursive import SECTION, depth_layers, is_compact, lora_names, spec_of
 from surgery.ops.context import OpContext
 from surgery.ops.fields import StepModel, Strict, parse_layers
-from surgery.ops.fit_memo import fit_folder, folder_stamp, text_digest
+from surgery.ops.fit_memo import fit_folder, folder_stamp, save_fit_tensors, text_digest
 from surgery.ops.heal_train import (
     CHECKPOINT_FILE,
     TEACHER_FILE,
@@ -376,19 +376,7 @@ def _load_targets(path: Path, windows: int) -> dict[str, Any] | None:
 
 
 def _save(path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
-    import os
-    import uuid
-
-    from safetensors.torch import save_file
-
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, staging, metadata=metadata)
-        os.replace(staging, path)
-    except OSError as e:
-        staging.unlink(missing_ok=True)
-        raise SurgeryError(f"heal: cannot write to {path.parent} ({e.strerror}); set SURGERY_CACHE to a writable "
-                           "folder with room for the model") from None
+    save_fit_tensors(path, tensors, metadata, "heal: cannot write", "the model")
 
 
 def _student(view: ModelView, compact: bool, parts: list[str], step: HealStep, device: str, folder: Path) -> Student:

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from surgery.errors import Interrupted, SurgeryError
+from surgery.ops.fit_memo import save_fit_tensors
 
 TEACHER_FILE = "teacher.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -249,8 +248,6 @@ def _checkpoint_layers(model: Any) -> None:
 
 def _save_checkpoint(path: Path, step: int, history: dict[str, Any], student: Student, optimizer: Any) -> None:
     """The trained tensors and AdamW's moments at `step`, written whole then renamed (never half a checkpoint)."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for name, param in student.trainable.items():
         state = optimizer.state.get(param, {})
@@ -258,14 +255,8 @@ def _save_checkpoint(path: Path, step: int, history: dict[str, Any], student: St
         for moment in ("exp_avg", "exp_avg_sq"):
             if moment in state:
                 tensors[f"{moment}/{name}"] = state[moment].detach().cpu().contiguous()
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        save_file(tensors, staging, metadata={"step": str(step), "history": json.dumps(history)})
-        os.replace(staging, path)
-    except OSError as e:
-        staging.unlink(missing_ok=True)
-        raise SurgeryError(f"heal: cannot write its checkpoint to {path.parent} ({e.strerror}); set SURGERY_CACHE to a "
-                           "writable folder with room for the trained tensors") from None
+    save_fit_tensors(path, tensors, {"step": str(step), "history": json.dumps(history)},
+                     "heal: cannot write its checkpoint", "the trained tensors")
 
 
 def _load_checkpoint(path: Path, student: Student, optimizer: Any) -> tuple[int, dict[str, Any]]:
