@@ -208,6 +208,7 @@ def test_the_same_seed_gives_the_same_bytes_and_an_interrupted_run_resumes_to_th
     ("  - op: task_arithmetic\n    models: [./prose]\n", "", "heal after task_arithmetic needs 'teacher:'"),
     (DROP, "    max_tokens: 128\n    window: 64\n    held_out: 0.75\n", "leaving none to train on"),
     (DROP, "    data: .\n", "is a folder"),
+    (DROP, "    lr: 1.0e+30\n", "training diverged"),
 ])
 def test_bad_heal_steps_are_refused_before_writing(cli, tmp_path, edit, extra, message, monkeypatch):
     plan = _plan(tmp_path, edit, "heal", extra=extra)
@@ -215,7 +216,7 @@ def test_bad_heal_steps_are_refused_before_writing(cli, tmp_path, edit, extra, m
     result = cli("apply", plan)
     assert result.code == 2, result.err
     assert message in result.err and "Traceback" not in result.err
-    assert "keeping its top" not in result.err  # refused before the teacher scored anything
+    assert "keeping its top" not in result.err or "diverged" in message  # refused before the teacher scored
     assert not (tmp_path / "out").exists()
     assert listing(tmp_path / "cache" / "fits") == []  # a refused heal leaves nothing in the fits cache
 

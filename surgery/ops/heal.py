@@ -275,6 +275,12 @@ def _fit(step: HealStep, parts: list[str], view: ModelView, compact: bool, teach
         kept = "its teacher scores are kept" if (folder / TEACHER_FILE).is_file() else "nothing was kept"
         raise Interrupted(f"heal: interrupted before training began; {kept} in {folder}: run the same command "
                           "again to continue") from None
+    except Interrupted:  # while training: its checkpoint stays for --resume
+        shutil.rmtree(folder / "student", ignore_errors=True)
+        raise
+    except SurgeryError:  # refused (bad input, diverged): nothing of it is worth keeping
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     except BaseException:
         if (folder / CHECKPOINT_FILE).is_file():  # stopped while training: --resume continues from its checkpoint
             shutil.rmtree(folder / "student", ignore_errors=True)
@@ -319,6 +325,10 @@ def _train_and_store(step: HealStep, parts: list[str], view: ModelView, compact:
                 f"{schedule.batch_size} x {schedule.window} tokens on {device}")
     history = train(student, windows, train_targets, held_targets, schedule, device, folder, context.resume,
                     context.log)
+    diverged = sorted(n for n, p in student.trainable.items() if not bool(p.detach().isfinite().all()))
+    if diverged:
+        raise SurgeryError(f"heal: training diverged ({diverged[0]} holds inf or NaN after {schedule.steps} steps); "
+                           "nothing is written: lower lr")
     peft = step.adapter.write == "peft" and "adapter" in parts
     tensors = {} if peft else _trained_tensors(student, view.written_tensors())
     teacher_ppl = math.exp(float(held_targets["nll"].sum()) / windows.held_out[:, 1:].numel())
