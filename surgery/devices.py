@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from surgery.errors import SurgeryError
 
@@ -18,8 +19,8 @@ def check_device_name(device: str) -> None:
 def resolve_device(device: str) -> str:
     """`auto` is CUDA when present; asking for CUDA where there is none is an error, not a fallback."""
     check_device_name(device)
-    if device == "cpu":
-        return device
+    if device == "cpu" or (device == "auto" and not _may_have_cuda()):
+        return "cpu"
     import torch
 
     if device == "auto":
@@ -27,3 +28,17 @@ def resolve_device(device: str) -> str:
     if not torch.cuda.is_available():
         raise SurgeryError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
     return device
+
+
+def _may_have_cuda() -> bool:
+    """False when torch surely sees no GPU, found without importing it (a second at start-up): a CPU build
+    of torch, or no GPU device node (NVIDIA's, ROCm's, WSL's) on the machine."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        if version("torch").endswith("+cpu"):
+            return False
+    except PackageNotFoundError:
+        return False
+    return any(Path(node).exists() for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")) \
+        or not Path("/dev").is_dir()  # not a Linux-like /dev: ask torch

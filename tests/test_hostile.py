@@ -105,8 +105,8 @@ def test_resume_refuses_a_source_whose_bytes_changed_under_the_same_header(cli, 
     out.rename(partial)  # as an interrupted run leaves it: shards journaled, not yet renamed
     provenance = json.loads((partial / "surgery.json").read_text())
     journal = {"fingerprint": provenance["fingerprint"],
-               "shards": {name: {"sha256": digest, "bytes": (partial / name).stat().st_size}
-                          for name, digest in list(provenance["output_sha256"].items())[:2]}}
+               "shards": {name: {"blake3": digest, "bytes": (partial / name).stat().st_size}
+                          for name, digest in list(provenance["output_blake3"].items())[:2]}}
     (partial / ".surgery-journal.json").write_text(json.dumps(journal))
     weights = model / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -301,9 +301,9 @@ def test_a_corrupt_journal_keeps_nothing_and_the_run_completes(cli, model, tmp_p
 
 
 @pytest.mark.parametrize("record", [
-    {"output_shards": ["../model/model.safetensors"], "output_sha256": {}},
-    {"output_shards": "model.safetensors", "output_sha256": []},
-    {"output_shards": [], "output_sha256": {"../../etc/passwd": "0" * 64}},
+    {"output_shards": ["../model/model.safetensors"], "output_blake3": {}},
+    {"output_shards": "model.safetensors", "output_blake3": []},
+    {"output_shards": [], "output_blake3": {"../../etc/passwd": "0" * 64}},
 ])
 def test_a_corrupt_surgery_record_is_a_failed_check_never_a_read_outside(record, cli, model, tmp_path):
     out = tmp_path / "out"

@@ -75,8 +75,8 @@ def test_resume_re_hashes_and_rewrites_a_damaged_shard(cli, plan, tmp_path):
     shutil.copytree(reference, partial)  # as a run killed just before its rename would leave it
     (partial / "README.md").unlink()
     journal = {"fingerprint": json.loads((reference / "surgery.json").read_text())["fingerprint"],
-               "shards": {name: {"sha256": digest, "bytes": (reference / name).stat().st_size}
-                          for name, digest in json.loads((reference / "surgery.json").read_text())["output_sha256"].items()}}
+               "shards": {name: {"blake3": digest, "bytes": (reference / name).stat().st_size}
+                          for name, digest in json.loads((reference / "surgery.json").read_text())["output_blake3"].items()}}
     (partial / ".surgery-journal.json").write_text(json.dumps(journal))
     damaged = partial / "model-00003-of-00011.safetensors"
     data = bytearray(damaged.read_bytes())
@@ -150,7 +150,7 @@ def test_verify_passes_a_fresh_output_and_names_each_problem(cli, plan, tmp_path
     result = _verify(cli, out)
     assert result.code == 0, result.out
     report = json.loads(result.out)
-    assert report["ok"] and sum(c["subject"].endswith("sha256") for c in report["checks"]) == 11
+    assert report["ok"] and sum(c["subject"].endswith("blake3") for c in report["checks"]) == 11
 
     flipped = out / "model-00002-of-00011.safetensors"
     data = bytearray(flipped.read_bytes())
@@ -163,10 +163,32 @@ def test_verify_passes_a_fresh_output_and_names_each_problem(cli, plan, tmp_path
     result = _verify(cli, out)
     assert result.code == 1
     failed = {c["subject"]: c["detail"] for c in json.loads(result.out)["checks"] if not c["ok"]}
-    assert "content changed" in failed["model-00002-of-00011.safetensors sha256"]
+    assert "content changed" in failed["model-00002-of-00011.safetensors blake3"]
     assert "model-00005-of-00011.safetensors" in failed
     assert failed["model-00007-of-00011.safetensors"] == "missing"
     assert "stray" in failed["model-00099.safetensors"]
+
+
+def test_shard_digests_are_blake3_and_older_sha256_records_still_verify(cli, plan, tmp_path):
+    import hashlib
+
+    from blake3 import blake3
+
+    out = tmp_path / "out"
+    assert cli("apply", plan, "--out", out, *SHARDS).code == 0
+    record = json.loads((out / "surgery.json").read_text())
+    shards = sorted(out.glob("*.safetensors"))
+    assert record["output_blake3"] == {p.name: blake3(p.read_bytes()).hexdigest() for p in shards}
+    legacy = {k: v for k, v in record.items() if k != "output_blake3"}
+    legacy["output_sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards}
+    (out / "surgery.json").write_text(json.dumps(legacy))
+    report = json.loads(_verify(cli, out).out)
+    assert report["ok"] and sum(c["subject"].endswith(" sha256") for c in report["checks"]) == len(shards)
+    data = bytearray(shards[0].read_bytes())
+    data[-1] ^= 1
+    shards[0].write_bytes(data)
+    failed = {c["subject"]: c["detail"] for c in json.loads(_verify(cli, out).out)["checks"] if not c["ok"]}
+    assert "content changed" in failed[f"{shards[0].name} sha256"]
 
 
 def test_verify_checks_what_it_can_of_a_model_surgery_did_not_write(cli, tiny, tmp_path):

@@ -26,6 +26,7 @@ from surgery.architecture.structure import (
     normalized,
     signature_difference,
 )
+from surgery.architecture.verdicts import passed_before, remember_pass, verdict_key
 from surgery.checkpoint.config import rule_settings
 from surgery.errors import SurgeryError
 from surgery.recipe.view import ModelView
@@ -53,6 +54,16 @@ def verify(view: ModelView, sources: Mapping[str, ModelView]) -> Verification:
     """Check the model `view` computes against transformers; raise SurgeryError where it differs."""
     if not view.layers or not structure_changed(view, sources):  # an ensemble computes no model of its own
         return UNCHANGED
+    key = verdict_key(view, sources)
+    note = passed_before(key)
+    if note is not None:
+        return Verification(True, note)
+    verification = _verify(view, sources)
+    remember_pass(key, verification.note)
+    return verification
+
+
+def _verify(view: ModelView, sources: Mapping[str, ModelView]) -> Verification:
     import transformers
 
     from surgery.evaluation.models import quiet_transformers

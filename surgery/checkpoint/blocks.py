@@ -86,15 +86,17 @@ class BlockReader:
         return view
 
     @contextmanager
-    def mapped(self, info: TensorInfo, start: int, stop: int) -> Iterator[memoryview]:
+    def mapped(self, info: TensorInfo, start: int, stop: int, populate: bool = False) -> Iterator[memoryview]:
         """The bytes of elements [start, stop) (at least one), mapped from the file only while in use:
-        resident pages stay bounded by the range, not the model."""
+        resident pages stay bounded by the range, not the model. `populate` maps every page up front (one
+        call instead of a fault per page, for a range that is read whole)."""
         size = DTYPE_SIZES[info.dtype]
         offset = info.start + start * size
         base = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
-            window = mmap.mmap(self._fd(info.file), offset + (stop - start) * size - base, access=mmap.ACCESS_READ,
-                               offset=base)
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+            window = mmap.mmap(self._fd(info.file), offset + (stop - start) * size - base, flags=flags,
+                               prot=mmap.PROT_READ, offset=base)
         except ValueError:  # shorter than its header says: changed since it was opened
             raise SurgeryError(f"{info.file}: unexpected end of file reading {info.name}") from None
         except OSError as e:  # a file system that cannot map files

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from surgery.compute.fused import WeightedSum
 from surgery.recipe.tensor import Unprepared
 
 if TYPE_CHECKING:
@@ -25,6 +26,10 @@ class Update(Unprepared):
 
     def scaled(self, factor: float) -> Update:
         raise NotImplementedError
+
+    def weighted_sum(self) -> WeightedSum | None:
+        """The same update as one weighted sum of the inputs, for the fused pass; None where it is not one."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,9 @@ class WeightedUpdate(Update):
 
     def scaled(self, factor: float) -> WeightedUpdate:
         return WeightedUpdate(tuple(w * factor for w in self.weights))
+
+    def weighted_sum(self) -> WeightedSum:
+        return WeightedSum(self.weights, has_base=True, centered=True, zero_start=False)
 
     def describe(self) -> str:
         return "base + " + " + ".join(f"{w:g}*tau{i}" for i, w in enumerate(self.weights))

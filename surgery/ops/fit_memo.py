@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from surgery.checkpoint.digest import file_stamp
 from surgery.errors import SurgeryError
-from surgery.user_cache import cache_home
+from surgery.user_cache import cache_home, read_record, store_record
 
 T = TypeVar("T")
 
@@ -44,15 +44,12 @@ def remembered(kind: str, key: dict[str, Any], fit: Callable[[], T], valid: Call
     passes `valid` (a damaged or foreign file is fitted afresh, not trusted)."""
     digest = _digest(kind, key)
     path = cache_home() / "fits" / f"{kind}-{digest[:40]}.json"
-    try:
-        record = json.loads(path.read_text())
-        if record["key"] == digest and valid(record["value"]):
-            log(f"{kind}: the same fit on the same inputs ran before; reusing it ({path})")
-            return record["value"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    value = read_record(path, digest)
+    if value is not None and valid(value):
+        log(f"{kind}: the same fit on the same inputs ran before; reusing it ({path})")
+        return value
     value = fit()
-    _store(path, digest, value)
+    store_record(path, digest, value)
     return value
 
 
@@ -85,13 +82,3 @@ def _digest(kind: str, key: dict[str, Any]) -> str:
 
     versions = {"surgery": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
     return hashlib.sha256(json.dumps([kind, key, versions], sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _store(path: Path, digest: str, value: Any) -> None:
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging.write_text(json.dumps({"key": digest, "value": value}))
-        os.replace(staging, path)
-    except OSError:
-        staging.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surgery.checkpoint.digest import file_stamp
+from surgery.checkpoint.digest import SHARD_DIGEST, file_stamp
 from surgery.checkpoint.writer import ShardEntry, ShardPlan, shard_header, write_index, write_shard
 from surgery.devices import resolve_device
 from surgery.errors import Interrupted, SurgeryError
@@ -108,7 +108,7 @@ def execute(
             path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
         provenance = recipe.provenance() | {
             "output_shards": [s.filename for s in shards],
-            "output_sha256": {name: record.sha256 for name, record in sorted(partial.shards.items())},
+            f"output_{SHARD_DIGEST}": {name: record.digest for name, record in sorted(partial.shards.items())},
             "fingerprint": fingerprint,
         }
         write_record(staging, provenance, recipe.config, out)

@@ -3,14 +3,13 @@ finished so far, so `apply --resume` continues an interrupted run. A sibling loc
 the start of the run until the finished folder has been renamed into place, so two runs on one
 output never interleave.
 
-A shard enters the journal only once it is whole: its bytes hashed (sha256, read back from the
+A shard enters the journal only once it is whole: its bytes hashed (BLAKE3, read back from the
 file) and, with fsync, on the disk. Resuming re-hashes every journaled shard before trusting it.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from surgery.checkpoint.digest import file_sha256
+from surgery.checkpoint.digest import SHARD_DIGEST, file_blake3, shard_hash
 from surgery.checkpoint.reader import is_plain_name, read_json_file
 from surgery.errors import SurgeryError
 
@@ -42,17 +41,17 @@ def lock_path(out: Path) -> Path:
 class ShardRecord:
     """A finished shard: what `verify` and `--resume` check it against."""
 
-    sha256: str
+    digest: str  # BLAKE3, hex
     bytes: int
 
 
 def hash_shard(path: Path) -> ShardRecord:
     """A shard on disk, hashed from the file itself: what a journaled or recorded shard is checked against."""
-    return ShardRecord(file_sha256(path), path.stat().st_size)
+    return ShardRecord(file_blake3(path), path.stat().st_size)
 
 
 class TrailingHash:
-    """sha256 of a shard computed while it is written: a thread reads the file (from the page cache)
+    """The digest of a shard computed while it is written: a thread reads the file (from the page cache)
     up to the bytes the writer reports done, so hashing overlaps the write instead of following it."""
 
     CHUNK = 8 << 20
@@ -62,7 +61,7 @@ class TrailingHash:
         self._ready = header_bytes  # the header is on file before the first tensor is reported
         self._reported = False
         self._closed = False
-        self._hash = hashlib.sha256()
+        self._hash = shard_hash()
         self._error: BaseException | None = None
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._follow, name="surgery-hash", daemon=True)
@@ -98,7 +97,8 @@ class TrailingHash:
                 self._changed.wait_for(lambda: self._reported or self._closed)
                 if not self._reported:
                     return
-            with open(self.path, "rb") as f:
+            buffer = memoryview(bytearray(self.CHUNK))
+            with open(self.path, "rb", buffering=0) as f:
                 while True:
                     with self._changed:
                         self._changed.wait_for(lambda: self._ready > done or self._closed)
@@ -106,11 +106,11 @@ class TrailingHash:
                     if done >= target:
                         return
                     while done < target:
-                        chunk = f.read(min(self.CHUNK, target - done))
-                        if not chunk:
+                        read = f.readinto(buffer[:min(self.CHUNK, target - done)])
+                        if not read:
                             raise OSError(f"{self.path}: shorter than the bytes written to it")
-                        self._hash.update(chunk)
-                        done += len(chunk)
+                        self._hash.update(buffer[:read])
+                        done += read
         except BaseException as e:  # handed to finish(), on the writer's thread
             self._error = e
 
@@ -131,9 +131,9 @@ def read_journal(folder: Path) -> dict[str, object]:
 
 
 def _journaled(name: object, entry: object) -> bool:
-    """A well-formed journal entry: a plain shard name -> its sha256 and byte count."""
+    """A well-formed journal entry: a plain shard name -> its digest and byte count."""
     return (isinstance(name, str) and is_plain_name(name) and isinstance(entry, dict)
-            and isinstance(entry.get("sha256"), str) and type(entry.get("bytes")) is int)
+            and isinstance(entry.get(SHARD_DIGEST), str) and type(entry.get("bytes")) is int)
 
 
 def journaled_bytes(folder: Path, fingerprint: str) -> int:
@@ -191,7 +191,7 @@ class PartialOutput:
             raise
         if resume:
             partial.shards = {
-                name: ShardRecord(str(entry["sha256"]), int(entry["bytes"]))
+                name: ShardRecord(str(entry[SHARD_DIGEST]), int(entry["bytes"]))
                 for name, entry in dict(journal.get("shards", {})).items()
             }
         partial._clear(keep=set(partial.shards))
@@ -214,7 +214,7 @@ class PartialOutput:
         self.shards[filename] = shard
         journal = {
             "fingerprint": self.fingerprint,
-            "shards": {name: {"sha256": r.sha256, "bytes": r.bytes} for name, r in sorted(self.shards.items())},
+            "shards": {name: {SHARD_DIGEST: r.digest, "bytes": r.bytes} for name, r in sorted(self.shards.items())},
         }
         staging = self.folder / (JOURNAL_NAME + ".tmp")
         with open(staging, "w") as f:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from surgery.checkpoint.digest import SHARD_DIGEST, file_blake3, file_sha256
 from surgery.checkpoint.reader import INDEX_NAME, Checkpoint, read_config, read_shard_header
 from surgery.errors import SurgeryError
 from surgery.formats.ensemble_folder import check_member_unchanged, is_ensemble, read_spec
-from surgery.output.partial import hash_shard
 from surgery.output.provenance import PROVENANCE_NAME, plain_file_names, read_provenance
 
 
@@ -38,7 +38,8 @@ def verify(folder: Path) -> list[Check]:
     config = _attempt(checks, "config.json", lambda: read_config(folder), lambda c: f"{len(c)} keys")
     provenance = _attempt(checks, PROVENANCE_NAME, lambda: read_provenance(folder),
                           lambda p: "present" if p else "absent: not a surgery output, no hashes to check")
-    recorded = _attempt_quietly(checks, "surgery.json output_sha256", lambda: _hashes(provenance)) or {}
+    kind = _digest_kind(provenance)
+    recorded = _attempt_quietly(checks, f"surgery.json output_{kind}", lambda: _hashes(provenance, kind)) or {}
     expected = _attempt_quietly(checks, "surgery.json output_shards", lambda: _shard_list(provenance))
     on_disk = sorted(p.name for p in folder.glob("*.safetensors"))
     names = sorted(set(on_disk) | set(expected or []))
@@ -58,17 +59,23 @@ def verify(folder: Path) -> list[Check]:
         _check_members(checks, folder, config)
     else:
         checks.append(Check("weights", False, "no *.safetensors shards"))
-    checks.extend(_check_hashes(folder, recorded))
+    checks.extend(_check_hashes(folder, recorded, kind))
     if expected is not None and not recorded and names:
         checks.append(Check("hashes", False, "surgery.json records no shard hashes (written before surgery recorded them)"))
     return checks
 
 
-def _hashes(provenance: dict[str, Any] | None) -> dict[str, str]:
-    recorded = (provenance or {}).get("output_sha256", {})
+def _digest_kind(provenance: dict[str, Any] | None) -> str:
+    """Which digest the record holds: BLAKE3, or sha256 in outputs written by earlier versions of surgery."""
+    return "sha256" if provenance and f"output_{SHARD_DIGEST}" not in provenance and "output_sha256" in provenance \
+        else SHARD_DIGEST
+
+
+def _hashes(provenance: dict[str, Any] | None, kind: str) -> dict[str, str]:
+    recorded = (provenance or {}).get(f"output_{kind}", {})
     if not isinstance(recorded, dict) or not all(isinstance(digest, str) for digest in recorded.values()):
-        raise SurgeryError("surgery.json output_sha256: not an object of shard name -> sha256")
-    plain_file_names(list(recorded), "surgery.json output_sha256")
+        raise SurgeryError(f"surgery.json output_{kind}: not an object of shard name -> {kind}")
+    plain_file_names(list(recorded), f"surgery.json output_{kind}")
     return recorded
 
 
@@ -109,17 +116,18 @@ def _check_totals(checks: list[Check], checkpoint: Checkpoint, provenance: dict[
                         + ("" if found == wanted else f"; surgery.json says {wanted[0]} tensors, {wanted[1]} bytes")))
 
 
-def _check_hashes(folder: Path, recorded: dict[str, str]) -> list[Check]:
-    """sha256 of each shard against the digest recorded when it was finished, files hashed in parallel."""
+def _check_hashes(folder: Path, recorded: dict[str, str], kind: str) -> list[Check]:
+    """Each shard's digest against the one recorded when it was finished, files hashed in parallel."""
+    digest_of = file_blake3 if kind == SHARD_DIGEST else file_sha256
 
     def check(name: str) -> Check:
         path = folder / name
         if not path.is_file():
-            return Check(f"{name} sha256", False, "missing")
-        digest = hash_shard(path).sha256
+            return Check(f"{name} {kind}", False, "missing")
+        digest = digest_of(path)
         if digest != recorded[name]:
-            return Check(f"{name} sha256", False, f"content changed: {digest[:16]}..., recorded {recorded[name][:16]}...")
-        return Check(f"{name} sha256", True, f"{digest[:16]}... as recorded")
+            return Check(f"{name} {kind}", False, f"content changed: {digest[:16]}..., recorded {recorded[name][:16]}...")
+        return Check(f"{name} {kind}", True, f"{digest[:16]}... as recorded")
 
     with ThreadPoolExecutor(min(len(recorded), os.cpu_count() or 1) or 1) as pool:
         return list(pool.map(check, sorted(recorded)))

@@ -10,12 +10,14 @@ whole tensors is made once per output tensor and sliced.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
+from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from surgery.checkpoint.blocks import BlockReader, torch_dtype
-from surgery.checkpoint.reader import numel
+from surgery.checkpoint.reader import DTYPE_SIZES, numel
+from surgery.compute.fused import FUSED_DTYPES, WeightedSum, combine
 from surgery.recipe.rows import RowGather
-from surgery.recipe.tensor import Block, Compute, TensorRecipe
+from surgery.recipe.tensor import Block, Compute, TensorRecipe, Unprepared
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
 # 4M-element blocks here, benchmarks/bench_merge.py), large enough that Python's overhead is noise.
 CPU_BLOCK_ELEMENTS = 1 << 18
 GPU_BLOCK_ELEMENTS = 1 << 24
+# The fused pass reads each input once, straight from the page cache through a memory map: larger
+# parts mean fewer maps (1M-element parts read through buffers took 1.4x as long, benchmarks/bench_merge.py).
+FUSED_BLOCK_ELEMENTS = 1 << 22
 
 
 class RecipeStreamer:
@@ -34,6 +39,7 @@ class RecipeStreamer:
         self.reader = BlockReader()
         self.block = CPU_BLOCK_ELEMENTS if device == "cpu" else GPU_BLOCK_ELEMENTS
         self._out: dict[tuple[str, int], torch.Tensor] = {}
+        self._fused_out: list[bytearray] = [bytearray(), bytearray()]
         self._threads = 0  # torch's thread count before the first compute, restored at close
         # Per output tensor: its computed inputs' prepared computes and whole values (dropped when
         # the next output tensor starts, so they cost at most one tensor's inputs).
@@ -86,6 +92,38 @@ class RecipeStreamer:
     def encoded(self, recipe: TensorRecipe) -> Iterator[memoryview]:
         """The output's bytes in the recipe's dtype, block by block, in two buffers used in turn: a
         block stays valid while the next one is computed (so the writer can overlap the two)."""
+        formula = self._fusable(recipe)
+        return self._torch_encoded(recipe) if formula is None else self._fused_encoded(recipe, formula)
+
+    def _fusable(self, recipe: TensorRecipe) -> WeightedSum | None:
+        """The recipe as one weighted sum of stored inputs of one dtype, when the fused pass can make it."""
+        if combine is None or self.device != "cpu" or recipe.dtype not in FUSED_DTYPES:
+            return None
+        weighted_sum = getattr(recipe.compute, "weighted_sum", None)
+        stored = [r.stored for r in recipe.inputs]
+        if weighted_sum is None or any(s is None or s.dtype != recipe.inputs[0].dtype for s in stored) \
+                or recipe.inputs[0].dtype not in FUSED_DTYPES:
+            return None
+        if not isinstance(recipe.compute, Unprepared):
+            self._pin_threads()  # its statistics (slerp's angles) are found by torch, in prepare
+        return self.prepared(recipe).weighted_sum()
+
+    def _fused_encoded(self, recipe: TensorRecipe, formula: WeightedSum) -> Iterator[memoryview]:
+        total, size = numel(recipe.shape), DTYPE_SIZES[recipe.dtype]
+        dtype = recipe.inputs[0].dtype
+        for count, start in enumerate(range(0, total, FUSED_BLOCK_ELEMENTS)):
+            stop = min(total, start + FUSED_BLOCK_ELEMENTS)
+            buffer = self._fused_out[count % 2]
+            if len(buffer) < (stop - start) * size:
+                buffer = self._fused_out[count % 2] = bytearray((stop - start) * size)
+            out = memoryview(buffer)[: (stop - start) * size]
+            with ExitStack() as maps:
+                inputs = tuple(maps.enter_context(self.reader.mapped(r.stored, start, stop, populate=True))
+                               for r in recipe.inputs)
+                formula.into(out, recipe.dtype, inputs, dtype)
+            yield out
+
+    def _torch_encoded(self, recipe: TensorRecipe) -> Iterator[memoryview]:
         import torch
 
         for count, (_, value) in enumerate(self.values(recipe)):
