@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import surgery.recipe.stream as stream
 from surgery.compute import fused
+from surgery.compute.sparse import ModelTrim, SparseMerge
 from surgery.compute.sphere import SphereMerge
 from surgery.compute.updates import WeightedUpdate
 from surgery.recipe.tensor import Block
@@ -55,13 +56,17 @@ COMPUTES = {
 @pytest.mark.parametrize("out_dtype", list(DTYPES))
 def test_the_kernel_gives_the_torch_computes_bits(name, dtype, out_dtype):
     compute = COMPUTES[name].prepare(lambda: iter(()))
-    formula = compute.weighted_sum()
-    assert formula is not None
+    fused_pass = compute.fused_pass()
+    assert fused_pass is not None
     count = len(compute.weights) + (1 if isinstance(compute, WeightedUpdate) or compute.has_base else 0)
     inputs = _inputs(dtype, count, seed=len(name))
+    _assert_same_bits(compute, fused_pass, inputs, dtype, out_dtype)
+
+
+def _assert_same_bits(compute, fused_pass, inputs: list[torch.Tensor], dtype: str, out_dtype: str) -> None:
     expected = compute(Block([t.float().clone() for t in inputs])).to(DTYPES[out_dtype])
     out = torch.empty(N, dtype=DTYPES[out_dtype])
-    formula.into(_raw(out), out_dtype, tuple(_raw(t) for t in inputs), dtype)
+    fused_pass.into(_raw(out), out_dtype, fused.RawBlock(0, tuple(_raw(t) for t in inputs), dtype))
     nan = expected.isnan()
     assert torch.equal(out.isnan(), nan)  # a NaN's payload is the CPU's own (torch's x86 conversion: 0xFFFF)
     assert torch.equal(out[~nan].view(INTS[out_dtype]), expected[~nan].view(INTS[out_dtype]))
@@ -69,7 +74,59 @@ def test_the_kernel_gives_the_torch_computes_bits(name, dtype, out_dtype):
 
 def test_per_row_coefficients_are_not_fused():
     merge = SphereMerge("nuslerp", (2, 3), (1.0, 1.0), grouping="rows", coefficients=((0.5, 0.5), (0.2, 0.8)))
-    assert merge.weighted_sum() is None
+    assert merge.fused_pass() is None
+
+
+TRIMS = {  # (weight, density) per model, consensus, normalize, lambda
+    "ties": (((0.5, 0.5), (0.3, 0.5)), True, True, 1.0),
+    "ties, three models, one dense, one empty, scaled": (((0.5, 0.3), (-0.3, 1.0), (0.8, 0.0)), True, True, 0.6),
+    "magnitude trim without consensus": (((0.5, 0.7), (0.5, 0.2)), False, True, 1.0),
+    "neither, weights summing to zero": (((0.5, 0.5), (-0.5, 0.9)), False, True, 1.0),
+    "consensus without normalizing": (((1.0, 0.5), (1.0, 0.5), (1.0, 0.4)), True, False, 1.0),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(TRIMS))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("out_dtype", ["BF16", "F32"])
+def test_trimmed_merges_give_the_torch_computes_bits_and_the_same_cuts(name, dtype, out_dtype):
+    settings, consensus, normalize, lam = TRIMS[name]
+    inputs = _inputs(dtype, len(settings) + 1, seed=len(name))
+    inputs[1][10:40] = inputs[0][10:40]  # zero task-vector entries
+    inputs[2][100:300] = inputs[0][100:300] + 0.5  # many equal magnitudes: ties at the cut split by position
+    merge = SparseMerge(tuple(ModelTrim(w, d) for w, d in settings), (N,), trim="magnitude", consensus=consensus,
+                        normalize=normalize, lam=lam)
+    by_torch = merge.prepare(lambda: iter([Block([t.float().clone() for t in inputs], 0)]))
+    raw = lambda: iter([fused.RawBlock(0, tuple(_raw(t) for t in inputs), dtype)])  # noqa: E731
+    by_kernel = merge.prepare(_RawAndTorch(lambda: iter([Block([t.float().clone() for t in inputs], 0)]), raw))
+    assert by_kernel.keeps == by_torch.keeps
+    _assert_same_bits(by_torch, by_kernel.fused_pass(), inputs, dtype, out_dtype)
+
+
+class _RawAndTorch:
+    def __init__(self, blocks, raw):
+        self.blocks, self.raw = blocks, raw
+
+    def __call__(self):
+        return self.blocks()
+
+
+@needs_kernel
+def test_cuts_across_blocks_equal_one_pass():
+    """The streamer hands the cuts many blocks: the counts add up and a tie's position is found in a later one."""
+    inputs = _inputs("BF16", 3, seed=7)
+    inputs[1][::3] = inputs[0][::3] + 0.25
+    merge = SparseMerge((ModelTrim(0.5, 0.4), ModelTrim(0.5, 0.6)), (N,), trim="magnitude", consensus=True,
+                        normalize=True)
+    whole = merge.prepare(lambda: iter([Block([t.float().clone() for t in inputs], 0)]))
+    step = 97
+
+    def raw():
+        for start in range(0, N, step):
+            yield fused.RawBlock(start, tuple(_raw(t[start:start + step]) for t in inputs), "BF16")
+
+    assert merge.prepare(_RawAndTorch(lambda: iter(()), raw)).keeps == whole.keeps
 
 
 @needs_kernel
@@ -115,6 +172,11 @@ PLANS = {
     "slerp": "steps:\n  - op: slerp\n    models: [{prose}, {code}]\n    t: [0, 0.5, 1]\n",
     "model_stock": "base: {base}\nsteps:\n  - op: model_stock\n    models: [{prose}, {code}]\n",
     "mixed dtypes": "base: {base}\nsteps:\n  - op: task_arithmetic\n    models: [{prose}, {code16}]\n",
+    "ties": "base: {base}\nsteps:\n  - op: ties\n    models: [{prose}, {code}]\n    density: 0.4\n",
+    "ties + lines": ("base: {base}\nsteps:\n  - op: ties\n    models: [{prose}, {code}]\n    density: 0.4\n"
+                     "  - op: lines\n    alpha: 0.5\n    beta: 0.5\n"),
+    "breadcrumbs (not fused)": "base: {base}\nsteps:\n  - op: breadcrumbs\n    models: [{prose}, {code}]\n    density: 0.5\n",
+    "dare_ties (not fused)": "base: {base}\nsteps:\n  - op: dare_ties\n    models: [{prose}, {code}]\n    density: 0.5\n",
 }
 
 
@@ -130,11 +192,12 @@ def _apply(cli, folder: Path, body: str) -> dict[str, bytes]:
 def test_a_merge_writes_the_same_bytes_with_the_kernel_and_without(plan, bf16_family, cli, tmp_path, monkeypatch):
     body = PLANS[plan].format(**{k: str(v) for k, v in bf16_family.items()})
     calls = []
-    kernel = fused.combine
-    monkeypatch.setattr(fused, "combine", lambda *args: calls.append(1) or kernel(*args))
+    for name in ("combine", "ties"):
+        kernel = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *args, kernel=kernel: calls.append(1) or kernel(*args))
     (tmp_path / "fused").mkdir()
     with_kernel = _apply(cli, tmp_path / "fused", body)
-    assert bool(calls) == (plan != "mixed dtypes")  # an input of another dtype: the torch path
+    assert bool(calls) == ("mixed" not in plan and "not fused" not in plan)  # an input of another dtype: torch
     monkeypatch.setattr(stream, "combine", None)
     (tmp_path / "torch").mkdir()
     assert _apply(cli, tmp_path / "torch", body) == with_kernel
@@ -145,3 +208,14 @@ def test_ci_built_the_kernel():
     if not os.environ.get("SURGERY_REQUIRE_KERNEL"):
         pytest.skip("SURGERY_REQUIRE_KERNEL not set")
     assert fused.combine is not None
+
+
+@needs_kernel
+def test_a_large_block_counted_on_two_threads_gives_the_same_cuts():
+    generator = torch.Generator().manual_seed(3)
+    n = (1 << 17) + 5
+    inputs = [torch.randn(n, generator=generator).to(torch.bfloat16) for _ in range(3)]
+    merge = SparseMerge((ModelTrim(0.5, 0.3), ModelTrim(0.5, 0.5)), (n,), trim="magnitude", consensus=True)
+    whole = merge.prepare(lambda: iter([Block([t.float().clone() for t in inputs], 0)]))
+    raw = lambda: iter([fused.RawBlock(0, tuple(_raw(t) for t in inputs), "BF16")])  # noqa: E731
+    assert merge.prepare(_RawAndTorch(lambda: iter(()), raw)).keeps == whole.keeps

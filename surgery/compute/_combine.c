@@ -5,7 +5,8 @@ The torch path (surgery/compute/updates.py, sphere.py) makes about eight passes 
 for the same numbers (decode each input, subtract, scale, add, encode); fused, a merge costs about
 what reading its inputs costs. The arithmetic is that path's, operation for operation and in the same
 order (compiled with -ffp-contract=off, so no multiply-add is fused), so both give the same bits.
-Optional: without a C compiler the torch path runs.
+Optional: without a C compiler the torch path runs. TIES' magnitude trim and sign election have their
+own passes here too (magnitude_counts, nth_equal, ties: below).
 
 combine(out, out_dtype, inputs, dtype, coefficients, has_base, centered, zero_start, divisor, factor)
   inputs      buffers of the same number of elements, all of `dtype` ("BF16", "F16" or "F32"); with
@@ -20,6 +21,7 @@ combine(out, out_dtype, inputs, dtype, coefficients, has_base, centered, zero_st
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define LANES 8
@@ -227,9 +229,332 @@ done:
 }
 
 
+/* ---- TIES -------------------------------------------------------------------------------------------------
+The exact k-th largest |tau_t| = |m_t - b| of a tensor is found by a radix select on its float32 bits, as
+surgery/compute/select.py does it: magnitude_counts histograms the high 16 bits, then the low 16 bits of
+the entries in the bin that holds the rank; nth_equal finds where the n-th entry equal to the cut sits.
+ties then makes the merge: SparseMerge.__call__ (surgery/compute/sparse.py) operation for operation. */
+
+#define BINS 65536
+#define SPLIT 4 /* copies of each high histogram, lanes spread over them: runs of one bin do not wait on each other */
+enum keep { KEEP_ALL, KEEP_NONE, KEEP_TOP };
+
+INLINE uint32_t magnitude_bits1(const char *m, const char *b, enum dtype t, Py_ssize_t i) {
+    float x = load(m, t, i)[0] - load(b, t, i)[0]; /* lane 0 of a vector load: callers keep 8 readable */
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u & 0x7fffffffu;
+}
+
+INLINE vu magnitude_bits(const char *m, const char *b, enum dtype t, Py_ssize_t i) {
+    vf d = load(m, t, i) - load(b, t, i);
+    vu u;
+    memcpy(&u, &d, sizeof u);
+    return u & 0x7fffffffu;
+}
+
+/* counts[model][bin] += entries of [0, n) whose magnitude's high 16 bits are `bin` (wanted -1), or whose
+low 16 bits are `bin` among those whose high 16 bits are `wanted` (>= 0); wanted -2 skips the model. */
+INLINE void magnitude_counts_body_any(const char *const *in, int models, enum dtype t, const long *wanted, uint32_t *counts,
+                                 Py_ssize_t n) {
+    for (int k = 0; k < models; k++) {
+        if (wanted[k] == -2) continue;
+        uint32_t *c = counts + (Py_ssize_t)k * SPLIT * BINS;
+        const char *m = in[k + 1];
+        Py_ssize_t i = 0;
+        if (wanted[k] < 0) {
+            for (; i + LANES <= n; i += LANES) {
+                vu u = magnitude_bits(m, in[0], t, i) >> 16;
+                for (int l = 0; l < LANES; l++) c[(l % SPLIT) * BINS + u[l]]++;
+            }
+            for (; i < n; i++) c[magnitude_bits1(m, in[0], t, i) >> 16]++;
+        } else {
+            const uint32_t high = (uint32_t)wanted[k];
+            for (; i + LANES <= n; i += LANES) {
+                vu u = magnitude_bits(m, in[0], t, i);
+                vu in_bin = (u >> 16) == high;
+                if (!memcmp(&in_bin, &(vu){0}, sizeof in_bin)) continue;
+                for (int l = 0; l < LANES; l++) if (in_bin[l]) c[u[l] & 0xffffu]++;
+            }
+            for (; i < n; i++) {
+                uint32_t u = magnitude_bits1(m, in[0], t, i);
+                if (u >> 16 == high) c[u & 0xffffu]++;
+            }
+        }
+    }
+}
+VERSIONED(magnitude_counts_body, (const char *const *in, int models, enum dtype t, const long *wanted,
+                                  uint32_t *counts, Py_ssize_t n), (in, models, t, wanted, counts, n))
+
+typedef struct {
+    const char *in[MAX_INPUTS];
+    int models, consensus, normalize, lam_scaled;
+    int kind[MAX_INPUTS], rescaled[MAX_INPUTS];
+    float value[MAX_INPUTS], weight[MAX_INPUTS], scale[MAX_INPUTS], divisor, lam;
+    int32_t limit[MAX_INPUTS]; /* within the block: an entry equal to the cut is kept below this index */
+} ties_formula;
+
+INLINE vf ones_where(vi mask) { /* 1.0 where the mask is set, else 0.0: a bool tensor multiplied in, as torch does */
+    vi bits = mask & 0x3f800000;
+    vf out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+/* `models` is a constant (2 or 3, the common cases: everything stays in registers) or f->models. */
+INLINE vf ties_lanes(const ties_formula *f, enum dtype t, Py_ssize_t i, const int models) {
+    const vi index = (vi){0, 1, 2, 3, 4, 5, 6, 7} + (int32_t)i;
+    vf b = load(f->in[0], t, i);
+    vf delta[MAX_INPUTS];
+    for (int k = 0; k < models; k++) {
+        vf tau = load(f->in[k + 1], t, i) - b;
+        if (f->kind[k] == KEEP_NONE) {
+            tau = (vf){0};
+        } else if (f->kind[k] == KEEP_TOP) {
+            vu u;
+            memcpy(&u, &tau, sizeof u);
+            u &= 0x7fffffffu;
+            vf magnitude;
+            memcpy(&magnitude, &u, sizeof magnitude);
+            vi keep = (magnitude > f->value[k]) | ((magnitude == f->value[k]) & (index < f->limit[k]));
+            tau = tau * ones_where(keep);
+        }
+        if (f->rescaled[k]) tau = tau * f->scale[k];
+        delta[k] = tau * f->weight[k];
+    }
+    vf mixed, divisor;
+    if (f->consensus) {
+        vf sum = delta[0];
+        for (int k = 1; k < models; k++) sum = sum + delta[k];
+        vi positive = sum >= 0.0f;
+        vf agree = ones_where(((delta[0] > 0.0f) & positive) | ((delta[0] < 0.0f) & ~positive));
+        mixed = delta[0] * agree;
+        divisor = f->weight[0] * agree;
+        for (int k = 1; k < models; k++) {
+            agree = ones_where(((delta[k] > 0.0f) & positive) | ((delta[k] < 0.0f) & ~positive));
+            mixed = mixed + delta[k] * agree;
+            divisor = divisor + f->weight[k] * agree;
+        }
+        vi zero = divisor == 0.0f;
+        divisor = (vf)(((vi)divisor & ~zero) | (0x3f800000 & zero));
+    } else {
+        mixed = delta[0];
+        for (int k = 1; k < models; k++) mixed = mixed + delta[k];
+        divisor = (vf){0} + f->divisor;
+    }
+    if (f->normalize) mixed = mixed / divisor;
+    if (f->lam_scaled) mixed = mixed * f->lam;
+    return mixed + b;
+}
+
+INLINE void ties_body_any(const ties_formula *f, enum dtype t, char *out, enum dtype to, Py_ssize_t n) {
+#define LOOP(a, o, m) for (Py_ssize_t i = 0; i < n; i += LANES) store(out, o, i, ties_lanes(f, a, i, m))
+#define CASE(a, o) if (t == a && to == o) { \
+        if (f->models == 2) LOOP(a, o, 2); else if (f->models == 3) LOOP(a, o, 3); else LOOP(a, o, f->models); return; }
+    CASE(BF16, BF16) CASE(BF16, F16) CASE(BF16, F32)
+    CASE(F16, BF16) CASE(F16, F16) CASE(F16, F32)
+    CASE(F32, BF16) CASE(F32, F16) CASE(F32, F32)
+#undef CASE
+#undef LOOP
+}
+VERSIONED(ties_body, (const ties_formula *f, enum dtype t, char *out, enum dtype to, Py_ssize_t n), (f, t, out, to, n))
+
+/* The inputs (a tuple of buffers, at least `least`) as pointers, each of n elements of `size` bytes. */
+static int get_inputs(PyObject *inputs, int least, Py_buffer *views, int *held, const char **in, Py_ssize_t size,
+                      Py_ssize_t *n) {
+    if (!PyTuple_Check(inputs) || PyTuple_GET_SIZE(inputs) > MAX_INPUTS || PyTuple_GET_SIZE(inputs) < least) {
+        PyErr_SetString(PyExc_ValueError, "merge kernel: inputs must be a tuple of the base and the models' buffers");
+        return -1;
+    }
+    for (int k = 0; k < PyTuple_GET_SIZE(inputs); k++) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(inputs, k), &views[k], PyBUF_SIMPLE) < 0) return -1;
+        (*held)++;
+        if (*n < 0) *n = views[k].len / size;
+        if (views[k].len != *n * size) {
+            PyErr_SetString(PyExc_ValueError, "merge kernel: the buffers hold different numbers of elements");
+            return -1;
+        }
+        in[k] = views[k].buf;
+    }
+    return 0;
+}
+
+static PyObject *magnitude_counts(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer counts, views[MAX_INPUTS];
+    PyObject *inputs, *wanted_tuple, *result = NULL;
+    const char *in_name, *in[MAX_INPUTS];
+    int held = 0;
+    long wanted[MAX_INPUTS];
+    if (!PyArg_ParseTuple(args, "w*OsO", &counts, &inputs, &in_name, &wanted_tuple)) return NULL;
+    enum dtype t;
+    Py_ssize_t size, n = -1;
+    uint32_t *scratch = NULL;
+    if (parse_dtype(in_name, &t, &size) < 0 || get_inputs(inputs, 2, views, &held, in, size, &n) < 0) goto done;
+    int models = held - 1;
+    if (!PyTuple_Check(wanted_tuple) || PyTuple_GET_SIZE(wanted_tuple) != models
+        || counts.len != (Py_ssize_t)models * BINS * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "magnitude_counts: one wanted bin and 65536 int64 counts per model");
+        goto done;
+    }
+    for (int k = 0; k < models; k++) {
+        wanted[k] = PyLong_AsLong(PyTuple_GET_ITEM(wanted_tuple, k));
+        if (PyErr_Occurred()) goto done;
+    }
+    scratch = calloc((size_t)models * SPLIT * BINS, sizeof *scratch); /* 32 bits: a block holds under 2^32 entries */
+    if (scratch == NULL) { PyErr_NoMemory(); goto done; }
+    Py_BEGIN_ALLOW_THREADS
+    /* whole vectors are read up to n rounded down; the lane-0 loads of the tail read 8 lanes, so the last 7
+    entries go through a padded copy */
+    Py_ssize_t safe = n > LANES ? n - LANES + 1 : 0;
+    magnitude_counts_body(in, models, t, wanted, scratch, safe);
+    if (safe < n) {
+        static __thread char tail[MAX_INPUTS][4 * 2 * LANES];
+        const char *tail_in[MAX_INPUTS];
+        for (int k = 0; k <= models; k++) {
+            memset(tail[k], 0, sizeof tail[k]);
+            memcpy(tail[k], in[k] + safe * size, (n - safe) * size);
+            tail_in[k] = tail[k];
+        }
+        magnitude_counts_body(tail_in, models, t, wanted, scratch, n - safe);
+    }
+    int64_t *total = counts.buf;
+    for (int k = 0; k < models; k++)
+        for (int copy = 0; copy < SPLIT; copy++)
+            for (Py_ssize_t j = 0; j < BINS; j++) total[(Py_ssize_t)k * BINS + j] += scratch[((Py_ssize_t)k * SPLIT + copy) * BINS + j];
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(scratch);
+    for (int k = 0; k < held; k++) PyBuffer_Release(&views[k]);
+    PyBuffer_Release(&counts);
+    return result;
+}
+
+/* How many entries of [0, n) have |m - b| bits equal to `bits`, up to the nth (0-based), and where that one is. */
+INLINE void nth_equal_body_any(const char *b, const char *m, enum dtype t, uint32_t bits, Py_ssize_t nth, Py_ssize_t n,
+                               Py_ssize_t *count, Py_ssize_t *at) {
+    Py_ssize_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vi equal = (vi)(magnitude_bits(m, b, t, i) == bits);
+        if (!memcmp(&equal, &(vi){0}, sizeof equal)) continue;
+        for (int l = 0; l < LANES; l++)
+            if (equal[l] && (*count)++ == nth) { *at = i + l; return; }
+    }
+    for (; i < n; i++) { /* the tail, element by element */
+        float x, y;
+        if (t == F32) { memcpy(&x, m + 4 * i, 4); memcpy(&y, b + 4 * i, 4); }
+        else { char one[4 * LANES] = {0}, other[4 * LANES] = {0}; memcpy(one, m + 2 * i, 2); memcpy(other, b + 2 * i, 2);
+               x = load(one, t, 0)[0]; y = load(other, t, 0)[0]; }
+        float d = x - y;
+        uint32_t u;
+        memcpy(&u, &d, sizeof u);
+        if ((u & 0x7fffffffu) == bits && (*count)++ == nth) { *at = i; return; }
+    }
+}
+VERSIONED(nth_equal_body, (const char *b, const char *m, enum dtype t, uint32_t bits, Py_ssize_t nth, Py_ssize_t n,
+                           Py_ssize_t *count, Py_ssize_t *at), (b, m, t, bits, nth, n, count, at))
+
+static PyObject *nth_equal(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer views[MAX_INPUTS];
+    PyObject *inputs;
+    const char *in_name, *in[MAX_INPUTS];
+    int held = 0, model;
+    unsigned long value_bits;
+    Py_ssize_t nth;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "Osikn", &inputs, &in_name, &model, &value_bits, &nth)) return NULL;
+    enum dtype t;
+    Py_ssize_t size, n = -1, count = 0, at = -1;
+    if (parse_dtype(in_name, &t, &size) < 0 || get_inputs(inputs, 2, views, &held, in, size, &n) < 0) goto done;
+    if (model < 0 || model >= held - 1) {
+        PyErr_SetString(PyExc_ValueError, "nth_equal: no such model");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    nth_equal_body(in[0], in[model + 1], t, (uint32_t)value_bits, nth, n, &count, &at);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(nn)", count, at);
+done:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&views[k]);
+    return result;
+}
+
+static PyObject *ties(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer out, views[MAX_INPUTS];
+    PyObject *inputs, *kinds, *values, *limits, *weights, *scales, *result = NULL;
+    const char *out_name, *in_name;
+    int held = 0, consensus, normalize;
+    double divisor, lam;
+    if (!PyArg_ParseTuple(args, "w*sOsOOOOOppdd", &out, &out_name, &inputs, &in_name, &kinds, &values, &limits,
+                          &weights, &scales, &consensus, &normalize, &divisor, &lam))
+        return NULL;
+    ties_formula f = {.consensus = consensus, .normalize = normalize, .lam_scaled = lam != 1.0,
+                      .divisor = (float)divisor, .lam = (float)lam};
+    enum dtype t, to;
+    Py_ssize_t size, out_size, n = -1;
+    if (parse_dtype(out_name, &to, &out_size) < 0 || parse_dtype(in_name, &t, &size) < 0
+        || get_inputs(inputs, 2, views, &held, f.in, size, &n) < 0)
+        goto done;
+    f.models = held - 1;
+    PyObject *lists[5] = {kinds, values, limits, weights, scales};
+    for (int j = 0; j < 5; j++) {
+        if (!PyTuple_Check(lists[j]) || PyTuple_GET_SIZE(lists[j]) != f.models) {
+            PyErr_SetString(PyExc_ValueError, "ties: kinds, values, limits, weights and scales: one per model");
+            goto done;
+        }
+    }
+    if (out.len != n * out_size) {
+        PyErr_SetString(PyExc_ValueError, "ties: the output buffer holds another number of elements");
+        goto done;
+    }
+    for (int k = 0; k < f.models; k++) {
+        f.kind[k] = (int)PyLong_AsLong(PyTuple_GET_ITEM(kinds, k));
+        f.value[k] = (float)PyFloat_AsDouble(PyTuple_GET_ITEM(values, k));
+        Py_ssize_t limit = PyLong_AsSsize_t(PyTuple_GET_ITEM(limits, k));
+        f.limit[k] = (int32_t)(limit < 0 ? 0 : limit > n ? n : limit);
+        f.weight[k] = (float)PyFloat_AsDouble(PyTuple_GET_ITEM(weights, k));
+        double scale = PyFloat_AsDouble(PyTuple_GET_ITEM(scales, k));
+        f.scale[k] = (float)scale;
+        f.rescaled[k] = scale != 1.0;
+        if (PyErr_Occurred()) goto done;
+    }
+    if (n > INT32_MAX - LANES) {
+        PyErr_SetString(PyExc_ValueError, "ties: a block of more than 2^31 entries");
+        goto done;
+    }
+    Py_ssize_t whole = n / LANES * LANES;
+    Py_BEGIN_ALLOW_THREADS
+    ties_body(&f, t, out.buf, to, whole);
+    if (whole < n) { /* the tail, through zero-padded copies; the limits are relative to the block, as they stay */
+        static __thread char tail_in[MAX_INPUTS][4 * LANES];
+        char tail_out[4 * LANES];
+        ties_formula tail = f;
+        for (int k = 0; k <= f.models; k++) {
+            memset(tail_in[k], 0, sizeof tail_in[k]);
+            memcpy(tail_in[k], f.in[k] + whole * size, (n - whole) * size);
+            tail.in[k] = tail_in[k];
+        }
+        for (int k = 0; k < f.models; k++) tail.limit[k] = f.limit[k] - (int32_t)whole;
+        ties_body(&tail, t, tail_out, to, LANES);
+        memcpy((char *)out.buf + whole * out_size, tail_out, (n - whole) * out_size);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&views[k]);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"combine", combine, METH_VARARGS,
      "combine(out, out_dtype, inputs, dtype, coefficients, has_base, centered, zero_start, divisor, factor)"},
+    {"magnitude_counts", magnitude_counts, METH_VARARGS, "magnitude_counts(counts, inputs, dtype, wanted)"},
+    {"nth_equal", nth_equal, METH_VARARGS, "nth_equal(inputs, dtype, model, value_bits, nth) -> (count, at)"},
+    {"ties", ties, METH_VARARGS,
+     "ties(out, out_dtype, inputs, dtype, kinds, values, limits, weights, scales, consensus, normalize, divisor, lam)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from surgery.checkpoint.reader import numel
+from surgery.compute.fused import KEEP_KINDS, TrimmedSum, raw_blocks, top_magnitude_cuts
 from surgery.compute.noise import stream_key, uniform
 from surgery.compute.select import Cut, rank_cuts, top_cuts
 from surgery.compute.updates import Update
@@ -109,6 +110,18 @@ class SparseMerge(Update):
     def scaled(self, factor: float) -> SparseMerge:
         return replace(self, lam=self.lam * factor)
 
+    def fused_pass(self) -> TrimmedSum | None:
+        """Once prepared, when every model's trim keeps all, none or its top (no random or banded trims)."""
+        if self.keeps is None or any(k.kind not in KEEP_KINDS for k in self.keeps):
+            return None
+        total = sum(m.weight for m in self.models)
+        return TrimmedSum(kinds=tuple(KEEP_KINDS[k.kind] for k in self.keeps),
+                          values=tuple(k.top.value if k.top else 0.0 for k in self.keeps),
+                          positions=tuple(k.top.position if k.top else 0 for k in self.keeps),
+                          weights=tuple(m.weight for m in self.models),
+                          scales=self.scales or tuple(1.0 for _ in self.models), consensus=self.consensus,
+                          normalize=self.normalize, divisor=1.0 if abs(total) < 1e-8 else total, lam=self.lam)
+
     def describe(self) -> str:
         models = ", ".join(f"w {m.weight:g} d {m.density:g}" + (f" g {m.gamma:g}" if self.trim == "outliers" else "")
                            + (f" e {m.epsilon:g}" if self.trim == "della" else "") for m in self.models)
@@ -160,7 +173,12 @@ class SparseMerge(Update):
         keeps = [_plain_keep(self.trim, m, n) for m in self.models]
         if all(keeps):
             return tuple(k for k in keeps if k is not None)
-        if self.trim == "magnitude":
+        raw = raw_blocks(blocks)
+        if self.trim == "magnitude" and raw is not None:
+            wanted = [None if keep else _top_count(m.density, n) for m, keep in zip(self.models, keeps, strict=True)]
+            for t, found in enumerate(top_magnitude_cuts(raw, wanted, n)):
+                keeps[t] = keeps[t] or Keep("top", top=Cut(*found) if found else None)
+        elif self.trim == "magnitude":
             counts = [n if keep else _top_count(m.density, n) for m, keep in zip(self.models, keeps, strict=True)]
             for t, cut in enumerate(top_cuts(blocks, self._magnitudes, counts, n)):
                 keeps[t] = keeps[t] or Keep("top", top=cut)

@@ -92,7 +92,7 @@ class SphereMerge(Update):
     def scaled(self, factor: float) -> SphereMerge:
         return replace(self, factor=self.factor * factor)
 
-    def weighted_sum(self) -> WeightedSum | None:
+    def fused_pass(self) -> WeightedSum | None:
         """Once prepared with one set of coefficients for the whole tensor (per-row or per-column ones
         vary within a block)."""
         if self.coefficients is None or len(self.coefficients) != 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from surgery.compute.fused import WeightedSum
+from surgery.compute.fused import FusedPass, WeightedSum
 from surgery.recipe.tensor import Unprepared
 
 if TYPE_CHECKING:
@@ -27,8 +27,8 @@ class Update(Unprepared):
     def scaled(self, factor: float) -> Update:
         raise NotImplementedError
 
-    def weighted_sum(self) -> WeightedSum | None:
-        """The same update as one weighted sum of the inputs, for the fused pass; None where it is not one."""
+    def fused_pass(self) -> FusedPass | None:
+        """The same update as one of the fused passes (compute/fused.py), once prepared; None where it is none."""
         return None
 
 
@@ -50,7 +50,7 @@ class WeightedUpdate(Update):
     def scaled(self, factor: float) -> WeightedUpdate:
         return WeightedUpdate(tuple(w * factor for w in self.weights))
 
-    def weighted_sum(self) -> WeightedSum:
+    def fused_pass(self) -> WeightedSum:
         return WeightedSum(self.weights, has_base=True, centered=True, zero_start=False)
 
     def describe(self) -> str:

@@ -9,13 +9,13 @@ whole tensors is made once per output tensor and sliced.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from surgery.checkpoint.blocks import BlockReader, torch_dtype
 from surgery.checkpoint.reader import DTYPE_SIZES, numel
-from surgery.compute.fused import FUSED_DTYPES, WeightedSum, combine
+from surgery.compute.fused import FUSED_DTYPES, FusedPass, RawBlock, RawBlocks, combine
 from surgery.recipe.rows import RowGather
 from surgery.recipe.tensor import Block, Compute, TensorRecipe, Unprepared
 
@@ -92,35 +92,42 @@ class RecipeStreamer:
     def encoded(self, recipe: TensorRecipe) -> Iterator[memoryview]:
         """The output's bytes in the recipe's dtype, block by block, in two buffers used in turn: a
         block stays valid while the next one is computed (so the writer can overlap the two)."""
-        formula = self._fusable(recipe)
-        return self._torch_encoded(recipe) if formula is None else self._fused_encoded(recipe, formula)
+        fused = self._fused_pass(recipe)
+        return self._torch_encoded(recipe) if fused is None else self._fused_encoded(recipe, fused)
 
-    def _fusable(self, recipe: TensorRecipe) -> WeightedSum | None:
-        """The recipe as one weighted sum of stored inputs of one dtype, when the fused pass can make it."""
-        if combine is None or self.device != "cpu" or recipe.dtype not in FUSED_DTYPES:
-            return None
-        weighted_sum = getattr(recipe.compute, "weighted_sum", None)
-        stored = [r.stored for r in recipe.inputs]
-        if weighted_sum is None or any(s is None or s.dtype != recipe.inputs[0].dtype for s in stored) \
-                or recipe.inputs[0].dtype not in FUSED_DTYPES:
+    def _raw_readable(self, recipe: TensorRecipe) -> bool:
+        """Whether the fused passes can read the recipe's inputs: all stored, of one dtype they decode, on CPU."""
+        dtypes = {r.stored.dtype if r.stored is not None else None for r in recipe.inputs}
+        return (combine is not None and self.device == "cpu" and len(dtypes) == 1
+                and next(iter(dtypes)) in FUSED_DTYPES and getattr(recipe.compute, "elementwise", False))
+
+    def _fused_pass(self, recipe: TensorRecipe) -> FusedPass | None:
+        """The recipe as one of the fused passes, when it is one and they can make it."""
+        if recipe.dtype not in FUSED_DTYPES or not hasattr(recipe.compute, "fused_pass") \
+                or not self._raw_readable(recipe):
             return None
         if not isinstance(recipe.compute, Unprepared):
-            self._pin_threads()  # its statistics (slerp's angles) are found by torch, in prepare
-        return self.prepared(recipe).weighted_sum()
+            self._pin_threads()  # its statistics (slerp's angles) may be found by torch, in prepare
+        return self.prepared(recipe).fused_pass()
 
-    def _fused_encoded(self, recipe: TensorRecipe, formula: WeightedSum) -> Iterator[memoryview]:
-        total, size = numel(recipe.shape), DTYPE_SIZES[recipe.dtype]
+    def _raw_blocks(self, recipe: TensorRecipe) -> Iterator[RawBlock]:
+        """The inputs' stored bytes, part by part, straight from the page cache through memory maps."""
+        total = numel(recipe.shape)
         dtype = recipe.inputs[0].dtype
-        for count, start in enumerate(range(0, total, FUSED_BLOCK_ELEMENTS)):
+        for start in range(0, total, FUSED_BLOCK_ELEMENTS):
             stop = min(total, start + FUSED_BLOCK_ELEMENTS)
-            buffer = self._fused_out[count % 2]
-            if len(buffer) < (stop - start) * size:
-                buffer = self._fused_out[count % 2] = bytearray((stop - start) * size)
-            out = memoryview(buffer)[: (stop - start) * size]
             with ExitStack() as maps:
-                inputs = tuple(maps.enter_context(self.reader.mapped(r.stored, start, stop, populate=True))
-                               for r in recipe.inputs)
-                formula.into(out, recipe.dtype, inputs, dtype)
+                yield RawBlock(start, tuple(maps.enter_context(self.reader.mapped(r.stored, start, stop, populate=True))
+                                            for r in recipe.inputs), dtype)
+
+    def _fused_encoded(self, recipe: TensorRecipe, fused: FusedPass) -> Iterator[memoryview]:
+        size = DTYPE_SIZES[recipe.dtype]
+        for count, block in enumerate(self._raw_blocks(recipe)):
+            nbytes = len(block.inputs[0]) // DTYPE_SIZES[block.dtype] * size
+            if len(self._fused_out[count % 2]) < nbytes:
+                self._fused_out[count % 2] = bytearray(nbytes)
+            out = memoryview(self._fused_out[count % 2])[:nbytes]
+            fused.into(out, recipe.dtype, block)
             yield out
 
     def _torch_encoded(self, recipe: TensorRecipe) -> Iterator[memoryview]:
@@ -152,7 +159,9 @@ class RecipeStreamer:
         prepared = self._prepared.get(id(recipe))
         if prepared is None:
             assert recipe.compute is not None
-            prepared = self._prepared[id(recipe)] = recipe.compute.prepare(lambda: self._blocks(recipe, slot))
+            blocks = _Blocks(lambda: self._blocks(recipe, slot),
+                             (lambda: self._raw_blocks(recipe)) if self._raw_readable(recipe) else None)
+            prepared = self._prepared[id(recipe)] = recipe.compute.prepare(blocks)
         return prepared
 
     def _blocks(self, recipe: TensorRecipe, slot: tuple[Hashable, ...]) -> Iterator[Block]:
@@ -225,3 +234,15 @@ class RecipeStreamer:
     def _as_stored(value: torch.Tensor, dtype: str) -> torch.Tensor:
         """The float32 value a tensor of `dtype` holding `value` reads back as."""
         return value.float() if dtype == "F32" else value.to(torch_dtype(dtype)).float()
+
+
+class _Blocks:
+    """A pass over a recipe's input blocks (float32, for torch), and, where the fused passes can read them,
+    over their raw bytes too (`raw`, for compute/fused.py)."""
+
+    def __init__(self, blocks: Callable[[], Iterator[Block]], raw: RawBlocks | None) -> None:
+        self._blocks = blocks
+        self.raw = raw
+
+    def __call__(self) -> Iterator[Block]:
+        return self._blocks()
