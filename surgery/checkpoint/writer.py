@@ -23,7 +23,7 @@ from typing import BinaryIO, Protocol
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
 from surgery.checkpoint.reader import DTYPE_SIZES, INDEX_NAME, SINGLE_NAME, TensorInfo, numel
-from surgery.errors import SurgeryError
+from surgery.formatting import byte_size
 
 ALIGNMENT = 8
 _KERNEL_COPY = hasattr(os, "copy_file_range")
@@ -68,21 +68,9 @@ class ShardPlan:
 
 
 def shard_size_bytes(size: int | str) -> int:
-    """A shard size in bytes: a count, or a number with a unit (5GB, 500MB as huggingface_hub reads them;
-    5GiB, 512MiB in powers of 1024); at least 1KB, so a typo never splits a model into one file per tensor."""
-    from huggingface_hub.serialization._base import parse_size_to_int
-
-    value = str(size).strip()
-    binary = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
-    try:
-        unit = next((u for u in binary if value.upper().endswith(u)), None)
-        found = int(float(value[:-3]) * binary[unit]) if unit else int(value) if value.isdigit() else parse_size_to_int(value)
-    except (ValueError, OverflowError):  # not a number, or inf
-        raise SurgeryError(f"shard size {size}: not a size; write bytes or a number with a unit, e.g. 5GB, "
-                           "500MB, 4GiB") from None
-    if found < 1000:
-        raise SurgeryError(f"shard size {size}: a shard must hold at least 1KB; e.g. 5GB, 500MB")
-    return found
+    """A shard size in bytes (see `byte_size`); at least 1KB, so a typo never splits a model into one file per
+    tensor."""
+    return byte_size(size, "shard size")
 
 
 def plan_shards(tensors: Mapping[str, Sized], max_shard_size: int | str) -> list[ShardPlan]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from surgery.evaluation.models import input_device
+
 if TYPE_CHECKING:
     import torch
 
@@ -35,7 +37,7 @@ def next_token_agreement(reference: Any, model: Any, rows: torch.Tensor) -> Agre
 
 def log_probs(model: Any, row: torch.Tensor) -> torch.Tensor:
     """The model's next-token log-probabilities (float64) at every position of one row of token ids."""
-    ids = row.unsqueeze(0).to(next(model.parameters()).device)
+    ids = row.unsqueeze(0).to(input_device(model))
     return model(input_ids=ids, use_cache=False).logits[0].double().log_softmax(-1)
 
 

@@ -41,7 +41,7 @@ class LoadedModel:
     bytes_on_disk: int
 
 
-def _load_standard(folder: Path, device: str, dtype: Any) -> Any:
+def _load_standard(folder: Path, device: str, dtype: Any, max_memory: int | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     config = read_config(folder)
@@ -52,15 +52,18 @@ def _load_standard(folder: Path, device: str, dtype: Any) -> Any:
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method == "compressed-tensors" and importlib.util.find_spec("compressed_tensors") is None:
         raise SurgeryError(f"{folder} holds packed compressed-tensors weights; pip install 'surgery[quant]' to load them")
+    placement = {} if max_memory is None else capped_placement(device, max_memory)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, output_loading_info=True, trust_remote_code=False, use_safetensors=True
+            folder, dtype=dtype, output_loading_info=True, trust_remote_code=False, use_safetensors=True, **placement
         )
     except ValueError as e:
         raise SurgeryError(f"{folder}: transformers cannot load it as a causal LM ({e})") from None
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise SurgeryError(f"{folder} lacks weights the causal LM needs ({', '.join(missing[:3])}); is it a causal LM?")
+    if placement:
+        return model.eval()  # accelerate's hooks bring each layer's weights in from where they wait
     return apply_lora_adapter(model.to(device), folder).eval()
 
 
@@ -73,20 +76,54 @@ LOADERS: list[tuple[Callable[[dict[str, Any]], bool], Callable[[Path, str, Any],
 ]
 
 
-def load_model(folder: Path, device: str, dtype: Any) -> Any:
-    """The module of any model kind surgery writes, by the first loader in `LOADERS` that recognises it."""
+def load_model(folder: Path, device: str, dtype: Any, max_memory: int | None = None) -> Any:
+    """The module of any model kind surgery writes, by the first loader in `LOADERS` that recognises it;
+    with `max_memory`, a standard checkpoint keeps at most that many bytes of weights on the device
+    (the rest wait in CPU memory, or on disk when the device is the CPU)."""
     if not (folder / "config.json").is_file():
         raise SurgeryError(f"{folder}: not a model surgery can load (no config.json)")
     config = read_config(folder)
     load = next(load for recognise, load in LOADERS if recognise(config))
-    return load(folder, device, dtype)
+    if max_memory is None:
+        return load(folder, device, dtype)
+    if load is not _load_standard:
+        raise SurgeryError(f"{folder}: a memory cap loads standard checkpoints only (this is a compact, ensemble or "
+                           "trit-planes model); score it without --max-memory, or materialize it first")
+    if (folder / "adapter_config.json").exists():
+        raise SurgeryError(f"{folder}: a memory cap cannot apply the LoRA adapter beside the model; score it without "
+                           "--max-memory, or merge the adapter (heal with write: merged)")
+    return _load_standard(folder, device, dtype, max_memory)
 
 
-def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def capped_placement(device: str, max_memory: int) -> dict[str, Any]:
+    """from_pretrained's arguments that keep at most `max_memory` bytes of weights on `device`: accelerate's
+    device map, the rest in CPU memory (from a GPU) or on disk, in a temporary folder removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise SurgeryError("scoring under a memory cap needs accelerate: pip install 'surgery[offload]'")
+    offload = Path(tempfile.mkdtemp(prefix="surgery-offload-"))
+    atexit.register(shutil.rmtree, offload, True)
+    where: int | str = "cpu" if device == "cpu" else int(device.partition(":")[2] or 0)
+    limits: dict[int | str, int] = {where: max_memory} if where == "cpu" else {where: max_memory, "cpu": _ram()}
+    return {"device_map": "auto", "max_memory": limits, "offload_folder": str(offload)}
+
+
+def _ram() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto",
+                  max_memory: int | None = None) -> LoadedModel:
     """Load any model surgery writes, ready to score or generate with.
 
     Args: `path` is the model folder; `device` is auto (CUDA when present), cpu, cuda or cuda:N;
-    `dtype` is auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16 or float16.
+    `dtype` is auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16 or float16; `max_memory` caps
+    the bytes of weights held on the device (a model larger than the device scores layer by layer).
     Returns a LoadedModel: `.model` maps input_ids to logits, `.tokenizer` is its tokenizer.
     """
     from transformers import AutoTokenizer
@@ -102,7 +139,7 @@ def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved_device)
     with quiet_transformers():
-        model = load_model(folder, resolved_device, torch_dtype)
+        model = load_model(folder, resolved_device, torch_dtype, max_memory)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     parameters = sum(p.numel() for p in model.parameters())
     on_disk = getattr(model, "bytes_on_disk", None) or sum(p.stat().st_size for p in folder.glob("*.safetensors"))

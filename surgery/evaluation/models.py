@@ -79,3 +79,15 @@ def layer_modules(model: Any, prefix: str, count: int) -> Any:
         if len(candidates) != 1:
             raise SurgeryError(f"cannot find the {count} layers of {type(model).__name__}") from None
         return candidates[0]
+
+
+def input_device(model: Any) -> Any:
+    """Where a model's inputs go: its first parameter's device, or for a model accelerate placed under a memory
+    cap (weights waiting on disk sit on the meta device) the device its hooks run it on."""
+    import torch
+
+    hook = getattr(model, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from surgery.errors import SurgeryError
+from surgery.evaluation.models import input_device
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def perplexity(model: Any, ids: Any, window: int, stride: int, batch_size: int =
     """Score token ids (1-D tensor) with a causal LM; windows of equal shape run as one batch."""
     import torch
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     windows = plan_windows(len(ids), window, stride)
     groups: dict[tuple[int, int], list[Window]] = defaultdict(list)
     for w in windows:

@@ -33,6 +33,7 @@ class EvalSettings:
     device: str = "auto"
     dtype: str = "auto"
     tasks: tuple[str, ...] = ()  # lm-eval task names or task YAML files
+    max_memory: int | None = None  # bytes of weights on the device; the rest wait in CPU memory or on disk
 
 
 @dataclass
@@ -84,7 +85,7 @@ def evaluate(model_path: str | Path, settings: EvalSettings = EvalSettings(),
     texts = [load_text(spec) for spec in settings.data]
     if settings.tasks:
         check_tasks(list(settings.tasks))
-    loaded = load_for_eval(model_path, settings.device, settings.dtype)
+    loaded = load_for_eval(model_path, settings.device, settings.dtype, settings.max_memory)
     contexts = {model_path: context_length(loaded.model.config)}
     if compare is not None:  # both are scored on the same windows: the shorter context bounds them
         from surgery.checkpoint.reader import read_config
@@ -105,7 +106,7 @@ def evaluate(model_path: str | Path, settings: EvalSettings = EvalSettings(),
     report = _report(str(model_path), loaded, window, stride, texts, scores)
     report.tasks = report_tasks
     if compare is not None:
-        reference = load_for_eval(compare, settings.device, settings.dtype)
+        reference = load_for_eval(compare, settings.device, settings.dtype, settings.max_memory)
         for text, ids in zip(texts, token_ids):
             if not _same_tokens(reference, text, ids, settings.max_tokens):
                 raise SurgeryError(
