@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench-data/gpu-bits}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+. benchmarks/gpu_prepare.sh
 python -m pytest -q -p no:cacheprovider tests/test_bits.py tests/test_gptq.py tests/test_tie.py tests/test_ensemble.py -k cuda -rs 2>&1 \
     | tee "$out/pytest.txt"
 python --version | tee "$out/python.txt"

@@ -16,7 +16,7 @@ window="${WINDOW:-2048}"
 data="${DATA:-bench-data}"
 out="${OUT:-$data/gpu-eval}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+. benchmarks/gpu_prepare.sh
 model="$(python benchmarks/make_checkpoint.py "$data/tinyllama-1.1b-random" --tokenizer)"
 python -m surgery eval "$model" --no-compare --device "$device" --window "$window" --stride "$window" \
     --max-tokens "$max_tokens" --batch-size "$batch" --json > "$out/eval.json"

@@ -11,5 +11,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench-data/gpu-heal}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+. benchmarks/gpu_prepare.sh
 python benchmarks/heal_table.py --device cuda "$@" 2>&1 | grep -v "^heal: \|capped" | tee "$out/heal-table-cuda.txt"

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench-data/gpu-merge}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+. benchmarks/gpu_prepare.sh
 python -m pytest -q -p no:cacheprovider tests/test_task_vectors.py tests/test_vocabularies.py -k cuda -rs 2>&1 | tee "$out/pytest.txt"
 for device in cuda cpu; do
     python benchmarks/bench_merge.py --runs 1 --device "$device" --mergekit "" \

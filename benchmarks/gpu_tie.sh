@@ -11,6 +11,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench-data/gpu-tie}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+. benchmarks/gpu_prepare.sh
 python -m pytest -q -p no:cacheprovider tests/test_tie.py -k cuda -rs 2>&1 | tee "$out/pytest.txt"
 python benchmarks/tie_table.py --device cuda --max-tokens 16384 2>&1 | grep -v "capped" | tee "$out/tie-table-cuda.txt"

@@ -7,13 +7,12 @@ bytes out, with the torch path's arithmetic in the same order, so both give the 
   radix select on the magnitudes' bits (select.py's algorithm, with its histograms made in C), then
   trim, sign election and the disjoint mean in one pass.
 
-A compute offers a pass through `fused_pass()`; its `prepare` is handed blocks that also read raw
-(`raw_blocks`), which the magnitude cuts use."""
+A compute offers a pass through `fused_pass()` (None where the kernels are not built); its `prepare` is
+handed blocks that also read raw (recipe/raw.py), which the magnitude cuts use."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -21,32 +20,20 @@ from functools import cache
 import numpy as np
 
 from surgery.checkpoint.reader import DTYPE_SIZES
+from surgery.recipe.raw import RawBlock, RawBlocks
 
 try:
     from surgery.compute._combine import combine, magnitude_counts, nth_equal, ties
 except ImportError:  # built without a C compiler: the torch path computes the same bits
     combine = magnitude_counts = nth_equal = ties = None
 
-FUSED_DTYPES = frozenset({"BF16", "F16", "F32"})
 _BINS = 1 << 16
 _HELPERS = min(1, (os.cpu_count() or 1) - 1)  # a second core counts half of each block's magnitudes
 
 
-@dataclass(frozen=True)
-class RawBlock:
-    """Elements [start, start + n) of every input of a recipe, the stored bytes (all of one dtype)."""
-
-    start: int
-    inputs: tuple[memoryview, ...]
-    dtype: str
-
-
-RawBlocks = Callable[[], Iterator[RawBlock]]  # a fresh pass; each block's views are valid until the next
-
-
 def raw_blocks(blocks: object) -> RawBlocks | None:
-    """The raw reading the streamer attached to a compute's blocks, when the fused passes can run on them."""
-    return getattr(blocks, "raw", None)
+    """The raw reading the streamer attached to a compute's blocks, when the kernels are built to use it."""
+    return getattr(blocks, "raw", None) if magnitude_counts is not None else None
 
 
 @dataclass(frozen=True)
@@ -94,8 +81,6 @@ class TrimmedSum:
         ties(out, out_dtype, block.inputs, block.dtype, self.kinds, self.values, limits, self.weights, self.scales,
              self.consensus, self.normalize, self.divisor, self.lam)
 
-
-FusedPass = WeightedSum | TrimmedSum
 
 
 def top_magnitude_cuts(raw: RawBlocks, counts: list[int | None], n: int) -> list[tuple[float, int] | None]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from surgery.checkpoint.reader import numel
+from surgery.compute import fused
 from surgery.compute.fused import KEEP_KINDS, TrimmedSum, raw_blocks, top_magnitude_cuts
 from surgery.compute.noise import stream_key, uniform
 from surgery.compute.select import Cut, rank_cuts, top_cuts
@@ -112,7 +113,7 @@ class SparseMerge(Update):
 
     def fused_pass(self) -> TrimmedSum | None:
         """Once prepared, when every model's trim keeps all, none or its top (no random or banded trims)."""
-        if self.keeps is None or any(k.kind not in KEEP_KINDS for k in self.keeps):
+        if fused.ties is None or self.keeps is None or any(k.kind not in KEEP_KINDS for k in self.keeps):
             return None
         total = sum(m.weight for m in self.models)
         return TrimmedSum(kinds=tuple(KEEP_KINDS[k.kind] for k in self.keeps),

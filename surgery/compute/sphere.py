@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
 from surgery.checkpoint.reader import numel
+from surgery.compute import fused
 from surgery.compute.fused import WeightedSum
 from surgery.compute.updates import Update
 from surgery.errors import SurgeryError
@@ -95,7 +96,7 @@ class SphereMerge(Update):
     def fused_pass(self) -> WeightedSum | None:
         """Once prepared with one set of coefficients for the whole tensor (per-row or per-column ones
         vary within a block)."""
-        if self.coefficients is None or len(self.coefficients) != 1:
+        if fused.combine is None or self.coefficients is None or len(self.coefficients) != 1:
             return None
         divisor = sum(self.weights) if self.method == "linear" and self.normalize else 0.0
         return WeightedSum(self.coefficients[0], self.has_base, self.centered, zero_start=True, divisor=divisor,

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from surgery.compute.fused import FusedPass, WeightedSum
+from surgery.compute import fused
+from surgery.compute.fused import WeightedSum
+from surgery.recipe.raw import FusedPass
 from surgery.recipe.tensor import Unprepared
 
 if TYPE_CHECKING:
@@ -50,7 +52,9 @@ class WeightedUpdate(Update):
     def scaled(self, factor: float) -> WeightedUpdate:
         return WeightedUpdate(tuple(w * factor for w in self.weights))
 
-    def fused_pass(self) -> WeightedSum:
+    def fused_pass(self) -> WeightedSum | None:
+        if fused.combine is None:
+            return None
         return WeightedSum(self.weights, has_base=True, centered=True, zero_start=False)
 
     def describe(self) -> str:

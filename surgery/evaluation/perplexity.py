@@ -69,7 +69,8 @@ def perplexity(model: Any, ids: Any, window: int, stride: int, batch_size: int =
     for w in windows:
         groups[(w.end - w.begin, w.end - w.score_from)].append(w)
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-    total_nll, scored, forward_tokens = 0.0, 0, 0
+    total_nll = torch.zeros((), dtype=torch.float64, device=device)  # summed where it is made: no host sync per row
+    scored, forward_tokens = 0, 0
     _synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -84,14 +85,12 @@ def perplexity(model: Any, ids: Any, window: int, stride: int, batch_size: int =
                     logits = model(input_ids=inputs).logits[:, length - n_scored - 1 : -1]
                 targets = inputs[:, length - n_scored :]
                 for row in range(len(batch)):  # float32 loss one row at a time bounds memory
-                    total_nll += torch.nn.functional.cross_entropy(
-                        logits[row].float(), targets[row], reduction="sum"
-                    ).item()
+                    total_nll += torch.nn.functional.cross_entropy(logits[row].float(), targets[row], reduction="sum")
                 scored += n_scored * len(batch)
                 forward_tokens += length * len(batch)
     _synchronize(device)
     seconds = time.perf_counter() - start
-    mean = total_nll / scored
+    mean = float(total_nll) / scored
     return PerplexityResult(math.exp(mean), mean, scored, forward_tokens, seconds, window, stride)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from surgery.checkpoint.blocks import BlockReader, torch_dtype
 from surgery.checkpoint.reader import DTYPE_SIZES, numel
-from surgery.compute.fused import FUSED_DTYPES, FusedPass, RawBlock, RawBlocks, combine
+from surgery.recipe.raw import FUSED_DTYPES, FusedPass, RawBlock, RawBlocks
 from surgery.recipe.rows import RowGather
 from surgery.recipe.tensor import Block, Compute, TensorRecipe, Unprepared
 
@@ -98,7 +98,7 @@ class RecipeStreamer:
     def _raw_readable(self, recipe: TensorRecipe) -> bool:
         """Whether the fused passes can read the recipe's inputs: all stored, of one dtype they decode, on CPU."""
         dtypes = {r.stored.dtype if r.stored is not None else None for r in recipe.inputs}
-        return (combine is not None and self.device == "cpu" and len(dtypes) == 1
+        return (self.device == "cpu" and len(dtypes) == 1
                 and next(iter(dtypes)) in FUSED_DTYPES and getattr(recipe.compute, "elementwise", False))
 
     def _fused_pass(self, recipe: TensorRecipe) -> FusedPass | None:
