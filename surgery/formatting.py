@@ -31,3 +31,8 @@ def byte_size(size: int | str, what: str, least: int = 1000) -> int:
         at_least = f"{least >> 20}MiB" if least % (1 << 20) == 0 else f"{least // 1000}KB" if least % 1000 == 0 else least
         raise SurgeryError(f"{what} {size}: must be at least {at_least}; e.g. 5GB, 500MB")
     return found
+
+
+def memory_bytes(size: str, what: str = "max_memory") -> int:
+    """A memory cap (`--max-memory`, an evaluate section's `max_memory`): at least 1MiB."""
+    return byte_size(size, what, least=1 << 20)

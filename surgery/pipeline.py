@@ -163,7 +163,8 @@ def _evaluate(recipe: Recipe, written: Written, device: str, phase: Phase) -> tu
     assert section is not None and recipe.evaluation_reference is not None
     settings = EvalSettings(data=tuple(section.data), max_tokens=section.max_tokens, window=section.window,
                             stride=section.stride, batch_size=section.batch_size,
-                            device=section.device if device == "auto" else device, dtype=section.dtype)
+                            device=section.device if device == "auto" else device, dtype=section.dtype,
+                            max_memory=section.memory_cap())
     report = evaluate(written.folder, settings, compare=recipe.evaluation_reference, phase=phase)
     record = {"evaluation": report.to_dict()}
     gates, limits = None, section.limits.set() if section.limits is not None else {}

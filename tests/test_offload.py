@@ -52,3 +52,26 @@ def test_a_compared_base_is_capped_too(cli, tmp_path):
 def test_a_bad_cap_is_one_line(size, message, cli):
     result = cli("eval", demo_model("base"), "--no-compare", "--max-memory", size)
     assert result.code == 2 and message in result.err and "Traceback" not in result.err
+
+
+@needs_accelerate
+def test_a_plans_evaluate_section_scores_under_its_cap_and_its_gates_too(cli, tmp_path):
+    base = demo_model("base")
+    body = (f"model: {base}\nsteps:\n  - op: chain\n    layers: [0-5, 7]\nevaluate:\n  max_tokens: 300\n"
+            "  window: 64\n  device: cpu\n  limits:\n    kl: 10\n")
+    reports = {}
+    for name, cap in (("free", ""), ("capped", f"  max_memory: {CAP}\n")):
+        plan = write_plan(tmp_path, f"output: {tmp_path / name}\n{body}{cap}", name=f"{name}.yaml")
+        result = cli("apply", plan, "--no-fsync")
+        assert result.code == 0, result.err
+        reports[name] = json.loads((tmp_path / name / "surgery.json").read_text())
+    free, capped = (reports[k] for k in ("free", "capped"))
+    assert capped["evaluation"]["perplexity"] == pytest.approx(free["evaluation"]["perplexity"], rel=1e-6)
+    assert capped["quality_gates"]["measured"]["kl"] == pytest.approx(free["quality_gates"]["measured"]["kl"], abs=1e-6)
+
+
+def test_a_bad_cap_in_a_plan_is_refused_before_writing(cli, tmp_path):
+    plan = write_plan(tmp_path, f"model: {demo_model('base')}\noutput: {tmp_path / 'out'}\nsteps:\n  - op: chain\n"
+                                "    layers: [0-5, 7]\nevaluate:\n  max_memory: 12KB\n")
+    result = cli("apply", plan)
+    assert result.code == 2 and "at least 1MiB" in result.err and not (tmp_path / "out").exists()

@@ -31,13 +31,6 @@ Data = Annotated[list[str] | None, typer.Option(
     "the -heldout and -dev splits), or a .txt/.jsonl file; repeat for several.")]
 
 
-def memory_size(text: str) -> int:
-    """`--max-memory`, in bytes."""
-    from surgery.formatting import byte_size
-
-    return byte_size(text, "--max-memory", least=1 << 20)
-
-
 def parse_shard_size(text: str) -> int:
     """`--shard-size`, read as every shard size is (`shard_size_bytes`), before any work."""
     from surgery.checkpoint.writer import shard_size_bytes

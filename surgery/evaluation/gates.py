@@ -78,8 +78,8 @@ def _agreement(output: Path, reference: Path, settings: EvalSettings, row: int) 
     from surgery.evaluation.data import first_tokens, load_text
     from surgery.evaluation.loading import load_for_eval
 
-    model = load_for_eval(output, settings.device, settings.dtype)
-    base = load_for_eval(reference, settings.device, settings.dtype)
+    model = load_for_eval(output, settings.device, settings.dtype, settings.max_memory)
+    base = load_for_eval(reference, settings.device, settings.dtype, settings.max_memory)
     rows = []
     for spec in settings.data:
         ids = torch.tensor(first_tokens(model.tokenizer, load_text(spec).text, settings.max_tokens))

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from surgery.errors import SurgeryError
+from surgery.formatting import memory_bytes
 from surgery.ops.fields import Strict
 from surgery.ops.registry import registry
 
@@ -41,6 +43,8 @@ class EvaluateSection(Strict):
     device: str = "auto"
     dtype: str = "auto"
     compare_to: str = Field(default="model", description="base | model | PATH: the reference scored beside it.")
+    max_memory: str | None = Field(default=None, description="At most this much of each model's weights on the "
+                                   "device (e.g. 20GB); the rest waits in CPU memory or on disk (surgery[offload]).")
     limits: Limits | None = Field(default=None, description="Quality gates: a run that misses them keeps its output, "
                                   "says so, exits 3 and does not push.")
 
@@ -48,6 +52,19 @@ class EvaluateSection(Strict):
     @classmethod
     def _listify(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _a_size(cls, value: Any) -> Any:
+        if value is not None:
+            try:
+                memory_bytes(str(value))
+            except SurgeryError as e:
+                raise ValueError(str(e)) from None
+        return None if value is None else str(value)
+
+    def memory_cap(self) -> int | None:
+        return None if self.max_memory is None else memory_bytes(self.max_memory)
 
 
 class PushSection(Strict):
