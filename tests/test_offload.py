@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 
@@ -75,3 +76,22 @@ def test_a_bad_cap_in_a_plan_is_refused_before_writing(cli, tmp_path):
                                 "    layers: [0-5, 7]\nevaluate:\n  max_memory: 12KB\n")
     result = cli("apply", plan)
     assert result.code == 2 and "at least 1MiB" in result.err and not (tmp_path / "out").exists()
+
+
+def test_a_cap_on_a_compact_output_is_refused_by_check_before_writing(cli, tmp_path):
+    plan = write_plan(tmp_path, f"model: {demo_model('base')}\noutput: {tmp_path / 'out'}\nsteps:\n  - op: tie\n"
+                                "    loops: 2\nevaluate:\n  max_memory: 2MiB\n")
+    for command in ("check", "apply"):
+        result = cli(command, plan)
+        assert result.code == 2 and "memory cap loads standard checkpoints only" in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_its_tensors_do_not_fit_is_one_line(tiny, cli, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny("qwen2"), broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (broken / "config.json").write_text(json.dumps(config))
+    result = cli("eval", broken, "--no-compare")
+    assert result.code == 2 and "cannot load it as a causal LM" in result.err and "Traceback" not in result.err

@@ -25,6 +25,7 @@ from surgery.evaluation.trit_model import load_trit_planes
 from surgery.formats.ensemble_folder import is_ensemble
 from surgery.formats.recursive import is_compact
 from surgery.formats.trit_planes import is_trit_planes
+from surgery.formats.views import cap_refusal
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt")
 
@@ -57,8 +58,9 @@ def _load_standard(folder: Path, device: str, dtype: Any, max_memory: int | None
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, output_loading_info=True, trust_remote_code=False, use_safetensors=True, **placement
         )
-    except ValueError as e:
-        raise SurgeryError(f"{folder}: transformers cannot load it as a causal LM ({e})") from None
+    except (ValueError, RuntimeError) as e:  # RuntimeError: a tensor whose shape the config does not give
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SurgeryError(f"{folder}: transformers cannot load it as a causal LM ({reason})") from None
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise SurgeryError(f"{folder} lacks weights the causal LM needs ({', '.join(missing[:3])}); is it a causal LM?")
@@ -86,9 +88,9 @@ def load_model(folder: Path, device: str, dtype: Any, max_memory: int | None = N
     load = next(load for recognise, load in LOADERS if recognise(config))
     if max_memory is None:
         return load(folder, device, dtype)
-    if load is not _load_standard:
-        raise SurgeryError(f"{folder}: a memory cap loads standard checkpoints only (this is a compact, ensemble or "
-                           "trit-planes model); score it without --max-memory, or materialize it first")
+    refusal = cap_refusal(config, str(folder))
+    if refusal is not None:
+        raise SurgeryError(refusal)
     if (folder / "adapter_config.json").exists():
         raise SurgeryError(f"{folder}: a memory cap cannot apply the LoRA adapter beside the model; score it without "
                            "--max-memory, or merge the adapter (heal with write: merged)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,11 +53,15 @@ def quiet_transformers() -> Iterator[None]:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    placing = logging.getLogger("accelerate.big_modeling")  # "some parameters are on the meta device": by design
+    level = placing.level
+    placing.setLevel(logging.ERROR)
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+        placing.setLevel(level)
 
 
 def context_length(config: Any) -> int | None:

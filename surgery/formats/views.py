@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
+from surgery.formats.ensemble_folder import is_ensemble
 from surgery.formats.recursive import compact_view, is_compact
 from surgery.formats.trit_planes import is_trit_planes, trit_view
 from surgery.recipe.view import ModelView, standard_view
@@ -21,3 +24,12 @@ def open_view(checkpoint: Checkpoint, label: str, stack: str | None = None) -> M
             raise SurgeryError(f"{checkpoint.path} holds trit-planes of a language model; leave 'stack:' out")
         return trit_view(checkpoint, label)
     return standard_view(checkpoint, label, stack)
+
+
+def cap_refusal(config: dict[str, Any], what: str) -> str | None:
+    """Why a model cannot be scored under a memory cap (its weights are not the model transformers loads: a
+    compact recursive, ensemble or trit-planes model), or None."""
+    if is_compact(config) or is_ensemble(config) or is_trit_planes(config):
+        return (f"{what}: a memory cap loads standard checkpoints only (this is a compact, ensemble or trit-planes model); score it without the cap, "
+                "or materialize it first")
+    return None

@@ -23,7 +23,7 @@ from surgery.devices import check_device_name
 from surgery.errors import SurgeryError
 from surgery.evaluation.data import load_text
 from surgery.evaluation.models import DTYPES, context_length, require_causal_lm
-from surgery.formats.views import open_view
+from surgery.formats.views import cap_refusal, open_view
 from surgery.ops.context import OpContext
 from surgery.ops.registry import op_of
 from surgery.plan.load import plan_line, read_plan
@@ -269,3 +269,11 @@ def _check_evaluation(section: EvaluateSection, output_config: dict[str, Any], r
     require_causal_lm(output_config, "the output")
     if not reference.is_dir():
         raise SurgeryError(f"evaluate.compare_to: {reference} does not exist")
+    if section.max_memory is not None:
+        from surgery.checkpoint.reader import read_config
+
+        for config, what in ((output_config, "evaluate.max_memory: the output"),
+                             (read_config(reference), f"evaluate.max_memory: the reference {reference}")):
+            refusal = cap_refusal(config, what)
+            if refusal is not None:
+                raise SurgeryError(refusal)
