@@ -163,6 +163,38 @@ static int parse_dtype(const char *name, enum dtype *t, Py_ssize_t *size) {
     return -1;
 }
 
+/* The inputs (a tuple of buffers, at least `least`) as pointers, each of n elements of `size` bytes. */
+static int get_inputs(PyObject *inputs, int least, Py_buffer *views, int *held, const char **in, Py_ssize_t size,
+                      Py_ssize_t *n) {
+    if (!PyTuple_Check(inputs) || PyTuple_GET_SIZE(inputs) > MAX_INPUTS || PyTuple_GET_SIZE(inputs) < least) {
+        PyErr_SetString(PyExc_ValueError, "merge kernel: inputs must be a tuple of the base and the models' buffers");
+        return -1;
+    }
+    for (int k = 0; k < PyTuple_GET_SIZE(inputs); k++) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(inputs, k), &views[k], PyBUF_SIMPLE) < 0) return -1;
+        (*held)++;
+        if (*n < 0) *n = views[k].len / size;
+        if (views[k].len != *n * size) {
+            PyErr_SetString(PyExc_ValueError, "merge kernel: the buffers hold different numbers of elements");
+            return -1;
+        }
+        in[k] = views[k].buf;
+    }
+    return 0;
+}
+
+/* Zero-padded copies of elements [from, n) of each input (at most CHUNK of them), for a last pass over whole
+vectors or chunks whose padding's results are dropped. */
+static void padded_tail(const char *const *in, int count, Py_ssize_t from, Py_ssize_t n, Py_ssize_t size,
+                        const char **tail) {
+    static __thread char copies[MAX_INPUTS][4 * CHUNK];
+    for (int k = 0; k < count; k++) {
+        memset(copies[k], 0, sizeof copies[k]);
+        memcpy(copies[k], in[k] + from * size, (n - from) * size);
+        tail[k] = copies[k];
+    }
+}
+
 static PyObject *combine(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer out;
     const char *out_name, *in_name;
@@ -178,44 +210,30 @@ static PyObject *combine(PyObject *Py_UNUSED(self), PyObject *args) {
     formula f = {.has_base = has_base, .centered = centered, .zero_start = zero_start, .divided = divisor != 0.0,
                  .scaled = factor != 1.0, .divisor = (float)divisor, .factor = (float)factor};
     enum dtype t, to;
-    Py_ssize_t size, out_size;
+    Py_ssize_t size, out_size, n = -1;
     if (parse_dtype(out_name, &to, &out_size) < 0 || parse_dtype(in_name, &t, &size) < 0) goto done;
-    if (!PyTuple_Check(inputs) || !PyTuple_Check(coefficients) || PyTuple_GET_SIZE(inputs) > MAX_INPUTS
-        || PyTuple_GET_SIZE(inputs) <= has_base
+    if (!PyTuple_Check(inputs) || !PyTuple_Check(coefficients)
         || PyTuple_GET_SIZE(coefficients) != PyTuple_GET_SIZE(inputs) - has_base) {
         PyErr_SetString(PyExc_ValueError, "combine: inputs must be a tuple of buffers, coefficients one per model");
         goto done;
     }
-    f.n_in = (int)PyTuple_GET_SIZE(inputs);
-    if (out.len % out_size) {
-        PyErr_SetString(PyExc_ValueError, "combine: the output buffer is not a whole number of elements");
+    if (get_inputs(inputs, has_base + 1, views, &held, f.in, size, &n) < 0) goto done;
+    f.n_in = held;
+    if (out.len != n * out_size) {
+        PyErr_SetString(PyExc_ValueError, "combine: the output buffer holds another number of elements");
         goto done;
     }
-    Py_ssize_t n = out.len / out_size;
     for (int k = 0; k < f.n_in - has_base; k++) {
         f.c[k] = (float)PyFloat_AsDouble(PyTuple_GET_ITEM(coefficients, k));
         if (PyErr_Occurred()) goto done;
-    }
-    for (int k = 0; k < f.n_in; k++) {
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(inputs, k), &views[k], PyBUF_SIMPLE) < 0) goto done;
-        held++;
-        if (views[k].len != n * size) {
-            PyErr_SetString(PyExc_ValueError, "combine: the buffers hold different numbers of elements");
-            goto done;
-        }
-        f.in[k] = views[k].buf;
     }
     Py_ssize_t whole = n / CHUNK * CHUNK;
     Py_BEGIN_ALLOW_THREADS
     combine_body(&f, t, out.buf, to, whole);
     if (whole < n) { /* the tail, through zero-padded copies */
-        static __thread char tail_in[MAX_INPUTS][4 * CHUNK], tail_out[4 * CHUNK];
+        static __thread char tail_out[4 * CHUNK];
         formula tail = f;
-        for (int k = 0; k < f.n_in; k++) {
-            memset(tail_in[k], 0, sizeof tail_in[k]);
-            memcpy(tail_in[k], f.in[k] + whole * size, (n - whole) * size);
-            tail.in[k] = tail_in[k];
-        }
+        padded_tail(f.in, f.n_in, whole, n, size, tail.in);
         combine_body(&tail, t, tail_out, to, CHUNK);
         memcpy((char *)out.buf + whole * out_size, tail_out, (n - whole) * out_size);
     }
@@ -359,26 +377,6 @@ INLINE void ties_body_any(const ties_formula *f, enum dtype t, char *out, enum d
 }
 VERSIONED(ties_body, (const ties_formula *f, enum dtype t, char *out, enum dtype to, Py_ssize_t n), (f, t, out, to, n))
 
-/* The inputs (a tuple of buffers, at least `least`) as pointers, each of n elements of `size` bytes. */
-static int get_inputs(PyObject *inputs, int least, Py_buffer *views, int *held, const char **in, Py_ssize_t size,
-                      Py_ssize_t *n) {
-    if (!PyTuple_Check(inputs) || PyTuple_GET_SIZE(inputs) > MAX_INPUTS || PyTuple_GET_SIZE(inputs) < least) {
-        PyErr_SetString(PyExc_ValueError, "merge kernel: inputs must be a tuple of the base and the models' buffers");
-        return -1;
-    }
-    for (int k = 0; k < PyTuple_GET_SIZE(inputs); k++) {
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(inputs, k), &views[k], PyBUF_SIMPLE) < 0) return -1;
-        (*held)++;
-        if (*n < 0) *n = views[k].len / size;
-        if (views[k].len != *n * size) {
-            PyErr_SetString(PyExc_ValueError, "merge kernel: the buffers hold different numbers of elements");
-            return -1;
-        }
-        in[k] = views[k].buf;
-    }
-    return 0;
-}
-
 static PyObject *magnitude_counts(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer counts, views[MAX_INPUTS];
     PyObject *inputs, *wanted_tuple, *result = NULL;
@@ -408,13 +406,8 @@ static PyObject *magnitude_counts(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_ssize_t safe = n > LANES ? n - LANES + 1 : 0;
     magnitude_counts_body(in, models, t, wanted, scratch, safe);
     if (safe < n) {
-        static __thread char tail[MAX_INPUTS][4 * 2 * LANES];
         const char *tail_in[MAX_INPUTS];
-        for (int k = 0; k <= models; k++) {
-            memset(tail[k], 0, sizeof tail[k]);
-            memcpy(tail[k], in[k] + safe * size, (n - safe) * size);
-            tail_in[k] = tail[k];
-        }
+        padded_tail(in, models + 1, safe, n, size, tail_in);
         magnitude_counts_body(tail_in, models, t, wanted, scratch, n - safe);
     }
     int64_t *total = counts.buf;
@@ -527,14 +520,9 @@ static PyObject *ties(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     ties_body(&f, t, out.buf, to, whole);
     if (whole < n) { /* the tail, through zero-padded copies; the limits are relative to the block, as they stay */
-        static __thread char tail_in[MAX_INPUTS][4 * LANES];
         char tail_out[4 * LANES];
         ties_formula tail = f;
-        for (int k = 0; k <= f.models; k++) {
-            memset(tail_in[k], 0, sizeof tail_in[k]);
-            memcpy(tail_in[k], f.in[k] + whole * size, (n - whole) * size);
-            tail.in[k] = tail_in[k];
-        }
+        padded_tail(f.in, f.models + 1, whole, n, size, tail.in);
         for (int k = 0; k < f.models; k++) tail.limit[k] = f.limit[k] - (int32_t)whole;
         ties_body(&tail, t, tail_out, to, LANES);
         memcpy((char *)out.buf + whole * out_size, tail_out, (n - whole) * out_size);

@@ -82,7 +82,6 @@ class TrimmedSum:
              self.consensus, self.normalize, self.divisor, self.lam)
 
 
-
 def top_magnitude_cuts(raw: RawBlocks, counts: list[int | None], n: int) -> list[tuple[float, int] | None]:
     """Per model, the (value, position) cut that keeps exactly counts[model] of the largest |model - base|,
     ties at the last one kept by lowest position (select.top_cuts' cut, found in C); None where counts is."""
