@@ -56,15 +56,22 @@ class Applied:
 
 
 def check(plan: str | Path | Plan, *, out: str | Path | None = None, device: str = "auto",
-          base_dir: str | Path | None = None) -> Recipe:
+          base_dir: str | Path | None = None, max_memory: int | str | None = None) -> Recipe:
     """Validate a plan against the real checkpoints and return what `apply` would write.
 
     Args: `plan` is a plan file or a Plan (its relative paths against `base_dir`); `out` overrides
-    its `output`; `device` runs the data-dependent fits. Returns the Recipe: every output tensor and
-    how it is made, the config, the shards (`.summary(shard_size)` is what `check --json` prints).
+    its `output`; `device` runs the data-dependent fits, with at most `max_memory` (bytes, or a size
+    such as "20GB") of a model's weights on it. Returns the Recipe: every output tensor and how it is
+    made, the config, the shards (`.summary(shard_size)` is what `check --json` prints).
     Raises SurgeryError on any bad input.
     """
-    return _checked(resolve(plan, out, device, base_dir))
+    return _checked(resolve(plan, out, device, base_dir, max_memory=_cap(max_memory)))
+
+
+def _cap(max_memory: int | str | None) -> int | None:
+    from surgery.formatting import memory_bytes
+
+    return None if max_memory is None else memory_bytes(str(max_memory), "max_memory")
 
 
 def _checked(recipe: Recipe) -> Recipe:
@@ -78,19 +85,22 @@ def _checked(recipe: Recipe) -> Recipe:
 
 def apply(plan: str | Path | Plan, *, out: str | Path | None = None, force: bool = False, resume: bool = False,
           device: str = "auto", shard_size: int | str = "5GB", fsync: bool = True, push_to: str | None = None,
-          base_dir: str | Path | None = None, hooks: Hooks = Hooks()) -> Applied:
+          base_dir: str | Path | None = None, max_memory: int | str | None = None, hooks: Hooks = Hooks()) -> Applied:
     """Validate a plan, stream its edit into the output folder, score it when the plan has an
     `evaluate:` section (recording the scores in surgery.json and the card), and push it when the
     plan has a `push:` section or `push_to` names a repo.
 
     Args: as `check`, and `force` replaces an existing output, `resume` continues an interrupted run,
-    `shard_size` bounds each shard, `fsync` flushes the output to disk before it appears.
+    `shard_size` bounds each shard, `fsync` flushes the output to disk before it appears, `max_memory`
+    caps the fits' and the scoring's models (over the evaluate section's own cap).
     Returns an Applied; raises SurgeryError (exit code 2: bad input; others: see output/execute.py).
     """
     from surgery.output.execute import execute
 
+    cap = _cap(max_memory)
     with hooks.phase("checking the plan against the checkpoints"):
-        recipe = _checked(resolve(plan, out, device, base_dir, replacing=force or resume, resume=resume))
+        recipe = _checked(resolve(plan, out, device, base_dir, replacing=force or resume, resume=resume,
+                                  max_memory=cap))
     target = _push_target(recipe, push_to)
     if target is not None:
         from surgery.hub import ready_to_push
@@ -106,7 +116,7 @@ def apply(plan: str | Path | Plan, *, out: str | Path | None = None, force: bool
     report = None
     if recipe.plan.evaluate is not None:
         try:
-            report, gates = _evaluate(recipe, written, device, hooks.phase)
+            report, gates = _evaluate(recipe, written, device, cap, hooks.phase)
         except KeyboardInterrupt:
             from surgery.output.execute import Interrupted
 
@@ -153,9 +163,10 @@ def _push_target(recipe: Recipe, push_to: str | None) -> PushSection | None:
     return PushSection(repo=push_to) if section is None else section.model_copy(update={"repo": push_to})
 
 
-def _evaluate(recipe: Recipe, written: Written, device: str, phase: Phase) -> tuple[EvalReport, GateResult | None]:
+def _evaluate(recipe: Recipe, written: Written, device: str, max_memory: int | None,
+              phase: Phase) -> tuple[EvalReport, GateResult | None]:
     """Score the output beside the plan's reference, measure its quality gates, and record both with it;
-    `device` other than auto overrides the section's."""
+    `device` other than auto, and a `max_memory` given, override the section's."""
     from surgery.evaluation.run import EvalSettings, evaluate
     from surgery.output.provenance import write_record
 
@@ -164,7 +175,7 @@ def _evaluate(recipe: Recipe, written: Written, device: str, phase: Phase) -> tu
     settings = EvalSettings(data=tuple(section.data), max_tokens=section.max_tokens, window=section.window,
                             stride=section.stride, batch_size=section.batch_size,
                             device=section.device if device == "auto" else device, dtype=section.dtype,
-                            max_memory=section.memory_cap())
+                            max_memory=section.memory_cap() if max_memory is None else max_memory)
     report = evaluate(written.folder, settings, compare=recipe.evaluation_reference, phase=phase)
     record = {"evaluation": report.to_dict()}
     gates, limits = None, section.limits.set() if section.limits is not None else {}

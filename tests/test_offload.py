@@ -7,8 +7,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
 from surgery.demo_models import demo_model
 from surgery.evaluation.loading import load_for_eval
@@ -95,3 +97,116 @@ def test_a_config_its_tensors_do_not_fit_is_one_line(tiny, cli, tmp_path):
     (broken / "config.json").write_text(json.dumps(config))
     result = cli("eval", broken, "--no-compare")
     assert result.code == 2 and "cannot load it as a causal LM" in result.err and "Traceback" not in result.err
+
+
+def _fitted_under_and_over_the_cap(cli, tmp_path, monkeypatch, step: str) -> dict[str, Path]:
+    """The same bits step applied without a cap and under one, each fit run afresh (its own fits cache)."""
+    base = demo_model("base")
+    outputs = {}
+    for name, cap in (("free", ()), ("capped", ("--max-memory", CAP))):
+        monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / f"cache-{name}"))  # the fixtures' paths are fixed above
+        plan = write_plan(tmp_path, f"model: {base}\noutput: {tmp_path / name}\nsteps:\n  - op: bits\n{step}",
+                          name=f"{name}.yaml")
+        result = cli("apply", plan, "--no-fsync", "--device", "cpu", *cap)
+        assert result.code == 0, result.err
+        assert ("the rest waits on disk" in result.err) == bool(cap)
+        outputs[name] = tmp_path / name
+    return outputs
+
+
+@needs_accelerate
+def test_gptq_calibrates_layer_by_layer_under_a_cap_and_writes_the_uncapped_model(cli, tmp_path, monkeypatch):
+    """Layers 1-7 wait on disk: GPTQ reads each weight from there, the quantized layer replaces it for the
+    next layer's inputs, and the output is the uncapped one bit for bit; the input model is untouched."""
+    from safetensors.torch import load_file
+
+    from surgery.checkpoint.digest import file_blake3
+
+    shard = demo_model("base") / "model.safetensors"
+    before = file_blake3(shard)
+    outputs = _fitted_under_and_over_the_cap(cli, tmp_path, monkeypatch, (
+        "    width: 4\n    calibration: {data: builtin:mixed-dev, samples: 2, seq_len: 64}\n"
+        "    quantizer: {method: gptq, group_size: 32}\n"))
+    free, capped = (load_file(outputs[k] / "model.safetensors") for k in ("free", "capped"))
+    assert free.keys() == capped.keys() and all(torch.equal(free[k], capped[k]) for k in free)
+    assert file_blake3(shard) == before
+
+
+@needs_accelerate
+def test_kl_costs_measured_under_a_cap_equal_the_uncapped_ones(cli, tmp_path, monkeypatch):
+    outputs = _fitted_under_and_over_the_cap(cli, tmp_path, monkeypatch, (
+        "    score: kl\n    calibration: {data: builtin:mixed-dev, samples: 2, seq_len: 64}\n"
+        "    assign: {target_bits: 3, choices: [2, 4]}\n    quantizer: {group_size: 32}\n"))
+    free, capped = (json.loads((outputs[k] / "surgery.json").read_text())["fits"][0] for k in ("free", "capped"))
+    assert capped["costs"] == free["costs"] and capped["bits"] == free["bits"]
+
+
+@needs_accelerate
+def test_lim_scores_measured_under_a_cap_equal_the_uncapped_ones(cli, tmp_path, monkeypatch):
+    outputs = _fitted_under_and_over_the_cap(cli, tmp_path, monkeypatch, (
+        "    score: lim\n    calibration: {data: builtin:mixed-dev, samples: 2, seq_len: 64}\n"
+        "    assign: {high: 4, low: 2, low_fraction: 0.5}\n    quantizer: {group_size: 32}\n"))
+    free, capped = (json.loads((outputs[k] / "surgery.json").read_text())["fits"][0] for k in ("free", "capped"))
+    assert capped == free
+
+
+@needs_accelerate
+def test_analyze_under_a_cap_measures_what_it_measures_uncapped(cli):
+    args = ("analyze", demo_model("base"), "--samples", "4", "--seq-len", "64", "--device", "cpu", "--json")
+    free, capped = json.loads(cli(*args).out), json.loads(cli(*args, "--max-memory", CAP).out)
+    assert capped == free
+
+
+@pytest.mark.parametrize("step", [
+    "  - op: heal\n    data: builtin:mixed-dev\n    steps: 2\n",
+    "  - op: atlas\n    models: [{model: MODEL}]\n    learn: {data: builtin:mixed-dev, steps: 2}\n",
+])
+def test_a_fit_that_holds_whole_models_refuses_a_cap_before_writing(step, cli, tmp_path, monkeypatch):
+    base, code = demo_model("base"), demo_model("code")
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))  # nothing remembered: the fit would run
+    plan = write_plan(tmp_path, f"model: {base}\nbase: {base}\noutput: {tmp_path / 'out'}\nsteps:\n"
+                                + step.replace("MODEL", str(code)))
+    for command in ("check", "apply"):
+        result = cli(command, plan, "--max-memory", CAP)
+        assert result.code == 2 and "cannot keep to --max-memory" in result.err, result.err
+    assert not (tmp_path / "out").exists()
+
+
+@needs_accelerate
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gptq_under_a_cap_on_cuda_equals_uncapped_cuda(cli, tmp_path, monkeypatch):
+    """On a GPU the layers beyond the cap wait in CPU memory (accelerate's other store); the same bits."""
+    from safetensors.torch import load_file
+
+    base = demo_model("base")
+    outputs = {}
+    for name, cap in (("free", ()), ("capped", ("--max-memory", CAP))):
+        monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / f"cache-{name}"))
+        plan = write_plan(tmp_path, f"model: {base}\noutput: {tmp_path / name}\nsteps:\n  - op: bits\n    width: 4\n"
+                                    "    calibration: {data: builtin:mixed-dev, samples: 2, seq_len: 64}\n"
+                                    "    quantizer: {method: gptq, group_size: 32}\n", name=f"{name}.yaml")
+        result = cli("apply", plan, "--no-fsync", "--device", "cuda", *cap)
+        assert result.code == 0, result.err
+        assert ("the rest waits in CPU memory" in result.err) == bool(cap)
+        outputs[name] = load_file(tmp_path / name / "model.safetensors")
+    assert all(torch.equal(outputs["free"][k], outputs["capped"][k]) for k in outputs["free"])
+
+
+@needs_accelerate
+@pytest.mark.parametrize("layer", [0, 7])  # layer 0 stays in memory under the cap, layer 7 waits on disk
+def test_a_parameter_is_read_written_and_reset_wherever_the_cap_placed_it(layer):
+    from safetensors import safe_open
+
+    from surgery.evaluation.models import layer_modules
+    from surgery.evaluation.parameters import ParameterSlot
+
+    base = demo_model("base")
+    loaded = load_for_eval(base, "cpu", "float32", max_memory=2 << 20)
+    slot = ParameterSlot(layer_modules(loaded.model, "model.layers", 8)[layer], "mlp.down_proj.weight")
+    with safe_open(base / "model.safetensors", "pt") as f:
+        stored = f.get_tensor(f"model.layers.{layer}.mlp.down_proj.weight").float()
+    assert torch.equal(slot.read(), stored)
+    slot.write(stored * 2)
+    assert torch.equal(slot.read(), stored * 2)
+    slot.reset()
+    assert torch.equal(slot.read(), stored)

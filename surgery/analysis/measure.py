@@ -151,14 +151,17 @@ class Session:
     prefix: str
     held_out: Any  # calibration rows not used for the metrics, for scoring candidate plans
     input_dims: list[int]
+    max_memory: int | None = None  # bytes of weights a model holds on the device; trials keep to it too
 
 
-def analyze(path: str | Path, data: list[str], samples: int, seq_len: int, device: str) -> Session:
-    """Load a standard checkpoint and measure it on `samples` rows of `seq_len` tokens of the data; a
-    further quarter of rows (at least 2) is held out for `--suggest`."""
+def analyze(path: str | Path, data: list[str], samples: int, seq_len: int, device: str,
+            max_memory: int | None = None) -> Session:
+    """Load a standard checkpoint (at most `max_memory` bytes of its weights on the device) and measure it
+    on `samples` rows of `seq_len` tokens of the data; a further quarter of rows (at least 2) is held out
+    for `--suggest`."""
     view = standard_view(Checkpoint.open(path), str(path))
     layout = view.layout
-    loaded = load_for_eval(path, device=device, dtype="float32")
+    loaded = load_for_eval(path, device=device, dtype="float32", max_memory=max_memory)
     text = "\n\n".join(load_text(spec).text for spec in data)
     held = max(2, samples // 4)
     rows = importance.calibration_batches(loaded.tokenizer, text, samples + held, seq_len, "analyze --data")
@@ -169,4 +172,5 @@ def analyze(path: str | Path, data: list[str], samples: int, seq_len: int, devic
     layers = layer_modules(loaded.model, layout.prefix, layout.num_layers)
     analysis = analyze_model(loaded.model, layers, rows[:-held], importance.zero_deviations(view), str(path))
     input_dims = [r.shape[1] for layer in view.layers for r in layer.matrices().values()]
-    return Session(Path(path), data, loaded.device, analysis, loaded.model, layout.prefix, rows[-held:], input_dims)
+    return Session(Path(path), data, loaded.device, analysis, loaded.model, layout.prefix, rows[-held:], input_dims,
+                   max_memory)

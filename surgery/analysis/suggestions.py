@@ -98,9 +98,10 @@ def suggest_tie(session: Session, loops: int, log: Log) -> Suggestion:
         for init in ("average", "stepwise", "lower"):
             plan = Plan.model_validate({"model": str(session.path), "steps": [
                 {"op": "tie", "loops": loops, "init": init, "format": "materialized"}]})
-            out = apply(plan, out=Path(tmp) / init, device=session.device, fsync=False).output
-            perplexity = held_out_perplexity(load_for_eval(out, device=session.device, dtype="float32").model,
-                                             session.held_out)
+            out = apply(plan, out=Path(tmp) / init, device=session.device, fsync=False,
+                        max_memory=session.max_memory).output
+            trial = load_for_eval(out, device=session.device, dtype="float32", max_memory=session.max_memory)
+            perplexity = held_out_perplexity(trial.model, session.held_out)
             log(f"tie loops {loops}, init {init}: perplexity {perplexity:.2f}")
             trials.append({"init": init, "perplexity": perplexity})
     best = min(trials, key=lambda t: t["perplexity"])["init"]

@@ -9,7 +9,7 @@ import typer
 
 from surgery.cli.app import app
 from surgery.cli.console import console, err_console, print_json
-from surgery.cli.options import Data, Device, Json, ModelHelp, model_folder
+from surgery.cli.options import Data, Device, Json, MaxMemory, ModelHelp, model_folder, parse_max_memory
 from surgery.errors import SurgeryError
 
 
@@ -20,6 +20,7 @@ def analyze(
     samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration rows measured (a quarter more are held out for --suggest).")] = 32,
     seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per row.")] = 256,
     device: Device = "auto",
+    max_memory: MaxMemory = None,
     as_json: Json = False,
     plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Depth profiles and the i/i+n distance heat map.")] = None,
     suggest: Annotated[str | None, typer.Option("--suggest", metavar="drop=N|bits=AVG|tie=B", help="Write a plan from the measurements.")] = None,
@@ -39,7 +40,8 @@ def analyze(
     spec = suggestions.parse_spec(suggest) if suggest else None
     if spec is not None and search_chain:
         raise SurgeryError("give --suggest or --search-chain, not both: each writes one plan")
-    session = measure.analyze(model_folder(model), data or ["builtin"], samples, seq_len, device)
+    session = measure.analyze(model_folder(model), data or ["builtin"], samples, seq_len, device,
+                              parse_max_memory(max_memory))
     analysis = session.analysis
     if plot is not None:
         from surgery.analysis.plot import plot_analysis

@@ -9,7 +9,17 @@ import typer
 
 from surgery.cli.app import app
 from surgery.cli.console import byte_progress, console, log, phase, terminate_as_interrupt
-from surgery.cli.options import Device, Force, OutOption, PlanFile, Resume, ShardSize, parse_shard_size
+from surgery.cli.options import (
+    Device,
+    Force,
+    MaxMemory,
+    OutOption,
+    PlanFile,
+    Resume,
+    ShardSize,
+    parse_max_memory,
+    parse_shard_size,
+)
 from surgery.cli.render import print_eval, print_recipe
 from surgery.formatting import human_bytes
 
@@ -24,6 +34,7 @@ def apply(
     force: Force = False,
     resume: Resume = False,
     device: Device = "auto",
+    max_memory: MaxMemory = None,
     shard_size: ShardSize = "5GB",
     fsync: Annotated[
         bool, typer.Option("--fsync/--no-fsync", help="Flush the output to disk before it appears (survives power loss).")
@@ -34,7 +45,7 @@ def apply(
     """Validate a plan against the real checkpoints, then stream the edit into the output folder."""
     from surgery import pipeline
 
-    size = parse_shard_size(shard_size)
+    size, cap = parse_shard_size(shard_size), parse_max_memory(max_memory)
 
     def written(recipe: Recipe, folder: Path, seconds: float) -> None:
         print_recipe(recipe, size)
@@ -43,7 +54,7 @@ def apply(
     hooks = pipeline.Hooks(log=log, phase=phase, progress=byte_progress, written=written, evaluated=print_eval)
     with terminate_as_interrupt():
         result = pipeline.apply(plan, out=out, force=force, resume=resume, device=device, shard_size=size, fsync=fsync,
-                                push_to=push_to, hooks=hooks)
+                                push_to=push_to, max_memory=cap, hooks=hooks)
     if result.pushed is not None:
         pushed = result.pushed
         console.print(f"[green]pushed[/] {pushed.files} files ({human_bytes(pushed.bytes)}) to {pushed.repo}: {pushed.url}")

@@ -8,7 +8,7 @@ import typer
 
 from surgery.cli.app import app
 from surgery.cli.console import phase, print_json
-from surgery.cli.options import Data, Device, Json, ModelHelp, model_folder
+from surgery.cli.options import Data, Device, Json, MaxMemory, ModelHelp, model_folder, parse_max_memory
 from surgery.cli.render import print_eval
 
 
@@ -31,21 +31,16 @@ def eval_(
         str | None,
         typer.Option("--tasks", help="lm-eval tasks, NAME[,NAME] or task .yaml files (needs surgery[lm-eval])."),
     ] = None,
-    max_memory: Annotated[
-        str | None,
-        typer.Option("--max-memory", metavar="SIZE", help="Hold at most SIZE of weights (e.g. 20GB) on the device; the "
-                     "rest wait in CPU memory, or on disk when the device is the CPU (needs surgery[offload])."),
-    ] = None,
+    max_memory: MaxMemory = None,
     as_json: Json = False,
 ) -> None:
     """Perplexity (sliding window) and tokens/s of a model, beside a base model on the same tokens."""
     from surgery.evaluation.run import EvalSettings, evaluate
-    from surgery.formatting import memory_bytes
     from surgery.output.provenance import recorded_source
 
     task_list = tuple(t.strip() for t in (tasks or "").split(",") if t.strip())
     settings = EvalSettings(tuple(data or ["builtin"]), max_tokens, window, stride, batch_size, device, dtype, task_list,
-                            None if max_memory is None else memory_bytes(max_memory, "--max-memory"))
+                            parse_max_memory(max_memory))
     folder = model_folder(model)
     reference = None if no_compare else model_folder(compare) if compare else recorded_source(folder)
     report = evaluate(folder, settings, reference, phase=phase)

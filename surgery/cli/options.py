@@ -10,6 +10,9 @@ import typer
 from surgery.evaluation.data import BUILTIN
 
 Device = Annotated[str, typer.Option(help="Where computed tensors are made: auto (CUDA when present), cpu, cuda.")]
+MaxMemory = Annotated[str | None, typer.Option(
+    "--max-memory", metavar="SIZE", help="Hold at most SIZE of a model's weights (e.g. 20GB) on the device; the rest "
+    "wait in CPU memory, or on disk when the device is the CPU (needs surgery[offload]).")]
 ModelHelp = "A model folder, a Hub id (org/name, org/name@revision) or demo:NAME."
 
 
@@ -29,6 +32,13 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 Data = Annotated[list[str] | None, typer.Option(
     "--data", help=f"{', '.join(BUILTIN)} (Python's own docs and code, never seen by the demo models' training in "
     "the -heldout and -dev splits), or a .txt/.jsonl file; repeat for several.")]
+
+
+def parse_max_memory(text: str | None) -> int | None:
+    """`--max-memory`, read before any work."""
+    from surgery.formatting import memory_bytes
+
+    return None if text is None else memory_bytes(text, "--max-memory")
 
 
 def parse_shard_size(text: str) -> int:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from surgery.errors import SurgeryError
 from surgery.evaluation.data import first_tokens
+from surgery.evaluation.models import input_device
 from surgery.recipe.stream import RecipeStreamer
 from surgery.recipe.view import ModelView
 
@@ -47,7 +48,7 @@ def forward_rows(model: Any, rows: torch.Tensor) -> Iterator[torch.Tensor]:
     """Run each row through the model alone, cache off; yield it once its forward is done."""
     import torch
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     with torch.inference_mode():
         for row in rows:
             model(input_ids=row.unsqueeze(0).to(device), use_cache=False)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from surgery.errors import SurgeryError
+from surgery.evaluation.models import input_device
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +71,7 @@ def first_layer_inputs(model: Any, layers: Any, rows: torch.Tensor) -> LayerInpu
     """Layer 0's input for every row and every layer's call, checked to replay the model's own forward."""
     import torch
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     calls: list[LayerCall | None] = [None] * len(layers)
     hidden: list[torch.Tensor] = []
     last: list[torch.Tensor] = []

@@ -41,6 +41,17 @@ class LoadedModel:
     parameters: int
     bytes_on_disk: int
 
+    def placement(self) -> str:
+        """Where it runs, for logs: the device, and what a memory cap keeps off it."""
+        placed = {str(where) for where in (getattr(self.model, "hf_device_map", None) or {}).values()}
+        away = sorted(where for where in placed if where in ("cpu", "disk") and where != self.device)
+        if not away:
+            return self.device
+        return f"{self.device}, under the memory cap: the rest waits {' and '.join(_WAITS[w] for w in away)}"
+
+
+_WAITS = {"cpu": "in CPU memory", "disk": "on disk"}
+
 
 def _load_standard(folder: Path, device: str, dtype: Any, max_memory: int | None = None) -> Any:
     from transformers import AutoModelForCausalLM

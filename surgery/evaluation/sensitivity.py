@@ -16,14 +16,16 @@ from surgery.evaluation.agreement import kl_sum, log_probs
 if TYPE_CHECKING:
     import torch
 
+    from surgery.evaluation.parameters import ParameterSlot
+
 Round = Callable[[str, "torch.Tensor", int], "torch.Tensor"]  # (name, weight, width) -> the rounded weight
 
 
-def layer_costs(model: Any, matrices: list[dict[str, Any]], widths: list[int], rounded: Round,
+def layer_costs(model: Any, matrices: list[dict[str, ParameterSlot]], widths: list[int], rounded: Round,
                 rows: torch.Tensor) -> dict[int, list[float]]:
     """KL(unquantized || only layer l at width w) in nats per token, for every width and layer l whose
-    `matrices` (its parameters by name, rounded in place and restored) are not empty; 0 for a layer with
-    nothing to quantize."""
+    `matrices` (its parameters by name, rounded where they wait and restored) are not empty; 0 for a
+    layer with nothing to quantize."""
     import torch
 
     sums = {w: [0.0] * len(matrices) for w in widths}
@@ -34,12 +36,12 @@ def layer_costs(model: Any, matrices: list[dict[str, Any]], widths: list[int], r
             for layer, params in enumerate(matrices):
                 if not params:
                     continue
-                originals = {name: p.detach().clone() for name, p in params.items()}
+                originals = {name: slot.read().clone() for name, slot in params.items()}
                 for width in widths:
-                    for name, p in params.items():
-                        p.copy_(rounded(name, originals[name], width))
+                    for name, slot in params.items():
+                        slot.write(rounded(name, originals[name], width))
                     sums[width][layer] += kl_sum(reference, log_probs(model, row))
-                for name, p in params.items():
-                    p.copy_(originals[name])
+                for slot in params.values():
+                    slot.reset()
             tokens += reference.shape[0]
     return {w: [s / tokens for s in per_layer] for w, per_layer in sums.items()}

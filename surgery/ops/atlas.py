@@ -90,8 +90,12 @@ def atlas(step: AtlasStep, view: ModelView, context: OpContext) -> ModelView:
         key = {"step": step.model_dump(mode="json"), "device": resolve_device(settings.device), "blocks": blocks,
                "base": folder_stamp(base.source.path), "models": [folder_stamp(m.source.path) for m in models],
                "texts": [text_digest(load_text(spec).text) for spec in settings.data]}
-        learned = remembered("atlas", key,
-                             lambda: learn_coefficients(base, models, block_of, blocks, settings, context.log),
+
+        def learn() -> list[list[float]]:
+            context.refuse_cap("atlas", "learning holds the base and every task vector whole on the device")
+            return learn_coefficients(base, models, block_of, blocks, settings, context.log)
+
+        learned = remembered("atlas", key, learn,
                              lambda value: isinstance(value, list) and len(value) == len(models)
                              and all(finite_numbers(row, len(blocks)) for row in value), context.log)
         coefficients = {ref: dict(zip(blocks, row)) for ref, row in zip(refs, learned)}

@@ -272,10 +272,10 @@ def _cosines(step: BitsStep, view: ModelView, context: OpContext) -> list[float]
     from surgery.evaluation.models import layer_modules
 
     calibration = step.calibration
-    loaded = load_for_eval(view.source.path, context.device, "float32")
+    loaded = load_for_eval(view.source.path, context.device, "float32", context.max_memory)
     batches = importance.calibration_batches(loaded.tokenizer, load_text(calibration.data).text, calibration.samples,
                                   calibration.seq_len, "bits.calibration")
-    context.log(f"bits: scoring {len(view.layers)} layers on {batches.numel()} calibration tokens ({loaded.device})")
+    context.log(f"bits: scoring {len(view.layers)} layers on {batches.numel()} calibration tokens ({loaded.placement()})")
     return importance.layer_cosines(loaded.model, layer_modules(loaded.model, view.layout.prefix, len(view.layers)), batches)
 
 
@@ -308,14 +308,14 @@ def _kl_costs(step: BitsStep, view: ModelView, targets: list[list[str]], transpo
     from surgery.evaluation.sensitivity import layer_costs
 
     q, calibration = step.quantizer, step.calibration
-    loaded = load_for_eval(view.source.path, context.device, "float32")
+    loaded = load_for_eval(view.source.path, context.device, "float32", context.max_memory)
     layers = layer_modules(loaded.model, view.layout.prefix, len(view.layers))
     matrices = [{s: _parameter(layers[i], s) for s in suffixes} for i, suffixes in enumerate(targets)]
     dtypes = {s: view.layers[i].tensors[s].dtype for i, suffixes in enumerate(targets) for s in suffixes}
     rows = importance.calibration_batches(loaded.tokenizer, load_text(calibration.data).text, calibration.samples,
                                           calibration.seq_len, "bits.calibration")
     context.log(f"bits: measuring what {len(widths)} width(s) cost each of {len(view.layers)} layers on "
-                f"{rows.numel()} calibration tokens ({loaded.device})")
+                f"{rows.numel()} calibration tokens ({loaded.placement()})")
 
     def rounded(suffix: str, weight: Any, width: int) -> Any:
         rtn = Rtn(width, q.group_size, q.symmetric, dtypes[suffix], transposed=transposed.get(suffix, False))
@@ -326,8 +326,11 @@ def _kl_costs(step: BitsStep, view: ModelView, targets: list[list[str]], transpo
 
 
 def _parameter(layer: Any, suffix: str) -> Any:
+    from surgery.evaluation.parameters import ParameterSlot
+
     try:
-        return layer.get_parameter(suffix)
+        layer.get_parameter(suffix)
+        return ParameterSlot(layer, suffix)
     except AttributeError:
         raise SurgeryError(f"bits: score kl rounds layers of transformers' module, where {suffix} is not a "
                            "parameter (experts are fused when loaded); use score: lim, or add 'experts' to keep"

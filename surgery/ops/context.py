@@ -15,7 +15,8 @@ from surgery.recipe.view import ModelView
 class OpContext:
     """Opens models by reference (each once), names the plan's `base:` and starting model, resolves its
     data files against the plan's folder, and collects what data-dependent fits found (learned
-    coefficients, fitted scales) for surgery.json. `resume` continues a fit interrupted before (heal)."""
+    coefficients, fitted scales) for surgery.json. `resume` continues a fit interrupted before (heal).
+    `max_memory` caps the bytes of weights a fit's model holds on its device (the rest wait on disk)."""
 
     open_model: Callable[[str], ModelView]
     base_ref: str | None = None
@@ -25,6 +26,12 @@ class OpContext:
     start_ref: str | None = None
     folder: Path | None = None
     resume: bool = False
+    max_memory: int | None = None
+
+    def refuse_cap(self, op: str, why: str) -> None:
+        """A fit that cannot keep to a memory cap refuses it, before anything is written."""
+        if self.max_memory is not None:
+            raise SurgeryError(f"{op}: {why}, so it cannot keep to --max-memory; run this plan without it")
 
     def data_path(self, spec: str) -> str:
         """A plan's `data:` entry as load_text reads it: built-in names as they are, files relative to the plan."""

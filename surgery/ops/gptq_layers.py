@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from surgery.checkpoint.blocks import torch_dtype
 from surgery.checkpoint.modules import is_expert
@@ -20,13 +20,11 @@ from surgery.checkpoint.reader import ShardHeader, read_shard_header
 from surgery.compute.gptq import GptqSettings, Hessian, gptq, output_error
 from surgery.compute.quantize import Quantized, quantize, require_finite
 from surgery.errors import SurgeryError
+from surgery.evaluation.parameters import ParameterSlot
 from surgery.ops.context import OpContext
 from surgery.ops.fit_memo import fit_folder, folder_stamp, save_fit_tensors, text_digest
 from surgery.recipe.tensor import TensorRecipe
 from surgery.recipe.view import ModelView
-
-if TYPE_CHECKING:
-    pass
 
 PARTS = ("values", "scale", "zero")
 
@@ -111,7 +109,7 @@ def _calibrate(settings: GptqSettings, calibration: Any, text: str, view: ModelV
     from surgery.evaluation.models import layer_modules
     from surgery.evaluation.token_importance import layer_importance
 
-    loaded = load_for_eval(view.source.path, context.device, "float32")
+    loaded = load_for_eval(view.source.path, context.device, "float32", context.max_memory)
     layers = layer_modules(loaded.model, view.layout.prefix, len(view.layers))
     rows = calibration_batches(loaded.tokenizer, text, calibration.samples, calibration.seq_len, "bits.calibration")
     modules = [{s: _linear(layers[i], s, view.layers[i].tensors[s].shape) for s in p.suffixes} if p else {}
@@ -119,11 +117,11 @@ def _calibrate(settings: GptqSettings, calibration: Any, text: str, view: ModelV
     for index, planned in enumerate(modules):  # before calibrating: inf or NaN would spread through it
         for suffix, module in planned.items():
             try:
-                require_finite(module.weight.detach(), "GPTQ", "bits")
+                require_finite(module.read(), "GPTQ", "bits")
             except SurgeryError as e:
                 raise SurgeryError(f"bits: layer {index} {suffix} {e}") from None
     context.log(f"gptq: calibrating {sum(p is not None for p in plans)} layers in order on {rows.numel()} tokens "
-                f"({loaded.device})")
+                f"({loaded.placement()})")
     weighted = settings.token_importance == "attention"
     if weighted:
         loaded.model.set_attn_implementation("eager")  # the only one that returns attention probabilities
@@ -135,9 +133,9 @@ def _calibrate(settings: GptqSettings, calibration: Any, text: str, view: ModelV
             _set_weights(modules[index], _read_layer(path, plan))
         elif plan is not None:
             importance = layer_importance(inputs, index, layers[index]) if weighted else None
-            hessians = {s: Hessian(m.in_features, m.weight.device) for s, m in modules[index].items()}
+            hessians = {s: Hessian(m.module.in_features, loaded.device) for s, m in modules[index].items()}
             row = [0]
-            handles = [m.register_forward_pre_hook(
+            handles = [m.module.register_forward_pre_hook(
                 lambda _, args, h=hessians[s]: h.add(args[0], None if importance is None else importance[row[0]]))
                 for s, m in modules[index].items()]
             try:
@@ -154,19 +152,21 @@ def _calibrate(settings: GptqSettings, calibration: Any, text: str, view: ModelV
                         f"(RTN {errors['rtn']:.3g})")
         if any(p is not None for p in plans[index + 1:]):
             inputs.run(index, layers[index])
+        for module in modules[index].values():
+            module.reset()  # the layers after it have its outputs; under a memory cap, this frees its weights
     del loaded, inputs
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def _quantize_layer(settings: GptqSettings, index: int, plan: LayerPlan, modules: dict[str, Any],
+def _quantize_layer(settings: GptqSettings, index: int, plan: LayerPlan, modules: dict[str, ParameterSlot],
                     hessians: dict[str, Hessian]) -> tuple[dict[str, Quantized], dict[str, Any]]:
     """Each module by GPTQ (RTN where calibration never reached it: an MoE expert no token chose), and the
     layer's output error relative to its output, GPTQ's and RTN's, on the same Hessians."""
     quantized, unseen = {}, []
     totals = {"gptq": 0.0, "rtn": 0.0, "output": 0.0}
     for (suffix, module), dtype in zip(modules.items(), plan.dtypes):
-        weight, hessian = module.weight.detach(), hessians[suffix]
+        weight, hessian = module.read(), hessians[suffix]
         rtn = quantize(weight, plan.bits, settings.group_size, settings.symmetric, torch_dtype(dtype))
         if hessian.rows == 0:
             quantized[suffix] = rtn
@@ -183,7 +183,8 @@ def _quantize_layer(settings: GptqSettings, index: int, plan: LayerPlan, modules
     return quantized, {"gptq": totals["gptq"] / scale, "rtn": totals["rtn"] / scale, "unseen": unseen}
 
 
-def _linear(layer: Any, suffix: str, shape: tuple[int, ...]) -> Any:
+def _linear(layer: Any, suffix: str, shape: tuple[int, ...]) -> ParameterSlot:
+    """The weight of a linear layer of transformers' module, wherever a memory cap placed it."""
     import torch
 
     try:
@@ -195,16 +196,13 @@ def _linear(layer: Any, suffix: str, shape: tuple[int, ...]) -> Any:
         keep = "'experts'" if is_expert(suffix) else "it"
         raise SurgeryError(f"bits: quantizer gptq calibrates linear layers, and {suffix} is {kind}; add {keep} to "
                            "keep, or use quantizer.method: rtn")
-    return module
+    return ParameterSlot(module, "weight")
 
 
-def _set_weights(modules: dict[str, Any], quantized: dict[str, Quantized]) -> None:
+def _set_weights(modules: dict[str, ParameterSlot], quantized: dict[str, Quantized]) -> None:
     """The layer as written, so the layers after it calibrate on the inputs the output model makes."""
-    import torch
-
-    with torch.no_grad():
-        for suffix, module in modules.items():
-            module.weight.copy_(quantized[suffix].dequantized().to(module.weight.device, module.weight.dtype))
+    for suffix, module in modules.items():
+        module.write(quantized[suffix].dequantized())
 
 
 def _layer_file(folder: Path, index: int) -> Path:

@@ -163,6 +163,7 @@ def heal(step: HealStep, view: ModelView, context: OpContext) -> ModelView:
     folder = fit_folder("heal", key)
     header = _healed(folder)
     if header is None:
+        context.refuse_cap("heal", "it trains its student whole on the device")
         _fit(step, parts, view, compact, teacher, texts, device, folder, context)
         header = _healed(folder)
         if header is None:

@@ -111,9 +111,11 @@ class Recipe:
 
 
 def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: str = "auto",
-            base_dir: str | Path | None = None, replacing: bool = True, resume: bool = False) -> Recipe:
-    """Open a plan's checkpoints' headers, run its data-dependent fits (on `device`) and its ops into
-    one view, and check everything that can be checked before writing.
+            base_dir: str | Path | None = None, replacing: bool = True, resume: bool = False,
+            max_memory: int | None = None) -> Recipe:
+    """Open a plan's checkpoints' headers, run its data-dependent fits (on `device`, at most `max_memory`
+    bytes of weights there) and its ops into one view, and check everything that can be checked before
+    writing.
 
     `plan` is a plan file (its paths are relative to its folder) or a Plan built in code (paths
     relative to `base_dir`, default the current folder); `output` overrides the plan's `output`.
@@ -152,7 +154,7 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
     with _located(plan_path, ("model",) if plan.model else ("steps", 0), lines):
         view = open_model(primary)
     context = OpContext(open_model, plan.base, device, log=lambda line: print(line, file=sys.stderr),
-                        start_ref=primary, folder=folder, resume=resume)
+                        start_ref=primary, folder=folder, resume=resume, max_memory=max_memory)
     if translation is not None:
         for note in translation.notes:
             context.log(f"note: {note}")
@@ -183,7 +185,7 @@ def resolve(plan: str | Path | Plan, output: str | Path | None = None, device: s
         raise SurgeryError(f"evaluate.compare_to: {reference} overlaps the output {out}: the output would be scored "
                            "beside itself; name another model to compare it to")
     recipe = Recipe(plan, plan_path, out, view, sources, tuple(fits), reference, verification, plan_text, translation)
-    _check_evaluation(plan.evaluate, recipe.config, reference)
+    _check_evaluation(plan.evaluate, recipe.config, reference, max_memory)
     return recipe
 
 
@@ -253,8 +255,10 @@ def _reference_model(plan: Plan, section: EvaluateSection, resolve_ref: Any, pri
     return resolve_ref(section.compare_to)
 
 
-def _check_evaluation(section: EvaluateSection, output_config: dict[str, Any], reference: Path) -> None:
-    """Everything about scoring that can be checked before writing: names, files, an LM head."""
+def _check_evaluation(section: EvaluateSection, output_config: dict[str, Any], reference: Path,
+                      max_memory: int | None) -> None:
+    """Everything about scoring that can be checked before writing: names, files, an LM head, and that
+    the models can load under the memory cap (`max_memory`, from the command line, or the section's)."""
     check_device_name(section.device)
     if section.dtype not in DTYPES:
         raise SurgeryError(f"evaluate.dtype: unknown dtype {section.dtype!r}; use {', '.join(DTYPES)}")
@@ -269,11 +273,12 @@ def _check_evaluation(section: EvaluateSection, output_config: dict[str, Any], r
     require_causal_lm(output_config, "the output")
     if not reference.is_dir():
         raise SurgeryError(f"evaluate.compare_to: {reference} does not exist")
-    if section.max_memory is not None:
+    if max_memory is not None or section.max_memory is not None:
         from surgery.checkpoint.reader import read_config
 
-        for config, what in ((output_config, "evaluate.max_memory: the output"),
-                             (read_config(reference), f"evaluate.max_memory: the reference {reference}")):
+        cap = "--max-memory" if max_memory is not None else "evaluate.max_memory"
+        for config, what in ((output_config, f"{cap}: the output"),
+                             (read_config(reference), f"{cap}: the reference {reference}")):
             refusal = cap_refusal(config, what)
             if refusal is not None:
                 raise SurgeryError(refusal)
