@@ -37,6 +37,7 @@ def test_a_model_larger_than_the_cap_waits_on_disk_and_scores_as_uncapped(cli):
     capped = cli(*args, "--max-memory", CAP)
     assert capped.code == 0, capped.err
     assert json.loads(capped.out)["perplexity"] == pytest.approx(uncapped["perplexity"], rel=1e-6)
+    assert json.loads(capped.out)["max_memory"] == 2 << 20 and "max_memory" not in uncapped  # tokens/s pays for it
 
 
 @needs_accelerate

@@ -51,6 +51,7 @@ def print_eval(report: EvalReport) -> None:
     console.print(
         f"{report.parameters:,} parameters on {report.device} ({report.dtype}), window {report.window}, "
         f"stride {report.stride}: {report.tokens_per_second:,.0f} tokens/s"
+        + ("" if report.max_memory is None else f" (at most {human_bytes(report.max_memory)} of weights on the device)")
     )
     if report.base:
         console.print(f"reference: {report.base} ({report.base_tokens_per_second:,.0f} tokens/s)")

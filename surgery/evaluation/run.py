@@ -67,6 +67,7 @@ class EvalReport:
     delta: float | None = None
     tasks: dict[str, dict[str, float]] | None = None
     base_tasks: dict[str, dict[str, float]] | None = None
+    max_memory: int | None = None  # the memory cap it was scored under, bytes (tokens/s pays for it)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -104,7 +105,7 @@ def evaluate(model_path: str | Path, settings: EvalSettings = EvalSettings(),
     with phase(f"scoring {model_path} on {what}"):
         scores, report_tasks = _score(loaded, token_ids, window, stride, settings)
     report = _report(str(model_path), loaded, window, stride, texts, scores)
-    report.tasks = report_tasks
+    report.tasks, report.max_memory = report_tasks, settings.max_memory
     if compare is not None:
         reference = load_for_eval(compare, settings.device, settings.dtype, settings.max_memory)
         for text, ids in zip(texts, token_ids):
