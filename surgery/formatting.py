@@ -20,6 +20,8 @@ def byte_size(size: int | str, what: str, least: int = 1000) -> int:
     from huggingface_hub.serialization._base import parse_size_to_int
 
     value = str(size).strip()
+    if value[-1:].upper() == "B" and value[:-1].strip().isdigit():  # a count of bytes with its unit: 2097152B
+        value = value[:-1].strip()
     binary = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
     try:
         unit = next((u for u in binary if value.upper().endswith(u)), None)

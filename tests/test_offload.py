@@ -211,3 +211,11 @@ def test_a_parameter_is_read_written_and_reset_wherever_the_cap_placed_it(layer)
     assert torch.equal(slot.read(), stored * 2)
     slot.reset()
     assert torch.equal(slot.read(), stored)
+
+
+@pytest.mark.parametrize("size, expected", [("2097152", 2 << 20), ("2097152B", 2 << 20), ("2MiB", 2 << 20),
+                                            ("2.5GB", 2_500_000_000)])
+def test_a_cap_reads_bytes_with_or_without_their_unit(size, expected):
+    from surgery.formatting import memory_bytes
+
+    assert memory_bytes(size) == expected
