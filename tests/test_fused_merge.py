@@ -98,7 +98,7 @@ def test_trimmed_merges_give_the_torch_computes_bits_and_the_same_cuts(name, dty
     merge = SparseMerge(tuple(ModelTrim(w, d) for w, d in settings), (N,), trim="magnitude", consensus=consensus,
                         normalize=normalize, lam=lam)
     by_torch = merge.prepare(lambda: iter([Block([t.float().clone() for t in inputs], 0)]))
-    raw = lambda: iter([RawBlock(0, tuple(_raw(t) for t in inputs), dtype)])  # noqa: E731
+    raw = lambda sampled=False: iter([RawBlock(0, tuple(_raw(t) for t in inputs), dtype)])  # noqa: E731
     by_kernel = merge.prepare(_RawAndTorch(lambda: iter([Block([t.float().clone() for t in inputs], 0)]), raw))
     assert by_kernel.keeps == by_torch.keeps
     _assert_same_bits(by_torch, by_kernel.fused_pass(), inputs, dtype, out_dtype)
@@ -122,7 +122,7 @@ def test_cuts_across_blocks_equal_one_pass():
     whole = merge.prepare(lambda: iter([Block([t.float().clone() for t in inputs], 0)]))
     step = 97
 
-    def raw():
+    def raw(sampled=False):
         for start in range(0, N, step):
             yield RawBlock(start, tuple(_raw(t[start:start + step]) for t in inputs), "BF16")
 
@@ -218,5 +218,31 @@ def test_a_large_block_counted_on_two_threads_gives_the_same_cuts():
     inputs = [torch.randn(n, generator=generator).to(torch.bfloat16) for _ in range(3)]
     merge = SparseMerge((ModelTrim(0.5, 0.3), ModelTrim(0.5, 0.5)), (n,), trim="magnitude", consensus=True)
     whole = merge.prepare(lambda: iter([Block([t.float().clone() for t in inputs], 0)]))
-    raw = lambda: iter([RawBlock(0, tuple(_raw(t) for t in inputs), "BF16")])  # noqa: E731
+    raw = lambda sampled=False: iter([RawBlock(0, tuple(_raw(t) for t in inputs), "BF16")])  # noqa: E731
     assert merge.prepare(_RawAndTorch(lambda: iter(()), raw)).keeps == whole.keeps
+
+
+def _raw_in_blocks(inputs: list[torch.Tensor], dtype: str, step: int):
+    n = inputs[0].numel()
+    return lambda sampled=False: (RawBlock(start, tuple(_raw(t[start:start + step]) for t in inputs), dtype)
+                    for start in range(0, n, step))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("margin", [fused._MARGIN, 0.0])  # 0: brackets too narrow, most cuts from the radix select
+def test_cuts_bracketed_by_a_sample_equal_the_radix_selects(dtype, margin, monkeypatch):
+    """The sampled bracket and the window pass give the radix select's cut (value and tie position) for
+    any rank, across blocks, with many equal magnitudes; where the bracket misses, the radix select's."""
+    monkeypatch.setattr(fused, "_MARGIN", margin)
+    monkeypatch.setattr(fused, "_WHOLE_SAMPLE", 1 << 12)  # small tensors sampled too, as large ones are
+    generator = torch.Generator().manual_seed(11)
+    n = 70_001
+    inputs = [torch.randn(n, generator=generator).to(DTYPES[dtype]) for _ in range(4)]
+    steps = torch.randint(-3, 4, (n,), generator=generator).float() * 0.25
+    inputs[2] = (inputs[0].float() + steps).to(DTYPES[dtype])  # few distinct magnitudes: ties at every cut
+    inputs[3] = (inputs[0].float() + torch.linspace(0, 4, n)).to(DTYPES[dtype])  # magnitude grows with position
+    for counts in ([1, n // 2, n - 1], [n // 3, None, 7], [None, 5, n // 10]):
+        for step in (n, 4096 + 3):
+            raw = _raw_in_blocks(inputs, dtype, step)
+            assert fused.top_magnitude_cuts(raw, counts, n) == fused._radix_cuts(raw, counts, n), (counts, step)

@@ -6,7 +6,7 @@ for the same numbers (decode each input, subtract, scale, add, encode); fused, a
 what reading its inputs costs. The arithmetic is that path's, operation for operation and in the same
 order (compiled with -ffp-contract=off, so no multiply-add is fused), so both give the same bits.
 Optional: without a C compiler the torch path runs. TIES' magnitude trim and sign election have their
-own passes here too (magnitude_counts, nth_equal, ties: below).
+own passes here too (magnitude_window, magnitude_counts, nth_equal, ties: below).
 
 combine(out, out_dtype, inputs, dtype, coefficients, has_base, centered, zero_start, divisor, factor)
   inputs      buffers of the same number of elements, all of `dtype` ("BF16", "F16" or "F32"); with
@@ -248,10 +248,11 @@ done:
 
 
 /* ---- TIES -------------------------------------------------------------------------------------------------
-The exact k-th largest |tau_t| = |m_t - b| of a tensor is found by a radix select on its float32 bits, as
-surgery/compute/select.py does it: magnitude_counts histograms the high 16 bits, then the low 16 bits of
-the entries in the bin that holds the rank; nth_equal finds where the n-th entry equal to the cut sits.
-ties then makes the merge: SparseMerge.__call__ (surgery/compute/sparse.py) operation for operation. */
+The exact k-th largest |tau_t| = |m_t - b| of a tensor: magnitude_window (below) finds it in one pass where
+a sample brackets it; elsewhere a radix select on its float32 bits, as surgery/compute/select.py does it:
+magnitude_counts histograms the high 16 bits, then the low 16 bits of the entries in the bin that holds
+the rank; nth_equal finds where the n-th entry equal to the cut sits. ties then makes the merge:
+SparseMerge.__call__ (surgery/compute/sparse.py) operation for operation. */
 
 #define BINS 65536
 #define SPLIT 4 /* copies of each high histogram, lanes spread over them: runs of one bin do not wait on each other */
@@ -536,10 +537,124 @@ done:
     return result;
 }
 
+/* ---- the window of a cut ----------------------------------------------------------------------------------
+One pass that places the k-th largest |tau_t| exactly when a sample has bracketed it: per model, how many
+entries' magnitude bits lie above highs[k] (`above`), and every entry with lows[k] <= bits <= highs[k], its
+bits and position (from `offset`), kept while `capacity` lasts (`collected` counts them all). With `every`
+above 1 only one CHUNK of each `every` is read: the sample that sets the window. Comparisons, not a
+histogram's scattered increments, so it runs at the speed of reading the inputs. */
+
+typedef struct {
+    uint32_t low[MAX_INPUTS], high[MAX_INPUTS];
+    int64_t above[MAX_INPUTS], collected[MAX_INPUTS];
+    uint32_t *bits;
+    int64_t *positions;
+    Py_ssize_t capacity, every, offset;
+} window;
+
+INLINE void keep_entry(window *w, int k, uint32_t u, Py_ssize_t at) {
+    int64_t got = w->collected[k]++;
+    if (got < w->capacity) {
+        w->bits[(Py_ssize_t)k * w->capacity + got] = u;
+        w->positions[(Py_ssize_t)k * w->capacity + got] = w->offset + at;
+    }
+}
+
+INLINE void magnitude_window_body_any(const char *const *in, int models, enum dtype t, window *w, Py_ssize_t n) {
+    for (Py_ssize_t c = 0; c < n; c += CHUNK * w->every) {
+        const Py_ssize_t end = c + CHUNK < n ? c + CHUNK : n;
+        for (int k = 0; k < models; k++) {
+            const char *m = in[k + 1];
+            const uint32_t low = w->low[k], high = w->high[k];
+            vi over = {0};
+            Py_ssize_t i = c;
+            for (; i + LANES <= end; i += LANES) {
+                vu u = magnitude_bits(m, in[0], t, i);
+                over -= (vi)(u > high);
+                vi inside = (vi)((u >= low) & (u <= high));
+                if (!memcmp(&inside, &(vi){0}, sizeof inside)) continue;
+                int64_t got = w->collected[k];
+                if (got + LANES <= w->capacity) { /* branch-free: every lane written, the count moved past the kept */
+                    uint32_t *bits = w->bits + (Py_ssize_t)k * w->capacity;
+                    int64_t *positions = w->positions + (Py_ssize_t)k * w->capacity;
+                    for (int l = 0; l < LANES; l++) {
+                        bits[got] = u[l];
+                        positions[got] = w->offset + i + l;
+                        got -= inside[l];
+                    }
+                    w->collected[k] = got;
+                } else {
+                    for (int l = 0; l < LANES; l++) if (inside[l]) keep_entry(w, k, u[l], i + l);
+                }
+            }
+            for (int l = 0; l < LANES; l++) w->above[k] += over[l];
+            for (; i < end; i++) {
+                uint32_t u = magnitude_bits1(m, in[0], t, i);
+                w->above[k] += u > high;
+                if (u >= low && u <= high) keep_entry(w, k, u, i);
+            }
+        }
+    }
+}
+VERSIONED(magnitude_window_body, (const char *const *in, int models, enum dtype t, window *w, Py_ssize_t n),
+          (in, models, t, w, n))
+
+static PyObject *magnitude_window(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer bits, positions, views[MAX_INPUTS];
+    PyObject *inputs, *lows, *highs, *result = NULL;
+    const char *in_name, *in[MAX_INPUTS];
+    int held = 0;
+    Py_ssize_t every, offset;
+    if (!PyArg_ParseTuple(args, "w*w*OsOOnn", &bits, &positions, &inputs, &in_name, &lows, &highs, &every, &offset))
+        return NULL;
+    enum dtype t;
+    Py_ssize_t size, n = -1;
+    window w = {.every = every, .offset = offset};
+    if (parse_dtype(in_name, &t, &size) < 0 || get_inputs(inputs, 2, views, &held, in, size, &n) < 0) goto done;
+    int models = held - 1;
+    w.capacity = bits.len / ((Py_ssize_t)models * (Py_ssize_t)sizeof(uint32_t));
+    if (!PyTuple_Check(lows) || !PyTuple_Check(highs) || PyTuple_GET_SIZE(lows) != models
+        || PyTuple_GET_SIZE(highs) != models || every < 1
+        || bits.len != w.capacity * models * (Py_ssize_t)sizeof(uint32_t)
+        || positions.len != w.capacity * models * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "magnitude_window: a low and a high bound per model, capacity uint32 bits "
+                                          "and int64 positions per model, every >= 1");
+        goto done;
+    }
+    for (int k = 0; k < models; k++) {
+        w.low[k] = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(lows, k));
+        w.high[k] = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(highs, k));
+        if (PyErr_Occurred()) goto done;
+    }
+    w.bits = bits.buf;
+    w.positions = positions.buf;
+    Py_BEGIN_ALLOW_THREADS
+    /* as magnitude_counts: the last entries, whose lane-0 loads would read past the end, through a padded copy */
+    Py_ssize_t safe = n > LANES ? n - LANES + 1 : 0;
+    magnitude_window_body(in, models, t, &w, safe);
+    if (safe < n) {
+        const char *tail_in[MAX_INPUTS];
+        padded_tail(in, models + 1, safe, n, size, tail_in);
+        w.offset += safe;
+        magnitude_window_body(tail_in, models, t, &w, n - safe);
+    }
+    Py_END_ALLOW_THREADS
+    result = PyTuple_New(models);
+    for (int k = 0; result != NULL && k < models; k++)
+        PyTuple_SET_ITEM(result, k, Py_BuildValue("(LL)", (long long)w.above[k], (long long)w.collected[k]));
+done:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&views[k]);
+    PyBuffer_Release(&bits);
+    PyBuffer_Release(&positions);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"combine", combine, METH_VARARGS,
      "combine(out, out_dtype, inputs, dtype, coefficients, has_base, centered, zero_start, divisor, factor)"},
     {"magnitude_counts", magnitude_counts, METH_VARARGS, "magnitude_counts(counts, inputs, dtype, wanted)"},
+    {"magnitude_window", magnitude_window, METH_VARARGS,
+     "magnitude_window(bits, positions, inputs, dtype, lows, highs, every, offset) -> ((above, collected), ...)"},
     {"nth_equal", nth_equal, METH_VARARGS, "nth_equal(inputs, dtype, model, value_bits, nth) -> (count, at)"},
     {"ties", ties, METH_VARARGS,
      "ties(out, out_dtype, inputs, dtype, kinds, values, limits, weights, scales, consensus, normalize, divisor, lam)"},

@@ -3,9 +3,11 @@ bytes out, with the torch path's arithmetic in the same order, so both give the 
 
 - A weighted sum of the inputs: task arithmetic, linear, and slerp, multislerp, karcher, model_stock
   once their per-tensor coefficients are solved.
-- TIES and the task-arithmetic family with magnitude trims: the exact top-k cut of each task vector by a
-  radix select on the magnitudes' bits (select.py's algorithm, with its histograms made in C), then
-  trim, sign election and the disjoint mean in one pass.
+- TIES and the task-arithmetic family with magnitude trims: the exact top-k cut of each task vector, then
+  trim, sign election and the disjoint mean in one pass. The cut: a sample (one chunk in SAMPLE_EVERY)
+  brackets it, one pass counts the entries above the bracket and collects those inside it, and the cut
+  is chosen among those; where the bracket missed, a radix select on the magnitudes' bits (select.py's
+  algorithm, its histograms made in C) finds it. Either way the same cut.
 
 A compute offers a pass through `fused_pass()` (None where the kernels are not built); its `prepare` is
 handed blocks that also read raw (recipe/raw.py), which the magnitude cuts use."""
@@ -16,6 +18,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import numpy as np
 
@@ -23,11 +26,16 @@ from surgery.checkpoint.reader import DTYPE_SIZES
 from surgery.recipe.raw import RawBlock, RawBlocks
 
 try:
-    from surgery.compute._combine import combine, magnitude_counts, nth_equal, ties
+    from surgery.compute._combine import combine, magnitude_counts, magnitude_window, nth_equal, ties
 except ImportError:  # built without a C compiler: the torch path computes the same bits
-    combine = magnitude_counts = nth_equal = ties = None
+    combine = magnitude_counts = magnitude_window = nth_equal = ties = None
 
 _BINS = 1 << 16
+_CHUNK = 512  # the kernels' chunk: the sample reads whole ones
+SAMPLE_EVERY = 128  # the sample reads one chunk in this many (all of a tensor too small for a sample to pay)
+_WHOLE_SAMPLE = 1 << 16  # entries below which the sample is the tensor itself
+_MARGIN = 8.0  # standard deviations of the sample's rank either side of the cut's estimate
+_ALL_BITS = 0xFFFFFFFF
 _HELPERS = min(1, (os.cpu_count() or 1) - 1)  # a second core counts half of each block's magnitudes
 
 
@@ -84,7 +92,109 @@ class TrimmedSum:
 
 def top_magnitude_cuts(raw: RawBlocks, counts: list[int | None], n: int) -> list[tuple[float, int] | None]:
     """Per model, the (value, position) cut that keeps exactly counts[model] of the largest |model - base|,
-    ties at the last one kept by lowest position (select.top_cuts' cut, found in C); None where counts is."""
+    ties at the last one kept by lowest position (select.top_cuts' cut, found in C); None where counts is.
+    Two passes where the sample brackets a cut (a sample, then the window), the radix select where not."""
+    assert magnitude_window is not None
+    every = 1 if n < _WHOLE_SAMPLE else SAMPLE_EVERY
+    sample = _collected(raw, [(0, _ALL_BITS) if k is not None else (1, 0) for k in counts], every,
+                        2 * -(-n // (_CHUNK * every)) * _CHUNK + 4096)  # twice what it reads: blocks restart it
+    bounds = [None if k is None else _bracket(sample[t][1], n - k, n) for t, k in enumerate(counts)]
+    capacity = max((b[2] for b in bounds if b is not None), default=0)
+    inside = _collected(raw, [(1, 0) if b is None else b[:2] for b in bounds], 1, capacity)
+    cuts = [None if k is None else _cut_in_window(*inside[t], k, n, capacity) for t, k in enumerate(counts)]
+    missed = [None if k is None or cut is not None else k for k, cut in zip(counts, cuts, strict=True)]
+    if any(k is not None for k in missed):
+        cuts = [cut or radix for cut, radix in zip(cuts, _radix_cuts(raw, missed, n), strict=True)]
+    return cuts
+
+
+def _collected(raw: RawBlocks, bounds: list[tuple[int, int]], every: int, capacity: int
+               ) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
+    """Per model: how many magnitudes (as float32 bits) lie above its bounds, those within them (bits and
+    positions, in order, as many as `capacity` holds) and how many there were in all. Each block's halves
+    are read on two threads (the GIL is released), the second half's finds placed after the first's."""
+    assert magnitude_window is not None
+    models = len(bounds)
+    bits = np.empty((models, capacity), dtype=np.uint32)
+    positions = np.empty((models, capacity), dtype=np.int64)
+    above, got = [0] * models, [0] * models
+    lows, highs = tuple(b[0] for b in bounds), tuple(b[1] for b in bounds)
+    parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per thread: flat buffers, reused block after block
+
+    def scan(part: int, inputs: tuple[memoryview, ...], dtype: str, start: int, room: int) -> Any:
+        if part not in parts or len(parts[part][0]) < models * room:
+            parts[part] = (np.empty(models * room, np.uint32), np.empty(models * room, np.int64))
+        part_bits, part_positions = (a[:models * room] for a in parts[part])
+        return magnitude_window(memoryview(part_bits), memoryview(part_positions), inputs, dtype, lows, highs,
+                                every, start)
+
+    def place(found: Any, part: int, room: int) -> None:
+        part_bits, part_positions = (a[:models * room].reshape(models, room) for a in parts[part])
+        for t, (over, count) in enumerate(found):
+            if got[t] + count <= capacity and count <= room:
+                bits[t, got[t]:got[t] + count] = part_bits[t, :count]
+                positions[t, got[t]:got[t] + count] = part_positions[t, :count]
+            else:
+                count = capacity + 1  # overflowed: its cut comes from the radix select
+            above[t] += over
+            got[t] += count
+
+    for block in raw(sampled=every > 1):
+        room = max([capacity - g for g in got if g <= capacity] or [0])  # an overflowed model's cut: the radix select's
+        size = len(block.inputs[0]) // DTYPE_SIZES[block.dtype]
+        if size < 1 << 16 or not _HELPERS:
+            place(scan(0, block.inputs, block.dtype, block.start, room), 0, room)
+            continue
+        cut = size // 2 // (_CHUNK * every) * (_CHUNK * every)  # whole sampled chunks in the first half
+        width = cut * DTYPE_SIZES[block.dtype]
+        later = _pool().submit(scan, 1, tuple(v[width:] for v in block.inputs), block.dtype, block.start + cut, room)
+        first = scan(0, tuple(v[:width] for v in block.inputs), block.dtype, block.start, room)
+        second = later.result()
+        place(first, 0, room)
+        place(second, 1, room)
+    return [(above[t], bits[t, :min(got[t], capacity)], positions[t, :min(got[t], capacity)], got[t])
+            for t in range(models)]
+
+
+def _bracket(sample: np.ndarray, rank: int, n: int) -> tuple[int, int, int]:
+    """Bounds (as magnitude bits) that hold the entry of ascending `rank` among n, with a margin of
+    _MARGIN standard deviations of where the sample places it, and room for what they will collect."""
+    size = len(sample)
+    if size == 0:
+        return 0, _ALL_BITS, n
+    p = rank / n
+    middle, spread = p * size, _MARGIN * float(np.sqrt(size * p * (1 - p))) + 16
+    low_rank, high_rank = int(middle - spread), int(middle + spread) + 1
+    picks = [r for r in (low_rank, high_rank) if 0 <= r < size]
+    chosen = np.partition(sample, picks) if picks else sample
+    low = int(chosen[low_rank]) if 0 <= low_rank < size else 0
+    high = int(chosen[high_rank]) if 0 <= high_rank < size else _ALL_BITS
+    expected = (min(high_rank, size) - max(low_rank, 0)) / size * n
+    return low, high, int(2 * expected) + 4096
+
+
+def _cut_in_window(above: int, bits: np.ndarray, positions: np.ndarray, collected: int, k: int, n: int,
+                   capacity: int) -> tuple[float, int] | None:
+    """The cut keeping the k largest, from the entries inside the bracket; None when the bracket missed it
+    (the k-th largest lies above or below it) or overflowed its room."""
+    need = k - above  # how many of the bracket's entries are kept, the largest first
+    if collected > capacity or need <= 0 or need > collected:
+        return None
+    low = int(bits.min())
+    if int(bits.max()) - low < 4 * collected:  # a narrow bracket: counted per value, not sorted
+        per_value = np.bincount(bits - np.uint32(low))
+        from_top = np.cumsum(per_value[::-1])
+        value = np.uint32(low + len(per_value) - 1 - int(np.searchsorted(from_top, need)))
+    else:
+        value = np.partition(bits, collected - need)[collected - need]  # the smallest entry kept
+    equal = positions[bits == value]
+    nth = need - int(np.count_nonzero(bits > value))  # how many of the entries equal to it are kept
+    position = n if nth >= len(equal) else int(equal[nth])
+    return float(np.array([value], dtype=np.uint32).view(np.float32)[0]), position
+
+
+def _radix_cuts(raw: RawBlocks, counts: list[int | None], n: int) -> list[tuple[float, int] | None]:
+    """top_magnitude_cuts by a radix select on the magnitudes' bits: high 16 bits, then low 16 bits."""
     assert magnitude_counts is not None and nth_equal is not None
     high = _counted(raw, tuple(-2 if k is None else -1 for k in counts))
     placed = [None if k is None else _bin_of(high[t * _BINS:(t + 1) * _BINS], n - k) for t, k in enumerate(counts)]

@@ -169,7 +169,8 @@ class SparseMerge(Update):
         return spread.mul_(2 * settings.epsilon).add_(settings.density - settings.epsilon).view(-1)
 
     def _keeps(self, blocks: Blocks) -> tuple[Keep, ...]:
-        """Each model's trim, prepared: for magnitude and outliers, the exact cuts (up to three streaming passes)."""
+        """Each model's trim, prepared: for magnitude and outliers, the exact cuts (fused: a sampled pass and a
+        window pass where the sample brackets the cut; otherwise up to three streaming passes)."""
         n = numel(self.shape)
         keeps = [_plain_keep(self.trim, m, n) for m in self.models]
         if all(keeps):

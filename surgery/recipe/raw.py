@@ -3,7 +3,7 @@ how a pass writes its output block. The streamer makes the parts; the computes d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,7 +19,10 @@ class RawBlock:
     dtype: str
 
 
-RawBlocks = Callable[[], Iterator[RawBlock]]  # a fresh pass; each block's views are valid until the next
+class RawBlocks(Protocol):
+    def __call__(self, sampled: bool = False) -> Iterator[RawBlock]:
+        """A fresh pass; each block's views are valid until the next. `sampled`: the pass reads a small part
+        of each block, so its pages are not read in ahead."""
 
 
 class FusedPass(Protocol):

@@ -110,15 +110,17 @@ class RecipeStreamer:
             self._pin_threads()  # its statistics (slerp's angles) may be found by torch, in prepare
         return self.prepared(recipe).fused_pass()
 
-    def _raw_blocks(self, recipe: TensorRecipe) -> Iterator[RawBlock]:
-        """The inputs' stored bytes, part by part, straight from the page cache through memory maps."""
+    def _raw_blocks(self, recipe: TensorRecipe, sampled: bool = False) -> Iterator[RawBlock]:
+        """The inputs' stored bytes, part by part, straight from the page cache through memory maps (read in
+        ahead, unless the pass only samples them)."""
         total = numel(recipe.shape)
         dtype = recipe.inputs[0].dtype
         for start in range(0, total, FUSED_BLOCK_ELEMENTS):
             stop = min(total, start + FUSED_BLOCK_ELEMENTS)
             with ExitStack() as maps:
-                yield RawBlock(start, tuple(maps.enter_context(self.reader.mapped(r.stored, start, stop, populate=True))
-                                            for r in recipe.inputs), dtype)
+                views = (maps.enter_context(self.reader.mapped(r.stored, start, stop, populate=not sampled))
+                         for r in recipe.inputs)
+                yield RawBlock(start, tuple(views), dtype)
 
     def _fused_encoded(self, recipe: TensorRecipe, fused: FusedPass) -> Iterator[memoryview]:
         size = DTYPE_SIZES[recipe.dtype]
@@ -160,7 +162,7 @@ class RecipeStreamer:
         if prepared is None:
             assert recipe.compute is not None
             blocks = _Blocks(lambda: self._blocks(recipe, slot),
-                             (lambda: self._raw_blocks(recipe)) if self._raw_readable(recipe) else None)
+                             (lambda sampled=False: self._raw_blocks(recipe, sampled)) if self._raw_readable(recipe) else None)
             prepared = self._prepared[id(recipe)] = recipe.compute.prepare(blocks)
         return prepared
 
