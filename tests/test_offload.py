@@ -159,7 +159,7 @@ def test_analyze_under_a_cap_measures_what_it_measures_uncapped(cli):
 
 
 @pytest.mark.parametrize("step", [
-    "  - op: heal\n    data: builtin:mixed-dev\n    steps: 2\n",
+    "  - op: heal\n    data: builtin:mixed-dev\n    steps: 2\n    train: all\n",
     "  - op: atlas\n    models: [{model: MODEL}]\n    learn: {data: builtin:mixed-dev, steps: 2}\n",
 ])
 def test_a_fit_that_holds_whole_models_refuses_a_cap_before_writing(step, cli, tmp_path, monkeypatch):
@@ -219,3 +219,43 @@ def test_a_cap_reads_bytes_with_or_without_their_unit(size, expected):
     from surgery.formatting import memory_bytes
 
     assert memory_bytes(size) == expected
+
+
+@needs_accelerate
+@pytest.mark.parametrize("write", ["merged", "peft"])
+def test_heal_trains_its_adapters_under_a_cap_as_it_does_uncapped(write, cli, tmp_path, monkeypatch):
+    """Teacher and student both wait on disk beyond the cap; the adapters train through accelerate's hooks,
+    each layer's weights brought in again for its backward (gradient checkpointing), and what is written
+    (the merged weights, or the PEFT adapter) is the uncapped run's."""
+    from safetensors.torch import load_file
+
+    from surgery.evaluation import loading
+
+    placed: list[set[str]] = []  # where each model the heal loads has its weights
+    load_model = loading.load_model
+
+    def spied(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        placed.append(set(map(str, (getattr(model, "hf_device_map", None) or {}).values())))
+        return model
+
+    monkeypatch.setattr(loading, "load_model", spied)
+    base = demo_model("base")
+    written = {}
+    for name, cap in (("free", ()), ("capped", ("--max-memory", CAP))):
+        placed.clear()
+        monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / f"cache-{name}"))
+        plan = write_plan(tmp_path, f"model: {base}\noutput: {tmp_path / name}\nsteps:\n  - op: chain\n"
+                                    "    layers: [0-4, 7]\n  - op: heal\n    data: builtin:mixed-dev\n"
+                                    "    max_tokens: 2048\n    window: 64\n    steps: 3\n    batch_size: 4\n"
+                                    f"    adapter: {{rank: 4, write: {write}}}\n", name=f"{name}.yaml")
+        result = cli("apply", plan, "--no-fsync", "--device", "cpu", *cap)
+        assert result.code == 0, result.err
+        assert len(placed) == 2 and all(("disk" in where) == bool(cap) for where in placed)  # teacher, student
+        assert ("under the memory cap" in result.err) == bool(cap)
+        files = ("adapter_model.safetensors",) if write == "peft" else ("model.safetensors",)
+        written[name] = {f: load_file(tmp_path / name / f) for f in files}
+    for file, tensors in written["free"].items():
+        capped = written["capped"][file]
+        assert tensors.keys() == capped.keys()
+        assert all(torch.allclose(tensors[k], capped[k], rtol=1e-5, atol=1e-7) for k in tensors), file

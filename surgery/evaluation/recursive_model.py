@@ -107,9 +107,11 @@ def add_low_rank(module: Any, b: Any, a: Any, scale: float = 1.0) -> None:
     conv1d = type(module).__name__ == "Conv1D"  # transformers' GPT-2 style linear, weight (in, out)
     if not conv1d and not isinstance(module, torch.nn.Linear):
         raise SurgeryError(f"cannot apply a LoRA to a {type(module).__name__}; only Linear and Conv1D modules")
-    # registered as parameters so they count, move with .to() and show in state_dict
-    module.register_parameter("lora_B", b)
-    module.register_parameter("lora_A", a)
+    # registered as parameters so they count, move with .to() and show in state_dict; not on a module whose
+    # weights a memory cap offloads, where accelerate would replace them from its own store at every forward
+    if not getattr(getattr(module, "_hf_hook", None), "offload", False):
+        module.register_parameter("lora_B", b)
+        module.register_parameter("lora_A", a)
     module.register_forward_hook(LowRankDelta(b, a, conv1d, scale))
 
 

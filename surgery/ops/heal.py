@@ -28,6 +28,7 @@ from surgery.checkpoint.modules import is_expert, is_router
 from surgery.checkpoint.reader import FLOAT_DTYPES, ShardHeader, read_shard_header
 from surgery.devices import check_device_name, resolve_device
 from surgery.errors import Interrupted, SurgeryError
+from surgery.evaluation.parameters import ParameterSlot
 from surgery.formats.recursive import SECTION, depth_layers, is_compact, lora_names, spec_of
 from surgery.ops.context import OpContext
 from surgery.ops.fields import StepModel, Strict, parse_layers
@@ -163,7 +164,9 @@ def heal(step: HealStep, view: ModelView, context: OpContext) -> ModelView:
     folder = fit_folder("heal", key)
     header = _healed(folder)
     if header is None:
-        context.refuse_cap("heal", "it trains its student whole on the device")
+        if compact or parts != ["adapter"]:
+            context.refuse_cap("heal", f"training {', '.join(parts)} holds those weights whole on the device (under a "
+                                       "cap only adapters train: train: [adapter])")
         _fit(step, parts, view, compact, teacher, texts, device, folder, context)
         header = _healed(folder)
         if header is None:
@@ -302,8 +305,10 @@ def _train_and_store(step: HealStep, parts: list[str], view: ModelView, compact:
     from surgery.evaluation.loading import load_for_eval
 
     schedule = step.schedule(parts)
+    if context.max_memory is not None:  # each layer's weights brought in again for its backward, not kept
+        schedule = replace(schedule, gradient_checkpointing=True)
     started = time.perf_counter()
-    loaded = load_for_eval(teacher, device, "float32")
+    loaded = load_for_eval(teacher, device, "float32", context.max_memory)
     ids = [first_tokens(loaded.tokenizer, text, step.max_tokens) for text in texts]
     _check_vocabulary(view, loaded, teacher, ids, texts, step)
     windows = cut_windows(ids, schedule.window, step.held_out, step.data)
@@ -311,7 +316,7 @@ def _train_and_store(step: HealStep, parts: list[str], view: ModelView, compact:
     targets = _load_targets(targets_path, len(windows.train) + len(windows.held_out))
     if targets is None:
         context.log(f"heal: the teacher ({teacher.name}) scores {windows.train.numel() + windows.held_out.numel():,} "
-                    f"tokens, keeping its top {schedule.top_k} log-probabilities per token")
+                    f"tokens on {loaded.placement()}, keeping its top {schedule.top_k} log-probabilities per token")
         targets = teacher_targets(loaded.model, torch.cat([windows.train, windows.held_out]), schedule.top_k,
                                   schedule.batch_size, loaded.device)
         _save(targets_path, targets, {})
@@ -320,10 +325,11 @@ def _train_and_store(step: HealStep, parts: list[str], view: ModelView, compact:
     split = len(windows.train)
     train_targets = {k: v[:split] for k, v in targets.items()}
     held_targets = {k: v[split:] for k, v in targets.items()}
-    student = _student(view, compact, parts, step, device, folder)
+    student = _student(view, compact, parts, step, device, folder, context.max_memory)
     count = sum(p.numel() for p in student.trainable.values())
+    capped = "" if context.max_memory is None else ", under the memory cap (each layer read in again for its backward)"
     context.log(f"heal: training {', '.join(parts)} ({count:,} parameters) for {schedule.steps} steps of "
-                f"{schedule.batch_size} x {schedule.window} tokens on {device}")
+                f"{schedule.batch_size} x {schedule.window} tokens on {device}{capped}")
     history = train(student, windows, train_targets, held_targets, schedule, device, folder, context.resume,
                     context.log)
     diverged = sorted(n for n, p in student.trainable.items() if not bool(p.detach().isfinite().all()))
@@ -390,9 +396,11 @@ def _save(path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None
     save_fit_tensors(path, tensors, metadata, "heal: cannot write", "the model")
 
 
-def _student(view: ModelView, compact: bool, parts: list[str], step: HealStep, device: str, folder: Path) -> Student:
+def _student(view: ModelView, compact: bool, parts: list[str], step: HealStep, device: str, folder: Path,
+             max_memory: int | None = None) -> Student:
     """The edited model as written (its tensors made and rounded to their dtypes, in the format it is
-    written in), loaded as a float32 module with only the parts to train requiring gradients."""
+    written in), loaded as a float32 module (at most `max_memory` bytes of it on the device) with only
+    the parts to train requiring gradients."""
     import torch
 
     from surgery.evaluation.loading import load_model
@@ -412,7 +420,7 @@ def _student(view: ModelView, compact: bool, parts: list[str], step: HealStep, d
     del values
     (place / "config.json").write_text(json.dumps(view.written_config()))
     with quiet_transformers():
-        model = load_model(place, device, torch.float32)
+        model = load_model(place, device, torch.float32, max_memory)
     model.requires_grad_(False)
     if compact:
         assert view.storage is not None
@@ -471,7 +479,7 @@ def _add_adapters(student: Student, view: ModelView, settings: AdapterSettings, 
             b, a = torch.nn.Parameter(b.to(device)), torch.nn.Parameter(a.to(device))
             add_low_rank(module, b, a, scale)
             name = view.layout.layer_name(index, suffix)
-            student.adapters[name] = (module.weight, b, a, scale)
+            student.adapters[name] = (ParameterSlot(module, "weight"), b, a, scale)
             student.trainable[f"{name}:lora_B"], student.trainable[f"{name}:lora_A"] = b, a
 
 
@@ -501,7 +509,7 @@ def _trained_tensors(student: Student, written: dict[str, TensorRecipe]) -> dict
             if name in written:
                 out[name] = param.detach().cpu().to(torch_dtype(written[name].dtype))
         for name, (weight, b, a, scale) in student.adapters.items():
-            out[name] = (weight + scale * (b @ a)).cpu().to(torch_dtype(written[name].dtype))
+            out[name] = (weight.read() + scale * (b @ a)).cpu().to(torch_dtype(written[name].dtype))
     return out
 
 

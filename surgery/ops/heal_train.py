@@ -56,7 +56,8 @@ class Schedule:
 @dataclass
 class Student:
     """The edited model as a module, what trains in it by name, and the adapters merged at the end:
-    stored weight name -> (its frozen weight, B, A, scale), weight + scale B A in its stored layout."""
+    stored weight name -> (its frozen weight, wherever a memory cap keeps it; B, A, scale), weight + scale
+    B A in its stored layout."""
 
     model: Any
     trainable: dict[str, Any]
@@ -228,7 +229,7 @@ def train(student: Student, windows: Windows, targets: dict[str, Any], held_targ
         raise Interrupted(f"heal: interrupted at step {done} of {schedule.steps}; {where}: run the same command with "
                           "--resume to continue") from None
     if checkpointing:
-        model.gradient_checkpointing_disable()
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.eval()
     return history
 
@@ -239,7 +240,10 @@ def _checkpoint_layers(model: Any) -> None:
     that checkpoint are flagged training, which is what their checkpointing asks (not their submodules)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
