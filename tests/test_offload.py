@@ -259,3 +259,15 @@ def test_heal_trains_its_adapters_under_a_cap_as_it_does_uncapped(write, cli, tm
         capped = written["capped"][file]
         assert tensors.keys() == capped.keys()
         assert all(torch.allclose(tensors[k], capped[k], rtol=1e-5, atol=1e-7) for k in tensors), file
+
+
+def test_a_compact_reference_under_a_cap_is_refused_before_any_model_loads(cli, tmp_path, monkeypatch):
+    from surgery.evaluation import run
+
+    plan = write_plan(tmp_path, f"model: {demo_model('base')}\noutput: {tmp_path / 'tied'}\nsteps:\n  - op: tie\n"
+                                "    loops: 2\n")
+    assert cli("apply", plan, "--no-fsync").code == 0
+    loads = []
+    monkeypatch.setattr(run, "load_for_eval", lambda *args, **kwargs: loads.append(args))
+    result = cli("eval", demo_model("base"), "--compare", tmp_path / "tied", "--max-memory", CAP)
+    assert result.code == 2 and "memory cap loads standard checkpoints only" in result.err and not loads

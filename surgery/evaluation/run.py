@@ -86,6 +86,8 @@ def evaluate(model_path: str | Path, settings: EvalSettings = EvalSettings(),
     texts = [load_text(spec) for spec in settings.data]
     if settings.tasks:
         check_tasks(list(settings.tasks))
+    if settings.max_memory is not None and compare is not None:  # refused before the model is loaded, not after
+        _check_cap(Path(compare))
     loaded = load_for_eval(model_path, settings.device, settings.dtype, settings.max_memory)
     contexts = {model_path: context_length(loaded.model.config)}
     if compare is not None:  # both are scored on the same windows: the shorter context bounds them
@@ -124,6 +126,15 @@ def evaluate(model_path: str | Path, settings: EvalSettings = EvalSettings(),
             dataset.base_perplexity = base.perplexity
             dataset.delta = dataset.perplexity - base.perplexity
     return report
+
+
+def _check_cap(folder: Path) -> None:
+    from surgery.checkpoint.reader import read_config
+    from surgery.formats.views import cap_refusal
+
+    refusal = cap_refusal(read_config(folder), str(folder)) if (folder / "config.json").is_file() else None
+    if refusal is not None:
+        raise SurgeryError(refusal)
 
 
 def _score(
