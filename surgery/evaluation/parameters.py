@@ -50,10 +50,10 @@ class ParameterSlot:
             with torch.no_grad():
                 parameter.copy_(value)
             return
-        current = store.read(leaf)
         if self._before is _ABSENT:
             self._before = store.written.get(store.prefix + leaf, None)
-        store.written[store.prefix + leaf] = value.detach().to(current.device, current.dtype).clone()
+        dtype = getattr(owner, leaf).dtype  # the placeholder on the meta device keeps it
+        store.written[store.prefix + leaf] = value.detach().to("cpu", dtype).clone()  # where the store keeps values
 
     def reset(self) -> None:
         """Back to the value it was loaded with; an offloaded one's written copy is freed."""
