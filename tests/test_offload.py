@@ -100,19 +100,25 @@ def test_a_config_its_tensors_do_not_fit_is_one_line(tiny, cli, tmp_path):
     assert result.code == 2 and "cannot load it as a causal LM" in result.err and "Traceback" not in result.err
 
 
-def _fitted_under_and_over_the_cap(cli, tmp_path, monkeypatch, step: str) -> dict[str, Path]:
-    """The same bits step applied without a cap and under one, each fit run afresh (its own fits cache)."""
+def _fitted_under_and_over_the_cap(cli, tmp_path, monkeypatch, step: str, device: str = "cpu",
+                                   waits: str = "on disk") -> dict[str, Path]:
+    """The same bits step applied without a cap and under one, each fit run afresh (its own fits cache);
+    under the cap, the rest of the model waits where `waits` says."""
     base = demo_model("base")
     outputs = {}
     for name, cap in (("free", ()), ("capped", ("--max-memory", CAP))):
         monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / f"cache-{name}"))  # the fixtures' paths are fixed above
         plan = write_plan(tmp_path, f"model: {base}\noutput: {tmp_path / name}\nsteps:\n  - op: bits\n{step}",
                           name=f"{name}.yaml")
-        result = cli("apply", plan, "--no-fsync", "--device", "cpu", *cap)
+        result = cli("apply", plan, "--no-fsync", "--device", device, *cap)
         assert result.code == 0, result.err
-        assert ("the rest waits on disk" in result.err) == bool(cap)
+        assert (f"the rest waits {waits}" in result.err) == bool(cap)
         outputs[name] = tmp_path / name
     return outputs
+
+
+GPTQ = "    width: 4\n    calibration: {data: builtin:mixed-dev, samples: 2, seq_len: 64}\n" \
+       "    quantizer: {method: gptq, group_size: 32}\n"
 
 
 @needs_accelerate
@@ -125,28 +131,22 @@ def test_gptq_calibrates_layer_by_layer_under_a_cap_and_writes_the_uncapped_mode
 
     shard = demo_model("base") / "model.safetensors"
     before = file_blake3(shard)
-    outputs = _fitted_under_and_over_the_cap(cli, tmp_path, monkeypatch, (
-        "    width: 4\n    calibration: {data: builtin:mixed-dev, samples: 2, seq_len: 64}\n"
-        "    quantizer: {method: gptq, group_size: 32}\n"))
+    outputs = _fitted_under_and_over_the_cap(cli, tmp_path, monkeypatch, GPTQ)
     free, capped = (load_file(outputs[k] / "model.safetensors") for k in ("free", "capped"))
     assert free.keys() == capped.keys() and all(torch.equal(free[k], capped[k]) for k in free)
     assert file_blake3(shard) == before
 
 
 @needs_accelerate
-def test_kl_costs_measured_under_a_cap_equal_the_uncapped_ones(cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("score", [
+    "    score: kl\n    assign: {target_bits: 3, choices: [2, 4]}\n",
+    "    score: lim\n    assign: {high: 4, low: 2, low_fraction: 0.5}\n",
+])
+def test_layer_scores_measured_under_a_cap_equal_the_uncapped_ones(score, cli, tmp_path, monkeypatch):
+    """KL costs (each layer rounded where it waits, then restored) and LIM scores: the same fit, recorded."""
     outputs = _fitted_under_and_over_the_cap(cli, tmp_path, monkeypatch, (
-        "    score: kl\n    calibration: {data: builtin:mixed-dev, samples: 2, seq_len: 64}\n"
-        "    assign: {target_bits: 3, choices: [2, 4]}\n    quantizer: {group_size: 32}\n"))
-    free, capped = (json.loads((outputs[k] / "surgery.json").read_text())["fits"][0] for k in ("free", "capped"))
-    assert capped["costs"] == free["costs"] and capped["bits"] == free["bits"]
-
-
-@needs_accelerate
-def test_lim_scores_measured_under_a_cap_equal_the_uncapped_ones(cli, tmp_path, monkeypatch):
-    outputs = _fitted_under_and_over_the_cap(cli, tmp_path, monkeypatch, (
-        "    score: lim\n    calibration: {data: builtin:mixed-dev, samples: 2, seq_len: 64}\n"
-        "    assign: {high: 4, low: 2, low_fraction: 0.5}\n    quantizer: {group_size: 32}\n"))
+        f"{score}    calibration: {{data: builtin:mixed-dev, samples: 2, seq_len: 64}}\n"
+        "    quantizer: {group_size: 32}\n"))
     free, capped = (json.loads((outputs[k] / "surgery.json").read_text())["fits"][0] for k in ("free", "capped"))
     assert capped == free
 
@@ -179,19 +179,9 @@ def test_gptq_under_a_cap_on_cuda_equals_uncapped_cuda(cli, tmp_path, monkeypatc
     """On a GPU the layers beyond the cap wait in CPU memory (accelerate's other store); the same bits."""
     from safetensors.torch import load_file
 
-    base = demo_model("base")
-    outputs = {}
-    for name, cap in (("free", ()), ("capped", ("--max-memory", CAP))):
-        monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / f"cache-{name}"))
-        plan = write_plan(tmp_path, f"model: {base}\noutput: {tmp_path / name}\nsteps:\n  - op: bits\n    width: 4\n"
-                                    "    calibration: {data: builtin:mixed-dev, samples: 2, seq_len: 64}\n"
-                                    "    quantizer: {method: gptq, group_size: 32}\n", name=f"{name}.yaml")
-        result = cli("apply", plan, "--no-fsync", "--device", "cuda", *cap)
-        assert result.code == 0, result.err
-        assert ("the rest waits in CPU memory" in result.err) == bool(cap)
-        outputs[name] = load_file(tmp_path / name / "model.safetensors")
-    assert all(torch.equal(outputs["free"][k], outputs["capped"][k]) for k in outputs["free"])
-
+    outputs = _fitted_under_and_over_the_cap(cli, tmp_path, monkeypatch, GPTQ, "cuda", "in CPU memory")
+    free, capped = (load_file(outputs[k] / "model.safetensors") for k in ("free", "capped"))
+    assert all(torch.equal(free[k], capped[k]) for k in free)
 
 @needs_accelerate
 @pytest.mark.parametrize("layer", [0, 7])  # layer 0 stays in memory under the cap, layer 7 waits on disk

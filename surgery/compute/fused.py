@@ -101,7 +101,7 @@ def top_magnitude_cuts(raw: RawBlocks, counts: list[int | None], n: int) -> list
     bounds = [None if k is None else _bracket(sample[t][1], n - k, n) for t, k in enumerate(counts)]
     capacity = max((b[2] for b in bounds if b is not None), default=0)
     inside = _collected(raw, [(1, 0) if b is None else b[:2] for b in bounds], 1, capacity)
-    cuts = [None if k is None else _cut_in_window(*inside[t], k, n, capacity) for t, k in enumerate(counts)]
+    cuts = [None if k is None else _cut_in_window(*inside[t], k, n) for t, k in enumerate(counts)]
     missed = [None if k is None or cut is not None else k for k, cut in zip(counts, cuts, strict=True)]
     if any(k is not None for k in missed):
         cuts = [cut or radix for cut, radix in zip(cuts, _radix_cuts(raw, missed, n), strict=True)]
@@ -173,12 +173,12 @@ def _bracket(sample: np.ndarray, rank: int, n: int) -> tuple[int, int, int]:
     return low, high, int(2 * expected) + 4096
 
 
-def _cut_in_window(above: int, bits: np.ndarray, positions: np.ndarray, collected: int, k: int, n: int,
-                   capacity: int) -> tuple[float, int] | None:
+def _cut_in_window(above: int, bits: np.ndarray, positions: np.ndarray, collected: int, k: int, n: int
+                   ) -> tuple[float, int] | None:
     """The cut keeping the k largest, from the entries inside the bracket; None when the bracket missed it
-    (the k-th largest lies above or below it) or overflowed its room."""
+    (the k-th largest lies above or below it) or overflowed its room (fewer kept than collected)."""
     need = k - above  # how many of the bracket's entries are kept, the largest first
-    if collected > capacity or need <= 0 or need > collected:
+    if collected > len(bits) or need <= 0 or need > collected:
         return None
     low = int(bits.min())
     if int(bits.max()) - low < 4 * collected:  # a narrow bracket: counted per value, not sorted

@@ -99,13 +99,18 @@ def load_model(folder: Path, device: str, dtype: Any, max_memory: int | None = N
     load = next(load for recognise, load in LOADERS if recognise(config))
     if max_memory is None:
         return load(folder, device, dtype)
+    check_cappable(folder, config)
+    return _load_standard(folder, device, dtype, max_memory)
+
+
+def check_cappable(folder: Path, config: dict[str, Any]) -> None:
+    """A memory cap loads a standard checkpoint as transformers does: anything else is refused in one line."""
     refusal = cap_refusal(config, str(folder))
     if refusal is not None:
         raise SurgeryError(refusal)
     if (folder / "adapter_config.json").exists():
         raise SurgeryError(f"{folder}: a memory cap cannot apply the LoRA adapter beside the model; score it without "
                            "--max-memory, or merge the adapter (heal with write: merged)")
-    return _load_standard(folder, device, dtype, max_memory)
 
 
 def capped_placement(device: str, max_memory: int) -> dict[str, Any]:

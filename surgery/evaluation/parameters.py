@@ -90,14 +90,19 @@ class _Store:
         return self.dataset[self.prefix + leaf]
 
 
+def is_offloaded(module: Any) -> bool:
+    """Whether accelerate keeps this module's parameters elsewhere (a memory cap), bringing them in at each forward."""
+    return bool(getattr(getattr(module, "_hf_hook", None), "offload", False))
+
+
 def _offloaded_store(owner: Any) -> _Store | None:
     """The store of a module accelerate offloads; None for a module whose parameters stay in it."""
-    hook = getattr(owner, "_hf_hook", None)
-    if hook is None or not getattr(hook, "offload", False):
+    if not is_offloaded(owner):
         if any(p.device.type == "meta" for p in owner.parameters(recurse=False)):
             raise SurgeryError(f"{type(owner).__name__}'s weights wait where the memory cap placed them, out of reach "
                                "of this fit; run it without a memory cap")
         return None
+    hook = owner._hf_hook
     weights = hook.weights_map  # accelerate's PrefixedDataset over an OffloadedWeightsLoader, or over a dict
     dataset = weights.dataset
     written = getattr(dataset, "state_dict", dataset)  # the loader looks in its state_dict before the disk

@@ -16,6 +16,7 @@ from surgery.checkpoint.layout import layer_count
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.evaluation.models import layer_modules, require_causal_lm
+from surgery.evaluation.parameters import is_offloaded
 from surgery.formats.recursive import CompactSpec, depth_name, lora_names, read_spec
 
 
@@ -109,7 +110,7 @@ def add_low_rank(module: Any, b: Any, a: Any, scale: float = 1.0) -> None:
         raise SurgeryError(f"cannot apply a LoRA to a {type(module).__name__}; only Linear and Conv1D modules")
     # registered as parameters so they count, move with .to() and show in state_dict; not on a module whose
     # weights a memory cap offloads, where accelerate would replace them from its own store at every forward
-    if not getattr(getattr(module, "_hf_hook", None), "offload", False):
+    if not is_offloaded(module):
         module.register_parameter("lora_B", b)
         module.register_parameter("lora_A", a)
     module.register_forward_hook(LowRankDelta(b, a, conv1d, scale))

@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgery.checkpoint.reader import read_config
 from surgery.errors import SurgeryError
 from surgery.evaluation.data import EvalText, first_tokens, load_text
 from surgery.evaluation.harness import check_tasks, run_tasks
-from surgery.evaluation.loading import LoadedModel, load_for_eval
+from surgery.evaluation.loading import LoadedModel, check_cappable, load_for_eval
 from surgery.evaluation.models import context_length
 from surgery.evaluation.perplexity import PerplexityResult, perplexity
 
@@ -86,13 +87,11 @@ def evaluate(model_path: str | Path, settings: EvalSettings = EvalSettings(),
     texts = [load_text(spec) for spec in settings.data]
     if settings.tasks:
         check_tasks(list(settings.tasks))
-    if settings.max_memory is not None and compare is not None:  # refused before the model is loaded, not after
-        _check_cap(Path(compare))
+    if settings.max_memory is not None and compare is not None and (Path(compare) / "config.json").is_file():
+        check_cappable(Path(compare), read_config(Path(compare)))  # refused before the model loads, not after
     loaded = load_for_eval(model_path, settings.device, settings.dtype, settings.max_memory)
     contexts = {model_path: context_length(loaded.model.config)}
     if compare is not None:  # both are scored on the same windows: the shorter context bounds them
-        from surgery.checkpoint.reader import read_config
-
         contexts[compare] = context_length(read_config(Path(compare)))
     known = {m: c for m, c in contexts.items() if c}
     bound = min(known, key=known.__getitem__, default=None)  # the model whose context is shortest
@@ -126,15 +125,6 @@ def evaluate(model_path: str | Path, settings: EvalSettings = EvalSettings(),
             dataset.base_perplexity = base.perplexity
             dataset.delta = dataset.perplexity - base.perplexity
     return report
-
-
-def _check_cap(folder: Path) -> None:
-    from surgery.checkpoint.reader import read_config
-    from surgery.formats.views import cap_refusal
-
-    refusal = cap_refusal(read_config(folder), str(folder)) if (folder / "config.json").is_file() else None
-    if refusal is not None:
-        raise SurgeryError(refusal)
 
 
 def _score(
