@@ -104,6 +104,55 @@ def test_trimmed_merges_give_the_torch_computes_bits_and_the_same_cuts(name, dty
     _assert_same_bits(by_torch, by_kernel.fused_pass(), inputs, dtype, out_dtype)
 
 
+KERNEL_TRIMS = {  # trim, (weight, density, gamma) per model, consensus, normalize, rescale
+    "dare_ties": ("random", ((0.5, 0.5, 0.0), (0.3, 0.3, 0.0)), True, False, True),
+    "dare_linear, three models, one dense": ("random", ((0.5, 0.1, 0.0), (0.7, 1.0, 0.0), (0.2, 0.9, 0.0)),
+                                             False, False, True),
+    "breadcrumbs": ("outliers", ((0.5, 0.5, 0.1), (0.3, 0.6, 0.05)), False, False, False),
+    "breadcrumbs_ties, no largest dropped, rescaled": ("outliers", ((0.5, 0.4, 0.0), (0.5, 0.7, 0.2)), True, True,
+                                                      True),
+    "ties, rescaled": ("magnitude", ((0.5, 0.5, 0.0), (0.3, 0.2, 0.0)), True, True, True),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(KERNEL_TRIMS))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_random_and_banded_trims_give_the_torch_computes_bits_block_by_block(name, dtype):
+    """DARE's seeded masks and breadcrumbs' bands, made in the kernel, across blocks (the mask's stream and the
+    band's tie positions continue from one block to the next): the torch compute's bits, and its L1 rescale
+    up to the order its sums are added in."""
+    trim, settings, consensus, normalize, rescale = KERNEL_TRIMS[name]
+    inputs = _inputs(dtype, len(settings) + 1, seed=len(name))
+    inputs[2][100:300] = inputs[0][100:300] + 0.5  # many equal magnitudes: ties at the band's edges
+    if rescale:  # finite norms (an infinite entry makes the scale NaN on both paths)
+        inputs = [t.nan_to_num(0.0, 0.0, 0.0) for t in inputs]
+    merge = SparseMerge(tuple(ModelTrim(w, d, g) for w, d, g in settings), (N,), trim=trim, consensus=consensus,
+                        normalize=normalize, rescale=rescale, seed=5, tensor="layers.0.w")
+    step = 97 * 8
+    torch_blocks = lambda: (Block([t[s:s + step].float().clone() for t in inputs], s)  # noqa: E731
+                            for s in range(0, N, step))
+    by_torch = merge.prepare(torch_blocks)
+    by_kernel = merge.prepare(_RawAndTorch(torch_blocks, _raw_in_blocks(inputs, dtype, step)))
+    assert by_kernel.keeps == by_torch.keeps
+    assert by_kernel.scales == pytest.approx(by_torch.scales, rel=1e-12, abs=0)
+    assert any(s != 1.0 for s in by_kernel.scales) == rescale  # rescaled: a trimmed model's L1 grows
+    fused_pass = by_kernel.fused_pass()
+    assert fused_pass is not None
+    for start in range(0, N, step):
+        expected = by_kernel(Block([t[start:start + step].float().clone() for t in inputs], start)).to(torch.bfloat16)
+        out = torch.empty(expected.numel(), dtype=torch.bfloat16)
+        fused_pass.into(_raw(out), "BF16", RawBlock(start, tuple(_raw(t[start:start + step]) for t in inputs), dtype))
+        nan = expected.isnan()
+        assert torch.equal(out.isnan(), nan)
+        assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16)), start
+
+
+def test_della_is_left_to_torch():
+    merge = SparseMerge((ModelTrim(0.5, 0.5, epsilon=0.1),), (N,), trim="della").prepare(lambda: iter(()))
+    assert merge.fused_pass() is None
+
+
 class _RawAndTorch:
     def __init__(self, blocks, raw):
         self.blocks, self.raw = blocks, raw
@@ -175,8 +224,14 @@ PLANS = {
     "ties": "base: {base}\nsteps:\n  - op: ties\n    models: [{prose}, {code}]\n    density: 0.4\n",
     "ties + lines": ("base: {base}\nsteps:\n  - op: ties\n    models: [{prose}, {code}]\n    density: 0.4\n"
                      "  - op: lines\n    alpha: 0.5\n    beta: 0.5\n"),
-    "breadcrumbs (not fused)": "base: {base}\nsteps:\n  - op: breadcrumbs\n    models: [{prose}, {code}]\n    density: 0.5\n",
-    "dare_ties (not fused)": "base: {base}\nsteps:\n  - op: dare_ties\n    models: [{prose}, {code}]\n    density: 0.5\n",
+    "breadcrumbs": "base: {base}\nsteps:\n  - op: breadcrumbs\n    models: [{prose}, {code}]\n    density: 0.5\n",
+    "breadcrumbs_ties, rescaled": ("base: {base}\nsteps:\n  - op: breadcrumbs_ties\n    models: [{prose}, {code}]\n"
+                                   "    density: 0.5\n    gamma: 0.1\n    rescale: true\n"),
+    "dare_ties": "base: {base}\nsteps:\n  - op: dare_ties\n    models: [{prose}, {code}]\n    density: 0.5\n",
+    "dare_linear, seeded": ("base: {base}\nsteps:\n  - op: dare_linear\n    models: [{prose}, {code}]\n"
+                            "    density: 0.3\n    seed: 7\n"),
+    "ties, rescaled": "base: {base}\nsteps:\n  - op: ties\n    models: [{prose}, {code}]\n    density: 0.4\n    rescale: true\n",
+    "della (not fused)": "base: {base}\nsteps:\n  - op: della\n    models: [{prose}, {code}]\n    density: 0.5\n",
 }
 
 
@@ -198,7 +253,7 @@ def test_a_merge_writes_the_same_bytes_with_the_kernel_and_without(plan, bf16_fa
     (tmp_path / "fused").mkdir()
     with_kernel = _apply(cli, tmp_path / "fused", body)
     assert bool(calls) == ("mixed" not in plan and "not fused" not in plan)  # an input of another dtype: torch
-    for name in ("combine", "magnitude_counts", "ties"):  # as built without a C compiler
+    for name in ("combine", "l1_norms", "magnitude_counts", "ties"):  # as built without a C compiler
         monkeypatch.setattr(fused, name, None)
     (tmp_path / "torch").mkdir()
     assert _apply(cli, tmp_path / "torch", body) == with_kernel

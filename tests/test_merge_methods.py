@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgery.compute.noise import stream_key, uniform
+from surgery.compute.noise import noise_threshold, stream_key, uniform
 from surgery.compute.sce import SceMerge
 from surgery.compute.sparse import ModelTrim, SparseMerge
 from surgery.compute.sphere import SphereMerge
@@ -270,6 +270,14 @@ def test_the_noise_is_splitmix64():
     expected = (z >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24)
     assert np.array_equal(uniform(key, 0, 1000).numpy(), expected)
     assert torch.equal(uniform(key, 300, 200), uniform(key, 0, 1000)[300:500])
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5 + 2**-26, 0.3, 1 - 2**-30, 2**-25, 0.75])
+def test_the_noise_threshold_counts_the_noise_values_torch_keeps(density):
+    """The kernels keep an entry where its noise's 24 bits are below noise_threshold(density): exactly the
+    values the torch path's float32 comparison keeps, rounding included (0.5 + 2^-26 is 0.5 in float32)."""
+    every_value = torch.arange(1 << 24, dtype=torch.float32).mul_(1.0 / (1 << 24))
+    assert noise_threshold(density) == int((every_value < density).sum())
 
 
 def test_dare_keeps_density_in_distribution():

@@ -31,6 +31,8 @@ typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
+typedef uint64_t vq __attribute__((vector_size(8 * LANES)));
+typedef double vd __attribute__((vector_size(8 * LANES)));
 #ifdef __FLT16_MAX__
 #define HAVE_F16 1
 typedef _Float16 vhf __attribute__((vector_size(2 * LANES)));
@@ -256,7 +258,7 @@ SparseMerge.__call__ (surgery/compute/sparse.py) operation for operation. */
 
 #define BINS 65536
 #define SPLIT 4 /* copies of each high histogram, lanes spread over them: runs of one bin do not wait on each other */
-enum keep { KEEP_ALL, KEEP_NONE, KEEP_TOP };
+enum keep { KEEP_ALL, KEEP_NONE, KEEP_TOP, KEEP_BAND, KEEP_RANDOM };
 
 INLINE uint32_t magnitude_bits1(const char *m, const char *b, enum dtype t, Py_ssize_t i) {
     float x = load(m, t, i)[0] - load(b, t, i)[0]; /* lane 0 of a vector load: callers keep 8 readable */
@@ -309,8 +311,14 @@ typedef struct {
     const char *in[MAX_INPUTS];
     int models, consensus, normalize, lam_scaled;
     int kind[MAX_INPUTS], rescaled[MAX_INPUTS];
-    float value[MAX_INPUTS], weight[MAX_INPUTS], scale[MAX_INPUTS], divisor, lam;
-    int32_t limit[MAX_INPUTS]; /* within the block: an entry equal to the cut is kept below this index */
+    float value[MAX_INPUTS], high_value[MAX_INPUTS], weight[MAX_INPUTS], scale[MAX_INPUTS], divisor, lam;
+    /* within the block: top keeps an entry equal to `value` below `limit`; a band keeps entries at or above
+    (value, limit) and not at or above (high_value, high_limit), where at or above an equal entry means at or
+    past the limit (ascending ranks, ties by position) */
+    int32_t limit[MAX_INPUTS], high_limit[MAX_INPUTS];
+    uint64_t key[MAX_INPUTS]; /* random: the stream (noise.py's stream_key) */
+    uint32_t threshold[MAX_INPUTS]; /* random: kept where the noise's 24 bits are below it */
+    int64_t start; /* the block's first position in its tensor */
 } ties_formula;
 
 INLINE vf ones_where(vi mask) { /* 1.0 where the mask is set, else 0.0: a bool tensor multiplied in, as torch does */
@@ -320,24 +328,50 @@ INLINE vf ones_where(vi mask) { /* 1.0 where the mask is set, else 0.0: a bool t
     return out;
 }
 
+/* The noise of positions i .. i + 7 of the stream `key` (noise.py's uniform: SplitMix64 of key + (i + 1) *
+golden, its top 24 bits), below `threshold`: the entries a random trim keeps. */
+INLINE vi random_kept(uint64_t key, uint32_t threshold, int64_t i) {
+    vq z = ((vq){1, 2, 3, 4, 5, 6, 7, 8} + (uint64_t)i) * 0x9E3779B97F4A7C15ull + key;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z = z ^ (z >> 31);
+    return __builtin_convertvector((z >> 40) < threshold, vi);
+}
+
+INLINE vi at_or_above(vf magnitude, float value, vi index, int32_t limit) {
+    return (magnitude > value) | ((magnitude == value) & (index >= limit));
+}
+
+/* tau_k as its trim leaves it (SparseMerge._trimmed): multiplied by its mask, as torch multiplies a bool mask. */
+INLINE vf trimmed(const ties_formula *f, int k, vf tau, vi index, Py_ssize_t i) {
+    const int kind = f->kind[k];
+    if (kind == KEEP_ALL) return tau;
+    if (kind == KEEP_NONE) return (vf){0};
+    vi keep;
+    if (kind == KEEP_RANDOM) {
+        keep = random_kept(f->key[k], f->threshold[k], f->start + i);
+    } else {
+        vu u;
+        memcpy(&u, &tau, sizeof u);
+        u &= 0x7fffffffu;
+        vf magnitude;
+        memcpy(&magnitude, &u, sizeof magnitude);
+        if (kind == KEEP_TOP)
+            keep = (magnitude > f->value[k]) | ((magnitude == f->value[k]) & (index < f->limit[k]));
+        else
+            keep = at_or_above(magnitude, f->value[k], index, f->limit[k])
+                   & ~at_or_above(magnitude, f->high_value[k], index, f->high_limit[k]);
+    }
+    return tau * ones_where(keep);
+}
+
 /* `models` is a constant (2 or 3, the common cases: everything stays in registers) or f->models. */
 INLINE vf ties_lanes(const ties_formula *f, enum dtype t, Py_ssize_t i, const int models) {
     const vi index = (vi){0, 1, 2, 3, 4, 5, 6, 7} + (int32_t)i;
     vf b = load(f->in[0], t, i);
     vf delta[MAX_INPUTS];
     for (int k = 0; k < models; k++) {
-        vf tau = load(f->in[k + 1], t, i) - b;
-        if (f->kind[k] == KEEP_NONE) {
-            tau = (vf){0};
-        } else if (f->kind[k] == KEEP_TOP) {
-            vu u;
-            memcpy(&u, &tau, sizeof u);
-            u &= 0x7fffffffu;
-            vf magnitude;
-            memcpy(&magnitude, &u, sizeof magnitude);
-            vi keep = (magnitude > f->value[k]) | ((magnitude == f->value[k]) & (index < f->limit[k]));
-            tau = tau * ones_where(keep);
-        }
+        vf tau = trimmed(f, k, load(f->in[k + 1], t, i) - b, index, i);
         if (f->rescaled[k]) tau = tau * f->scale[k];
         delta[k] = tau * f->weight[k];
     }
@@ -364,6 +398,15 @@ INLINE vf ties_lanes(const ties_formula *f, enum dtype t, Py_ssize_t i, const in
     if (f->normalize) mixed = mixed / divisor;
     if (f->lam_scaled) mixed = mixed * f->lam;
     return mixed + b;
+}
+
+/* The formula for the elements from `by` on (a tail's padded copy): limits and the stream's start move with it. */
+static void shift_trims(ties_formula *f, Py_ssize_t by) {
+    for (int k = 0; k < f->models; k++) {
+        f->limit[k] -= (int32_t)by;
+        f->high_limit[k] -= (int32_t)by;
+    }
+    f->start += by;
 }
 
 INLINE void ties_body_any(const ties_formula *f, enum dtype t, char *out, enum dtype to, Py_ssize_t n) {
@@ -474,14 +517,49 @@ done:
     return result;
 }
 
+/* Each model's trim from its tuple (kind, value, position, high value, high position, key, threshold), the
+positions made relative to the block (its first element at `start`) and clamped to it. */
+static int parse_trims(PyObject *trims, ties_formula *f, Py_ssize_t n, long long start) {
+    if (!PyTuple_Check(trims) || PyTuple_GET_SIZE(trims) != f->models) {
+        PyErr_SetString(PyExc_ValueError, "merge kernel: one trim per model");
+        return -1;
+    }
+    f->start = start;
+    for (int k = 0; k < f->models; k++) {
+        int kind;
+        double value, high_value;
+        long long limit, high_limit;
+        unsigned long long key;
+        unsigned long threshold;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(trims, k), "idLdLKk", &kind, &value, &limit, &high_value, &high_limit,
+                              &key, &threshold))
+            return -1;
+        if (kind < KEEP_ALL || kind > KEEP_RANDOM) {
+            PyErr_SetString(PyExc_ValueError, "merge kernel: no such trim");
+            return -1;
+        }
+        limit -= start;
+        high_limit -= start;
+        f->kind[k] = kind;
+        f->value[k] = (float)value;
+        f->high_value[k] = (float)high_value;
+        f->limit[k] = (int32_t)(limit < 0 ? 0 : limit > n ? n : limit);
+        f->high_limit[k] = (int32_t)(high_limit < 0 ? 0 : high_limit > n ? n : high_limit);
+        f->key[k] = key;
+        f->threshold[k] = (uint32_t)threshold;
+    }
+    return 0;
+}
+
 static PyObject *ties(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer out, views[MAX_INPUTS];
-    PyObject *inputs, *kinds, *values, *limits, *weights, *scales, *result = NULL;
+    PyObject *inputs, *trims, *weights, *scales, *result = NULL;
     const char *out_name, *in_name;
     int held = 0, consensus, normalize;
     double divisor, lam;
-    if (!PyArg_ParseTuple(args, "w*sOsOOOOOppdd", &out, &out_name, &inputs, &in_name, &kinds, &values, &limits,
-                          &weights, &scales, &consensus, &normalize, &divisor, &lam))
+    long long start;
+    if (!PyArg_ParseTuple(args, "w*sOsOOOppddL", &out, &out_name, &inputs, &in_name, &trims, &weights, &scales,
+                          &consensus, &normalize, &divisor, &lam, &start))
         return NULL;
     ties_formula f = {.consensus = consensus, .normalize = normalize, .lam_scaled = lam != 1.0,
                       .divisor = (float)divisor, .lam = (float)lam};
@@ -491,40 +569,35 @@ static PyObject *ties(PyObject *Py_UNUSED(self), PyObject *args) {
         || get_inputs(inputs, 2, views, &held, f.in, size, &n) < 0)
         goto done;
     f.models = held - 1;
-    PyObject *lists[5] = {kinds, values, limits, weights, scales};
-    for (int j = 0; j < 5; j++) {
-        if (!PyTuple_Check(lists[j]) || PyTuple_GET_SIZE(lists[j]) != f.models) {
-            PyErr_SetString(PyExc_ValueError, "ties: kinds, values, limits, weights and scales: one per model");
-            goto done;
-        }
+    if (!PyTuple_Check(weights) || PyTuple_GET_SIZE(weights) != f.models || !PyTuple_Check(scales)
+        || PyTuple_GET_SIZE(scales) != f.models) {
+        PyErr_SetString(PyExc_ValueError, "ties: weights and scales: one per model");
+        goto done;
     }
     if (out.len != n * out_size) {
         PyErr_SetString(PyExc_ValueError, "ties: the output buffer holds another number of elements");
         goto done;
     }
+    if (n > INT32_MAX - LANES) {
+        PyErr_SetString(PyExc_ValueError, "ties: a block of more than 2^31 entries");
+        goto done;
+    }
+    if (parse_trims(trims, &f, n, start) < 0) goto done;
     for (int k = 0; k < f.models; k++) {
-        f.kind[k] = (int)PyLong_AsLong(PyTuple_GET_ITEM(kinds, k));
-        f.value[k] = (float)PyFloat_AsDouble(PyTuple_GET_ITEM(values, k));
-        Py_ssize_t limit = PyLong_AsSsize_t(PyTuple_GET_ITEM(limits, k));
-        f.limit[k] = (int32_t)(limit < 0 ? 0 : limit > n ? n : limit);
         f.weight[k] = (float)PyFloat_AsDouble(PyTuple_GET_ITEM(weights, k));
         double scale = PyFloat_AsDouble(PyTuple_GET_ITEM(scales, k));
         f.scale[k] = (float)scale;
         f.rescaled[k] = scale != 1.0;
         if (PyErr_Occurred()) goto done;
     }
-    if (n > INT32_MAX - LANES) {
-        PyErr_SetString(PyExc_ValueError, "ties: a block of more than 2^31 entries");
-        goto done;
-    }
     Py_ssize_t whole = n / LANES * LANES;
     Py_BEGIN_ALLOW_THREADS
     ties_body(&f, t, out.buf, to, whole);
-    if (whole < n) { /* the tail, through zero-padded copies; the limits are relative to the block, as they stay */
+    if (whole < n) { /* the tail, through zero-padded copies; the limits stay relative to the block's start */
         char tail_out[4 * LANES];
         ties_formula tail = f;
         padded_tail(f.in, f.models + 1, whole, n, size, tail.in);
-        for (int k = 0; k < f.models; k++) tail.limit[k] = f.limit[k] - (int32_t)whole;
+        shift_trims(&tail, whole);
         ties_body(&tail, t, tail_out, to, LANES);
         memcpy((char *)out.buf + whole * out_size, tail_out, (n - whole) * out_size);
     }
@@ -534,6 +607,68 @@ static PyObject *ties(PyObject *Py_UNUSED(self), PyObject *args) {
 done:
     for (int k = 0; k < held; k++) PyBuffer_Release(&views[k]);
     PyBuffer_Release(&out);
+    return result;
+}
+
+/* ---- L1 norms of the task vectors, before and after their trims (SparseMerge._l1_norms), in double ---- */
+
+INLINE void l1_body_any(const ties_formula *f, enum dtype t, double *before, double *after, Py_ssize_t n) {
+    for (int k = 0; k < f->models; k++) {
+        vd whole = {0}, kept = {0};
+        for (Py_ssize_t i = 0; i < n; i += LANES) {
+            const vi index = (vi){0, 1, 2, 3, 4, 5, 6, 7} + (int32_t)i;
+            vf tau = load(f->in[k + 1], t, i) - load(f->in[0], t, i);
+            vu u, v;
+            memcpy(&u, &tau, sizeof u);
+            u &= 0x7fffffffu;
+            vf magnitude, trimmed_magnitude;
+            memcpy(&magnitude, &u, sizeof magnitude);
+            vf cut = trimmed(f, k, tau, index, i);
+            memcpy(&v, &cut, sizeof v);
+            v &= 0x7fffffffu;
+            memcpy(&trimmed_magnitude, &v, sizeof trimmed_magnitude);
+            whole += __builtin_convertvector(magnitude, vd);
+            kept += __builtin_convertvector(trimmed_magnitude, vd);
+        }
+        for (int l = 0; l < LANES; l++) { before[k] += whole[l]; after[k] += kept[l]; }
+    }
+}
+VERSIONED(l1_body, (const ties_formula *f, enum dtype t, double *before, double *after, Py_ssize_t n),
+          (f, t, before, after, n))
+
+static PyObject *l1_norms(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer views[MAX_INPUTS];
+    PyObject *inputs, *trims, *result = NULL;
+    const char *in_name;
+    int held = 0;
+    long long start;
+    if (!PyArg_ParseTuple(args, "OsOL", &inputs, &in_name, &trims, &start)) return NULL;
+    ties_formula f = {0};
+    enum dtype t;
+    Py_ssize_t size, n = -1;
+    double before[MAX_INPUTS] = {0}, after[MAX_INPUTS] = {0};
+    if (parse_dtype(in_name, &t, &size) < 0 || get_inputs(inputs, 2, views, &held, f.in, size, &n) < 0) goto done;
+    f.models = held - 1;
+    if (n > INT32_MAX - LANES) {
+        PyErr_SetString(PyExc_ValueError, "l1_norms: a block of more than 2^31 entries");
+        goto done;
+    }
+    if (parse_trims(trims, &f, n, start) < 0) goto done;
+    Py_ssize_t whole = n / LANES * LANES;
+    Py_BEGIN_ALLOW_THREADS
+    l1_body(&f, t, before, after, whole);
+    if (whole < n) { /* zero-padded: the padding adds |0| to both */
+        ties_formula tail = f;
+        padded_tail(f.in, f.models + 1, whole, n, size, tail.in);
+        shift_trims(&tail, whole);
+        l1_body(&tail, t, before, after, LANES);
+    }
+    Py_END_ALLOW_THREADS
+    result = PyTuple_New(f.models);
+    for (int k = 0; result != NULL && k < f.models; k++)
+        PyTuple_SET_ITEM(result, k, Py_BuildValue("(dd)", before[k], after[k]));
+done:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&views[k]);
     return result;
 }
 
@@ -657,7 +792,8 @@ static PyMethodDef methods[] = {
      "magnitude_window(bits, positions, inputs, dtype, lows, highs, every, offset) -> ((above, collected), ...)"},
     {"nth_equal", nth_equal, METH_VARARGS, "nth_equal(inputs, dtype, model, value_bits, nth) -> (count, at)"},
     {"ties", ties, METH_VARARGS,
-     "ties(out, out_dtype, inputs, dtype, kinds, values, limits, weights, scales, consensus, normalize, divisor, lam)"},
+     "ties(out, out_dtype, inputs, dtype, trims, weights, scales, consensus, normalize, divisor, lam, start)"},
+    {"l1_norms", l1_norms, METH_VARARGS, "l1_norms(inputs, dtype, trims, start) -> ((before, after), ...)"},
     {NULL, NULL, 0, NULL},
 };
 

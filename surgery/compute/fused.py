@@ -26,9 +26,9 @@ from surgery.checkpoint.reader import DTYPE_SIZES
 from surgery.recipe.raw import RawBlock, RawBlocks
 
 try:
-    from surgery.compute._combine import combine, magnitude_counts, magnitude_window, nth_equal, ties
+    from surgery.compute._combine import combine, l1_norms, magnitude_counts, magnitude_window, nth_equal, ties
 except ImportError:  # built without a C compiler: the torch path computes the same bits
-    combine = magnitude_counts = magnitude_window = nth_equal = ties = None
+    combine = l1_norms = magnitude_counts = magnitude_window = nth_equal = ties = None
 
 _BINS = 1 << 16
 _CHUNK = 512  # the kernels' chunk: the sample reads whole ones
@@ -64,18 +64,35 @@ class WeightedSum:
                 self.zero_start, self.divisor, self.factor)
 
 
-KEEP_KINDS = {"all": 0, "none": 1, "top": 2}
+KEEP_KINDS = {"all": 0, "none": 1, "top": 2, "band": 3, "random": 4}
+
+
+@dataclass(frozen=True)
+class KernelTrim:
+    """One model's trim as the kernels take it: its KEEP_KINDS kind; top: keep magnitudes above `value`, and
+    those equal to it at positions below `position`; band: keep those at or above (value, position) and not
+    at or above (high, high_position) in the ascending order (ties by position); random: keep where the
+    stream `key`'s noise (noise.py) is below threshold / 2^24."""
+
+    kind: int
+    value: float = 0.0
+    position: int = 0
+    high: float = 0.0
+    high_position: int = 0
+    key: int = 0
+    threshold: int = 0
+
+    def fields(self) -> tuple[int, float, int, float, int, int, int]:
+        return self.kind, self.value, self.position, self.high, self.high_position, self.key, self.threshold
 
 
 @dataclass(frozen=True)
 class TrimmedSum:
-    """SparseMerge with trims that keep all, none or the top of each task vector (sparse.py's __call__):
-    per model its keep kind, the cut's value and position (top), weight and L1 rescale; consensus and
-    normalize as there, `divisor` the summed weights used without consensus, `lam` the final scale."""
+    """SparseMerge with trims the kernels make (sparse.py's __call__): per model its trim, weight and L1
+    rescale; consensus and normalize as there, `divisor` the summed weights used without consensus, `lam`
+    the final scale."""
 
-    kinds: tuple[int, ...]
-    values: tuple[float, ...]
-    positions: tuple[int, ...]
+    trims: tuple[KernelTrim, ...]
     weights: tuple[float, ...]
     scales: tuple[float, ...]
     consensus: bool
@@ -85,9 +102,30 @@ class TrimmedSum:
 
     def into(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
         assert ties is not None
-        limits = tuple(p - block.start for p in self.positions)  # equal entries are kept below the cut's position
-        ties(out, out_dtype, block.inputs, block.dtype, self.kinds, self.values, limits, self.weights, self.scales,
-             self.consensus, self.normalize, self.divisor, self.lam)
+        ties(out, out_dtype, block.inputs, block.dtype, tuple(t.fields() for t in self.trims), self.weights,
+             self.scales, self.consensus, self.normalize, self.divisor, self.lam, block.start)
+
+
+def l1_norms_of(raw: RawBlocks, trims: tuple[KernelTrim, ...]) -> list[tuple[float, float]]:
+    """Per model, the L1 norms of |model - base| before and after its trim, each block's halves on two threads."""
+    assert l1_norms is not None
+    fields = tuple(t.fields() for t in trims)
+    totals = [[0.0, 0.0] for _ in trims]
+    for block in raw():
+        size = len(block.inputs[0]) // DTYPE_SIZES[block.dtype]
+        cut = size // 2
+        if size < 1 << 16 or not _HELPERS:
+            parts = [l1_norms(block.inputs, block.dtype, fields, block.start)]
+        else:
+            width = cut * DTYPE_SIZES[block.dtype]
+            later = _pool().submit(l1_norms, tuple(v[width:] for v in block.inputs), block.dtype, fields,
+                                   block.start + cut)
+            parts = [l1_norms(tuple(v[:width] for v in block.inputs), block.dtype, fields, block.start), later.result()]
+        for part in parts:
+            for total, (before, after) in zip(totals, part, strict=True):
+                total[0] += before
+                total[1] += after
+    return [(before, after) for before, after in totals]
 
 
 def top_magnitude_cuts(raw: RawBlocks, counts: list[int | None], n: int) -> list[tuple[float, int] | None]:

@@ -7,6 +7,7 @@ Each entry is SplitMix64 (Steele et al. 2014) of the stream's key plus its posit
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,14 @@ def uniform(key: int, start: int, count: int, device: torch.device | str = "cpu"
     z = _xorshift(z, 27).mul_(_signed(_MIX2))
     z = _xorshift(z, 31)
     return _logical_shift(z, 40).to(torch.float32).mul_(1.0 / (1 << 24))
+
+
+def noise_threshold(probability: float) -> int:
+    """How many of the 2^24 noise values lie below `probability`, compared as torch compares a float32 tensor
+    with a Python float: in float32."""
+    import numpy as np
+
+    return min(1 << 24, max(0, math.ceil(float(np.float32(probability)) * (1 << 24))))
 
 
 def _xorshift(z: torch.Tensor, shift: int) -> torch.Tensor:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Literal
 
 from surgery.checkpoint.reader import numel
 from surgery.compute import fused
-from surgery.compute.fused import KEEP_KINDS, TrimmedSum, raw_blocks, top_magnitude_cuts
-from surgery.compute.noise import stream_key, uniform
+from surgery.compute.fused import KEEP_KINDS, KernelTrim, TrimmedSum, l1_norms_of, raw_blocks, top_magnitude_cuts
+from surgery.compute.noise import noise_threshold, stream_key, uniform
 from surgery.compute.select import Cut, rank_cuts, top_cuts
 from surgery.compute.updates import Update
 from surgery.recipe.tensor import Block, Blocks
@@ -78,7 +78,9 @@ class SparseMerge(Update):
         prepared = replace(self, keeps=self._keeps(blocks))
         if not (self.rescale and self.trim):
             return prepared
-        return replace(prepared, scales=prepared._l1_scales(blocks))
+        raw, trims = raw_blocks(blocks), prepared._fused_trims()
+        norms = l1_norms_of(raw, trims) if raw is not None and trims is not None else prepared._l1_norms(blocks)
+        return replace(prepared, scales=tuple(1.0 if b < RESCALE_EPS or a < RESCALE_EPS else b / a for b, a in norms))
 
     def __call__(self, inputs: Block) -> torch.Tensor:
         import torch
@@ -112,16 +114,35 @@ class SparseMerge(Update):
         return replace(self, lam=self.lam * factor)
 
     def fused_pass(self) -> TrimmedSum | None:
-        """Once prepared, when every model's trim keeps all, none or its top (no random or banded trims)."""
-        if fused.ties is None or self.keeps is None or any(k.kind not in KEEP_KINDS for k in self.keeps):
+        """Once prepared, when the kernels make every model's trim (all but della's)."""
+        trims = self._fused_trims()
+        if trims is None:
             return None
         total = sum(m.weight for m in self.models)
-        return TrimmedSum(kinds=tuple(KEEP_KINDS[k.kind] for k in self.keeps),
-                          values=tuple(k.top.value if k.top else 0.0 for k in self.keeps),
-                          positions=tuple(k.top.position if k.top else 0 for k in self.keeps),
-                          weights=tuple(m.weight for m in self.models),
+        return TrimmedSum(trims, weights=tuple(m.weight for m in self.models),
                           scales=self.scales or tuple(1.0 for _ in self.models), consensus=self.consensus,
                           normalize=self.normalize, divisor=1.0 if abs(total) < 1e-8 else total, lam=self.lam)
+
+    def _fused_trims(self) -> tuple[KernelTrim, ...] | None:
+        """The prepared trims as the kernels take them; None where the kernels are not built or one is della's."""
+        if fused.ties is None or self.keeps is None or any(k.kind not in KEEP_KINDS for k in self.keeps):
+            return None
+        n = numel(self.shape)
+        trims = []
+        for t, keep in enumerate(self.keeps):
+            kind = KEEP_KINDS[keep.kind]
+            if keep.kind == "top" and keep.top is not None:
+                trims.append(KernelTrim(kind, keep.top.value, keep.top.position))
+            elif keep.kind == "band":  # no low cut: every magnitude is at or above 0; no high cut: none at n
+                low = keep.low or Cut(0.0, 0)
+                high = keep.high or Cut(float("inf"), n)
+                trims.append(KernelTrim(kind, low.value, low.position, high.value, high.position))
+            elif keep.kind == "random":
+                trims.append(KernelTrim(kind, key=stream_key(self.seed, self.tensor, t),
+                                  threshold=noise_threshold(self.models[t].density)))
+            else:
+                trims.append(KernelTrim(kind))
+        return tuple(trims)
 
     def describe(self) -> str:
         models = ", ".join(f"w {m.weight:g} d {m.density:g}" + (f" g {m.gamma:g}" if self.trim == "outliers" else "")
@@ -199,8 +220,8 @@ class SparseMerge(Update):
         for model in models:
             yield model.sub_(base).abs_()
 
-    def _l1_scales(self, blocks: Blocks) -> tuple[float, ...]:
-        """||tau_t||_1 / ||trimmed tau_t||_1 per model, or 1 where either is below RESCALE_EPS."""
+    def _l1_norms(self, blocks: Blocks) -> list[tuple[float, float]]:
+        """Per model, ||tau_t||_1 and ||trimmed tau_t||_1."""
         import torch
 
         before = [0.0] * len(self.models)
@@ -211,7 +232,7 @@ class SparseMerge(Update):
                 tau = model.sub_(base)
                 before[t] += float(tau.abs().sum(dtype=torch.float64))
                 after[t] += float(self._trimmed(t, tau, block.start).abs_().sum(dtype=torch.float64))
-        return tuple(1.0 if b < RESCALE_EPS or a < RESCALE_EPS else b / a for b, a in zip(before, after, strict=True))
+        return list(zip(before, after, strict=True))
 
 
 def agreeing(deltas: torch.Tensor) -> torch.Tensor:
