@@ -12,6 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from surgery.compute import fused
+from surgery.compute import sce as sce_module
+from surgery.compute.sce import SceMerge
+from surgery.compute.select import top_cuts
 from surgery.compute.sparse import ModelTrim, SparseMerge
 from surgery.compute.sphere import SphereMerge
 from surgery.compute.updates import WeightedUpdate
@@ -148,6 +151,42 @@ def test_random_and_banded_trims_give_the_torch_computes_bits_block_by_block(nam
         assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16)), start
 
 
+@needs_kernel
+@pytest.mark.parametrize("models", [1, 2, 3])
+@pytest.mark.parametrize("topk", [1.0, 0.3, 1e-6, 0.0])
+@pytest.mark.parametrize("missed", [False, True])  # True: the bracket holds only zeros, the cut comes from torch
+def test_sce_gives_the_torch_computes_bits_block_by_block(models, topk, missed, monkeypatch):
+    """SCE's variance selection, energies and merge made by the kernels: the torch compute's cut, its weights
+    up to the order their float64 sums are added in, and its bits, across blocks and with ties at the cut."""
+    monkeypatch.setattr(fused, "_WHOLE_SAMPLE", 1 << 10)  # sampled as a large tensor is
+    if missed:
+        monkeypatch.setattr(fused, "_bracket", lambda *args: (0, 0, 16))
+    generator = torch.Generator().manual_seed(models)
+    n = 20_011
+    inputs = [torch.randn(n, generator=generator).to(torch.bfloat16) for _ in range(models + 1)]
+    inputs[1][500:2500] = inputs[0][500:2500] + 0.25  # many equal variances: ties at the cut split by position
+    if models > 1:
+        inputs[2][500:2500] = inputs[0][500:2500] - 0.25
+        inputs[2][3000:3100] = inputs[1][3000:3100]  # and some of zero variance (not counted toward k)
+    merge = SceMerge(models, (n,), topk).scaled(0.7)
+    step = 4096 + 3
+    torch_blocks = lambda: (Block([t[s:s + step].float().clone() for t in inputs], s)  # noqa: E731
+                            for s in range(0, n, step))
+    by_torch = merge.prepare(torch_blocks)
+    from_torch = []
+    monkeypatch.setattr(sce_module, "top_cuts", lambda *args: from_torch.append(1) or top_cuts(*args))
+    by_kernel = merge.prepare(_RawAndTorch(torch_blocks, _raw_in_blocks(inputs, "BF16", step)))
+    assert (by_kernel.cut, by_kernel.keep_none) == (by_torch.cut, by_torch.keep_none)
+    assert bool(from_torch) == (missed and by_kernel.cut is not None)
+    assert by_kernel.weights == pytest.approx(by_torch.weights, rel=1e-12, abs=0)
+    fused_pass = by_kernel.fused_pass()
+    for start in range(0, n, step):
+        expected = by_kernel(Block([t[start:start + step].float().clone() for t in inputs], start)).to(torch.bfloat16)
+        out = torch.empty(expected.numel(), dtype=torch.bfloat16)
+        fused_pass.into(_raw(out), "BF16", RawBlock(start, tuple(_raw(t[start:start + step]) for t in inputs), "BF16"))
+        assert torch.equal(out.view(torch.int16), expected.view(torch.int16)), start
+
+
 def test_della_is_left_to_torch():
     merge = SparseMerge((ModelTrim(0.5, 0.5, epsilon=0.1),), (N,), trim="della").prepare(lambda: iter(()))
     assert merge.fused_pass() is None
@@ -231,6 +270,9 @@ PLANS = {
     "dare_linear, seeded": ("base: {base}\nsteps:\n  - op: dare_linear\n    models: [{prose}, {code}]\n"
                             "    density: 0.3\n    seed: 7\n"),
     "ties, rescaled": "base: {base}\nsteps:\n  - op: ties\n    models: [{prose}, {code}]\n    density: 0.4\n    rescale: true\n",
+    "sce": "base: {base}\nsteps:\n  - op: sce\n    models: [{prose}, {code}]\n    select_topk: 0.5\n",
+    "sce + lines": ("base: {base}\nsteps:\n  - op: sce\n    models: [{prose}, {code}]\n    select_topk: 0.3\n"
+                    "  - op: lines\n    alpha: 0.5\n    beta: 0.5\n"),
     "della (not fused)": "base: {base}\nsteps:\n  - op: della\n    models: [{prose}, {code}]\n    density: 0.5\n",
 }
 
@@ -247,13 +289,13 @@ def _apply(cli, folder: Path, body: str) -> dict[str, bytes]:
 def test_a_merge_writes_the_same_bytes_with_the_kernel_and_without(plan, bf16_family, cli, tmp_path, monkeypatch):
     body = PLANS[plan].format(**{k: str(v) for k, v in bf16_family.items()})
     calls = []
-    for name in ("combine", "ties"):
+    for name in ("combine", "ties", "sce"):
         kernel = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *args, kernel=kernel: calls.append(1) or kernel(*args))
     (tmp_path / "fused").mkdir()
     with_kernel = _apply(cli, tmp_path / "fused", body)
     assert bool(calls) == ("mixed" not in plan and "not fused" not in plan)  # an input of another dtype: torch
-    for name in ("combine", "l1_norms", "magnitude_counts", "ties"):  # as built without a C compiler
+    for name in ("combine", "l1_norms", "magnitude_counts", "ties", "sce"):  # as built without a C compiler
         monkeypatch.setattr(fused, name, None)
     (tmp_path / "torch").mkdir()
     assert _apply(cli, tmp_path / "torch", body) == with_kernel

@@ -784,6 +784,255 @@ done:
     return result;
 }
 
+/* ---- SCE -------------------------------------------------------------------------------------------------
+SceMerge (surgery/compute/sce.py) operation for operation: each entry's variance over the models of tau_t =
+m_t - b (population, summed left to right: mean = (tau_0 + tau_1 + ...) / T, var = ((tau_0 - mean)^2 + ...) / T),
+the top of it kept (`before` a cut, as TIES' magnitudes), each kept model's energy, and the merge. */
+
+INLINE vf variance_lanes(const char *const *in, int models, enum dtype t, Py_ssize_t i, vf *tau) {
+    vf b = load(in[0], t, i), mean = {0}, var = {0};
+    for (int k = 0; k < models; k++) {
+        tau[k] = load(in[k + 1], t, i) - b;
+        mean = k == 0 ? tau[k] : mean + tau[k];
+    }
+    mean = mean / (float)models;
+    for (int k = 0; k < models; k++) {
+        vf d = tau[k] - mean;
+        var = k == 0 ? d * d : var + d * d;
+    }
+    return var / (float)models;
+}
+
+INLINE vu bits_of(vf x) {
+    vu u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+/* variance_window: magnitude_window's pass for the variance (one stream), also counting its nonzero entries. */
+INLINE void variance_window_body_any(const char *const *in, int models, enum dtype t, window *w, int64_t *nonzero,
+                                     Py_ssize_t n) {
+    vf tau[MAX_INPUTS];
+    for (Py_ssize_t c = 0; c < n; c += CHUNK * w->every) {
+        const Py_ssize_t end = c + CHUNK < n ? c + CHUNK : n;
+        const uint32_t low = w->low[0], high = w->high[0];
+        vi over = {0}, nonzeros = {0};
+        Py_ssize_t i = c;
+        for (; i + LANES <= end; i += LANES) {
+            vu u = bits_of(variance_lanes(in, models, t, i, tau));
+            over -= (vi)(u > high);
+            nonzeros -= (vi)(u != 0);
+            vi inside = (vi)((u >= low) & (u <= high));
+            if (!memcmp(&inside, &(vi){0}, sizeof inside)) continue;
+            for (int l = 0; l < LANES; l++) if (inside[l]) keep_entry(w, 0, u[l], i + l);
+        }
+        for (int l = 0; l < LANES; l++) { w->above[0] += over[l]; *nonzero += nonzeros[l]; }
+        for (; i < end; i++) { /* lane 0 of a vector load: callers keep 8 readable */
+            uint32_t u = bits_of(variance_lanes(in, models, t, i, tau))[0];
+            w->above[0] += u > high;
+            *nonzero += u != 0;
+            if (u >= low && u <= high) keep_entry(w, 0, u, i);
+        }
+    }
+}
+VERSIONED(variance_window_body, (const char *const *in, int models, enum dtype t, window *w, int64_t *nonzero,
+                                 Py_ssize_t n), (in, models, t, w, nonzero, n))
+
+static PyObject *variance_window(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer bits, positions, views[MAX_INPUTS];
+    PyObject *inputs, *result = NULL;
+    const char *in_name, *in[MAX_INPUTS];
+    int held = 0;
+    unsigned long low, high;
+    Py_ssize_t every, offset;
+    if (!PyArg_ParseTuple(args, "w*w*Oskknn", &bits, &positions, &inputs, &in_name, &low, &high, &every, &offset))
+        return NULL;
+    enum dtype t;
+    Py_ssize_t size, n = -1;
+    int64_t nonzero = 0;
+    window w = {.every = every, .offset = offset, .low = {(uint32_t)low}, .high = {(uint32_t)high},
+                .bits = bits.buf, .positions = positions.buf};
+    w.capacity = bits.len / (Py_ssize_t)sizeof(uint32_t);
+    if (parse_dtype(in_name, &t, &size) < 0 || get_inputs(inputs, 2, views, &held, in, size, &n) < 0) goto done;
+    if (every < 1 || positions.len != w.capacity * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "variance_window: as many uint32 bits as int64 positions, every >= 1");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t safe = n > LANES ? n - LANES + 1 : 0;
+    variance_window_body(in, held - 1, t, &w, &nonzero, safe);
+    if (safe < n) {
+        const char *tail_in[MAX_INPUTS];
+        padded_tail(in, held, safe, n, size, tail_in);
+        w.offset += safe;
+        variance_window_body(tail_in, held - 1, t, &w, &nonzero, n - safe);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("((LL),L)", (long long)w.above[0], (long long)w.collected[0], (long long)nonzero);
+done:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&views[k]);
+    PyBuffer_Release(&bits);
+    PyBuffer_Release(&positions);
+    return result;
+}
+
+typedef struct {
+    const char *in[MAX_INPUTS];
+    int models, keep, lam_scaled; /* keep: KEEP_ALL, KEEP_NONE or KEEP_TOP (below the cut) */
+    float value, weight[MAX_INPUTS], lam;
+    int32_t limit;
+} sce_formula;
+
+/* The task vectors as the selection leaves them: zero outside the kept entries. */
+INLINE void sce_selected(const sce_formula *f, enum dtype t, Py_ssize_t i, vf *tau, const int models) {
+    if (f->keep == KEEP_NONE) {
+        for (int k = 0; k < models; k++) tau[k] = (vf){0};
+        return;
+    }
+    vf var = variance_lanes(f->in, models, t, i, tau);
+    if (f->keep == KEEP_TOP) {
+        const vi index = (vi){0, 1, 2, 3, 4, 5, 6, 7} + (int32_t)i;
+        vf kept = ones_where((var > f->value) | ((var == f->value) & (index < f->limit)));
+        for (int k = 0; k < models; k++) tau[k] = tau[k] * kept;
+    }
+}
+
+INLINE vf sce_lanes(const sce_formula *f, enum dtype t, Py_ssize_t i, const int models) {
+    vf tau[MAX_INPUTS];
+    sce_selected(f, t, i, tau, models);
+    vf sum = tau[0];
+    for (int k = 1; k < models; k++) sum = sum + tau[k];
+    vi positive = sum >= 0.0f;
+    vf mixed = {0}, total = {0};
+    for (int k = 0; k < models; k++) {
+        vf w = f->weight[k] * ones_where(((tau[k] > 0.0f) & positive) | ((tau[k] < 0.0f) & ~positive));
+        mixed = k == 0 ? tau[k] * w : mixed + tau[k] * w;
+        total = k == 0 ? w : total + w;
+    }
+    vi small = total < 1e-6f;
+    total = (vf)(((vi)total & ~small) | ((vi)((vf){0} + 1e-6f) & small));
+    mixed = mixed / total;
+    if (f->lam_scaled) mixed = mixed * f->lam;
+    return mixed + load(f->in[0], t, i);
+}
+
+INLINE void sce_body_any(const sce_formula *f, enum dtype t, char *out, enum dtype to, Py_ssize_t n) {
+#define LOOP(a, o, m) for (Py_ssize_t i = 0; i < n; i += LANES) store(out, o, i, sce_lanes(f, a, i, m))
+#define CASE(a, o) if (t == a && to == o) { \
+        if (f->models == 2) LOOP(a, o, 2); else if (f->models == 3) LOOP(a, o, 3); else LOOP(a, o, f->models); return; }
+    CASE(BF16, BF16) CASE(BF16, F16) CASE(BF16, F32)
+    CASE(F16, BF16) CASE(F16, F16) CASE(F16, F32)
+    CASE(F32, BF16) CASE(F32, F16) CASE(F32, F32)
+#undef CASE
+#undef LOOP
+}
+VERSIONED(sce_body, (const sce_formula *f, enum dtype t, char *out, enum dtype to, Py_ssize_t n), (f, t, out, to, n))
+
+/* Per model, the sum of its selected task vector's squares (float32 squares added in double). */
+INLINE void sce_energy_body_any(const sce_formula *f, enum dtype t, double *energy, Py_ssize_t n) {
+    vd sums[MAX_INPUTS];
+    vf tau[MAX_INPUTS];
+    for (int k = 0; k < f->models; k++) sums[k] = (vd){0};
+    for (Py_ssize_t i = 0; i < n; i += LANES) {
+        sce_selected(f, t, i, tau, f->models);
+        for (int k = 0; k < f->models; k++) sums[k] += __builtin_convertvector(tau[k] * tau[k], vd);
+    }
+    for (int k = 0; k < f->models; k++)
+        for (int l = 0; l < LANES; l++) energy[k] += sums[k][l];
+}
+VERSIONED(sce_energy_body, (const sce_formula *f, enum dtype t, double *energy, Py_ssize_t n), (f, t, energy, n))
+
+/* The formula's inputs, keep and cut (the cut's position made relative to the block, clamped to it). */
+static int sce_parse(PyObject *inputs, const char *in_name, int keep, double value, long long position,
+                     long long start, sce_formula *f, Py_buffer *views, int *held, enum dtype *t, Py_ssize_t *size,
+                     Py_ssize_t *n) {
+    if (parse_dtype(in_name, t, size) < 0 || get_inputs(inputs, 2, views, held, f->in, *size, n) < 0) return -1;
+    if ((keep != KEEP_ALL && keep != KEEP_NONE && keep != KEEP_TOP) || *n > INT32_MAX - LANES) {
+        PyErr_SetString(PyExc_ValueError, "sce: keep all, none or the top, in a block of under 2^31 entries");
+        return -1;
+    }
+    long long limit = position - start;
+    f->models = *held - 1;
+    f->keep = keep;
+    f->value = (float)value;
+    f->limit = (int32_t)(limit < 0 ? 0 : limit > *n ? *n : limit);
+    return 0;
+}
+
+static PyObject *sce(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer out, views[MAX_INPUTS];
+    PyObject *inputs, *weights, *result = NULL;
+    const char *out_name, *in_name;
+    int held = 0, keep;
+    double value, lam;
+    long long position, start;
+    if (!PyArg_ParseTuple(args, "w*sOsidLOdL", &out, &out_name, &inputs, &in_name, &keep, &value, &position, &weights,
+                          &lam, &start))
+        return NULL;
+    sce_formula f = {.lam_scaled = lam != 1.0, .lam = (float)lam};
+    enum dtype t, to;
+    Py_ssize_t size, out_size, n = -1;
+    if (parse_dtype(out_name, &to, &out_size) < 0
+        || sce_parse(inputs, in_name, keep, value, position, start, &f, views, &held, &t, &size, &n) < 0)
+        goto done;
+    if (!PyTuple_Check(weights) || PyTuple_GET_SIZE(weights) != f.models || out.len != n * out_size) {
+        PyErr_SetString(PyExc_ValueError, "sce: one weight per model, an output of as many elements");
+        goto done;
+    }
+    for (int k = 0; k < f.models; k++) {
+        f.weight[k] = (float)PyFloat_AsDouble(PyTuple_GET_ITEM(weights, k));
+        if (PyErr_Occurred()) goto done;
+    }
+    Py_ssize_t whole = n / LANES * LANES;
+    Py_BEGIN_ALLOW_THREADS
+    sce_body(&f, t, out.buf, to, whole);
+    if (whole < n) {
+        char tail_out[4 * LANES];
+        sce_formula tail = f;
+        padded_tail(f.in, f.models + 1, whole, n, size, tail.in);
+        tail.limit -= (int32_t)whole;
+        sce_body(&tail, t, tail_out, to, LANES);
+        memcpy((char *)out.buf + whole * out_size, tail_out, (n - whole) * out_size);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&views[k]);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *sce_energy(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer views[MAX_INPUTS];
+    PyObject *inputs, *result = NULL;
+    const char *in_name;
+    int held = 0, keep;
+    double value;
+    long long position, start;
+    if (!PyArg_ParseTuple(args, "OsidLL", &inputs, &in_name, &keep, &value, &position, &start)) return NULL;
+    sce_formula f = {0};
+    enum dtype t;
+    Py_ssize_t size, n = -1;
+    double energy[MAX_INPUTS] = {0};
+    if (sce_parse(inputs, in_name, keep, value, position, start, &f, views, &held, &t, &size, &n) < 0) goto done;
+    Py_ssize_t whole = n / LANES * LANES;
+    Py_BEGIN_ALLOW_THREADS
+    sce_energy_body(&f, t, energy, whole);
+    if (whole < n) { /* zero-padded: the padding's task vectors are 0 */
+        sce_formula tail = f;
+        padded_tail(f.in, f.models + 1, whole, n, size, tail.in);
+        tail.limit -= (int32_t)whole;
+        sce_energy_body(&tail, t, energy, LANES);
+    }
+    Py_END_ALLOW_THREADS
+    result = PyTuple_New(f.models);
+    for (int k = 0; result != NULL && k < f.models; k++) PyTuple_SET_ITEM(result, k, PyFloat_FromDouble(energy[k]));
+done:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&views[k]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"combine", combine, METH_VARARGS,
      "combine(out, out_dtype, inputs, dtype, coefficients, has_base, centered, zero_start, divisor, factor)"},
@@ -793,6 +1042,10 @@ static PyMethodDef methods[] = {
     {"nth_equal", nth_equal, METH_VARARGS, "nth_equal(inputs, dtype, model, value_bits, nth) -> (count, at)"},
     {"ties", ties, METH_VARARGS,
      "ties(out, out_dtype, inputs, dtype, trims, weights, scales, consensus, normalize, divisor, lam, start)"},
+    {"variance_window", variance_window, METH_VARARGS,
+     "variance_window(bits, positions, inputs, dtype, low, high, every, offset) -> ((above, collected), nonzero)"},
+    {"sce", sce, METH_VARARGS, "sce(out, out_dtype, inputs, dtype, keep, value, position, weights, lam, start)"},
+    {"sce_energy", sce_energy, METH_VARARGS, "sce_energy(inputs, dtype, keep, value, position, start) -> energies"},
     {"l1_norms", l1_norms, METH_VARARGS, "l1_norms(inputs, dtype, trims, start) -> ((before, after), ...)"},
     {NULL, NULL, 0, NULL},
 };

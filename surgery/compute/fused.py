@@ -15,6 +15,7 @@ handed blocks that also read raw (recipe/raw.py), which the magnitude cuts use."
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -26,9 +27,20 @@ from surgery.checkpoint.reader import DTYPE_SIZES
 from surgery.recipe.raw import RawBlock, RawBlocks
 
 try:
-    from surgery.compute._combine import combine, l1_norms, magnitude_counts, magnitude_window, nth_equal, ties
+    from surgery.compute._combine import (
+        combine,
+        l1_norms,
+        magnitude_counts,
+        magnitude_window,
+        nth_equal,
+        sce,
+        sce_energy,
+        ties,
+        variance_window,
+    )
 except ImportError:  # built without a C compiler: the torch path computes the same bits
-    combine = l1_norms = magnitude_counts = magnitude_window = nth_equal = ties = None
+    combine = l1_norms = magnitude_counts = magnitude_window = nth_equal = sce = sce_energy = ties = None
+    variance_window = None
 
 _BINS = 1 << 16
 _CHUNK = 512  # the kernels' chunk: the sample reads whole ones
@@ -107,25 +119,65 @@ class TrimmedSum:
 
 
 def l1_norms_of(raw: RawBlocks, trims: tuple[KernelTrim, ...]) -> list[tuple[float, float]]:
-    """Per model, the L1 norms of |model - base| before and after its trim, each block's halves on two threads."""
+    """Per model, the L1 norms of |model - base| before and after its trim."""
     assert l1_norms is not None
     fields = tuple(t.fields() for t in trims)
     totals = [[0.0, 0.0] for _ in trims]
-    for block in raw():
-        size = len(block.inputs[0]) // DTYPE_SIZES[block.dtype]
-        cut = size // 2
-        if size < 1 << 16 or not _HELPERS:
-            parts = [l1_norms(block.inputs, block.dtype, fields, block.start)]
-        else:
-            width = cut * DTYPE_SIZES[block.dtype]
-            later = _pool().submit(l1_norms, tuple(v[width:] for v in block.inputs), block.dtype, fields,
-                                   block.start + cut)
-            parts = [l1_norms(tuple(v[:width] for v in block.inputs), block.dtype, fields, block.start), later.result()]
-        for part in parts:
-            for total, (before, after) in zip(totals, part, strict=True):
-                total[0] += before
-                total[1] += after
+    for part in _halves(raw, lambda inputs, dtype, start: l1_norms(inputs, dtype, fields, start)):
+        for total, (before, after) in zip(totals, part, strict=True):
+            total[0] += before
+            total[1] += after
     return [(before, after) for before, after in totals]
+
+
+@dataclass(frozen=True)
+class SceSum:
+    """SceMerge's merge (sce.py's __call__) once its selection and weights are found: `keep` a KEEP_KINDS kind
+    of all, none or top (the variances before the cut (value, position))."""
+
+    keep: int
+    value: float
+    position: int
+    weights: tuple[float, ...]
+    lam: float
+
+    def into(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
+        assert sce is not None
+        sce(out, out_dtype, block.inputs, block.dtype, self.keep, self.value, self.position, self.weights, self.lam,
+            block.start)
+
+
+def sce_energies(raw: RawBlocks, keep: int, value: float, position: int) -> list[float]:
+    """Per model, the sum of squares of its task vector, zero outside the selected variances."""
+    assert sce_energy is not None
+    totals: list[float] = []
+    for part in _halves(raw, lambda inputs, dtype, start: sce_energy(inputs, dtype, keep, value, position, start)):
+        totals = list(part) if not totals else [t + p for t, p in zip(totals, part, strict=True)]
+    return totals
+
+
+def top_variance_cut(raw: RawBlocks, fraction: float, n: int) -> tuple[int, tuple[float, int] | None]:
+    """k = floor(fraction * the count of nonzero variances over the task vectors), and the cut that keeps
+    the k largest, ties by lowest position (select.top_cuts' cut); None where the sample's bracket missed it
+    (or k is 0)."""
+    assert variance_window is not None
+    every = 1 if n < _WHOLE_SAMPLE else SAMPLE_EVERY
+    sampled = _collected(raw, [(0, _ALL_BITS)], every, 2 * -(-n // (_CHUNK * every)) * _CHUNK + 4096,
+                         _variance_scan)[0]
+    sample = sampled[1]
+    varying = np.count_nonzero(sample) / max(len(sample), 1)
+    spread = fraction * float(np.sqrt(len(sample) * varying * (1 - varying)))  # where the sample puts k, too
+    low, high, capacity = _bracket(sample, n - int(fraction * varying * n), n, spread)
+    above, bits, positions, got, nonzero = _collected(raw, [(low, high)], 1, capacity, _variance_scan)[0]
+    k = int(nonzero * fraction)
+    return k, None if k == 0 else _cut_in_window(above, bits, positions, got, k, n)
+
+
+def _variance_scan(bits: memoryview, positions: memoryview, inputs: tuple[memoryview, ...], dtype: str,
+                   lows: tuple[int, ...], highs: tuple[int, ...], every: int, start: int) -> Any:
+    assert variance_window is not None
+    (above, collected), nonzero = variance_window(bits, positions, inputs, dtype, lows[0], highs[0], every, start)
+    return ((above, collected, nonzero),)
 
 
 def top_magnitude_cuts(raw: RawBlocks, counts: list[int | None], n: int) -> list[tuple[float, int] | None]:
@@ -139,23 +191,25 @@ def top_magnitude_cuts(raw: RawBlocks, counts: list[int | None], n: int) -> list
     bounds = [None if k is None else _bracket(sample[t][1], n - k, n) for t, k in enumerate(counts)]
     capacity = max((b[2] for b in bounds if b is not None), default=0)
     inside = _collected(raw, [(1, 0) if b is None else b[:2] for b in bounds], 1, capacity)
-    cuts = [None if k is None else _cut_in_window(*inside[t], k, n) for t, k in enumerate(counts)]
+    cuts = [None if k is None else _cut_in_window(*inside[t][:4], k, n) for t, k in enumerate(counts)]
     missed = [None if k is None or cut is not None else k for k, cut in zip(counts, cuts, strict=True)]
     if any(k is not None for k in missed):
         cuts = [cut or radix for cut, radix in zip(cuts, _radix_cuts(raw, missed, n), strict=True)]
     return cuts
 
 
-def _collected(raw: RawBlocks, bounds: list[tuple[int, int]], every: int, capacity: int
-               ) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
-    """Per model: how many magnitudes (as float32 bits) lie above its bounds, those within them (bits and
-    positions, in order, as many as `capacity` holds) and how many there were in all. Each block's halves
-    are read on two threads (the GIL is released), the second half's finds placed after the first's."""
-    assert magnitude_window is not None
+def _collected(raw: RawBlocks, bounds: list[tuple[int, int]], every: int, capacity: int, kernel: Any = None
+               ) -> list[tuple[int, np.ndarray, np.ndarray, int, int]]:
+    """Per stream (a model's magnitudes, or `kernel`'s scores): how many scores (as float32 bits) lie above its
+    bounds, those within them (bits and positions, in order, as many as `capacity` holds), how many there
+    were in all, and how many scores were nonzero (counted by the variance's kernel only). Each block's
+    halves are read on two threads (the GIL is released), the second half's finds placed after the first's."""
+    kernel = kernel or magnitude_window
+    assert kernel is not None
     models = len(bounds)
     bits = np.empty((models, capacity), dtype=np.uint32)
     positions = np.empty((models, capacity), dtype=np.int64)
-    above, got = [0] * models, [0] * models
+    above, got, nonzero = [0] * models, [0] * models, [0] * models
     lows, highs = tuple(b[0] for b in bounds), tuple(b[1] for b in bounds)
     parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per thread: flat buffers, reused block after block
 
@@ -163,12 +217,12 @@ def _collected(raw: RawBlocks, bounds: list[tuple[int, int]], every: int, capaci
         if part not in parts or len(parts[part][0]) < models * room:
             parts[part] = (np.empty(models * room, np.uint32), np.empty(models * room, np.int64))
         part_bits, part_positions = (a[:models * room] for a in parts[part])
-        return magnitude_window(memoryview(part_bits), memoryview(part_positions), inputs, dtype, lows, highs,
-                                every, start)
+        return kernel(memoryview(part_bits), memoryview(part_positions), inputs, dtype, lows, highs, every, start)
 
     def place(found: Any, part: int, room: int) -> None:
         part_bits, part_positions = (a[:models * room].reshape(models, room) for a in parts[part])
-        for t, (over, count) in enumerate(found):
+        for t, (over, count, *nonzeros) in enumerate(found):
+            nonzero[t] += sum(nonzeros)
             if got[t] + count <= capacity and count <= room:
                 bits[t, got[t]:got[t] + count] = part_bits[t, :count]
                 positions[t, got[t]:got[t] + count] = part_positions[t, :count]
@@ -190,18 +244,19 @@ def _collected(raw: RawBlocks, bounds: list[tuple[int, int]], every: int, capaci
         second = later.result()
         place(first, 0, room)
         place(second, 1, room)
-    return [(above[t], bits[t, :min(got[t], capacity)], positions[t, :min(got[t], capacity)], got[t])
+    return [(above[t], bits[t, :min(got[t], capacity)], positions[t, :min(got[t], capacity)], got[t], nonzero[t])
             for t in range(models)]
 
 
-def _bracket(sample: np.ndarray, rank: int, n: int) -> tuple[int, int, int]:
-    """Bounds (as magnitude bits) that hold the entry of ascending `rank` among n, with a margin of
-    _MARGIN standard deviations of where the sample places it, and room for what they will collect."""
+def _bracket(sample: np.ndarray, rank: int, n: int, spread: float = 0.0) -> tuple[int, int, int]:
+    """Bounds (as score bits) that hold the entry of ascending `rank` among n, with a margin of _MARGIN
+    standard deviations of where the sample places it (`spread`: a further deviation, in sample entries, of
+    an estimated rank), and room for what they will collect."""
     size = len(sample)
     if size == 0:
         return 0, _ALL_BITS, n
     p = rank / n
-    middle, spread = p * size, _MARGIN * float(np.sqrt(size * p * (1 - p))) + 16
+    middle, spread = p * size, _MARGIN * (float(np.sqrt(size * p * (1 - p))) + spread) + 16
     low_rank, high_rank = int(middle - spread), int(middle + spread) + 1
     picks = [r for r in (low_rank, high_rank) if 0 <= r < size]
     chosen = np.partition(sample, picks) if picks else sample
@@ -268,6 +323,20 @@ def _counted(raw: RawBlocks, wanted: tuple[int, ...]) -> np.ndarray:
         magnitude_counts(memoryview(halves[0]), tuple(v[:cut] for v in block.inputs), block.dtype, wanted)
         later.result()
     return sum(halves[1:], halves[0])
+
+
+def _halves(raw: RawBlocks, kernel: Any) -> Iterator[Any]:
+    """kernel(inputs, dtype, start) over every block, each block's halves on two threads: their results."""
+    for block in raw():
+        size = len(block.inputs[0]) // DTYPE_SIZES[block.dtype]
+        if size < 1 << 16 or not _HELPERS:
+            yield kernel(block.inputs, block.dtype, block.start)
+            continue
+        cut = size // 2
+        width = cut * DTYPE_SIZES[block.dtype]
+        later = _pool().submit(kernel, tuple(v[width:] for v in block.inputs), block.dtype, block.start + cut)
+        yield kernel(tuple(v[:width] for v in block.inputs), block.dtype, block.start)
+        yield later.result()
 
 
 @cache

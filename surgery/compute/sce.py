@@ -13,9 +13,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from surgery.checkpoint.reader import numel
+from surgery.compute import fused
+from surgery.compute.fused import KEEP_KINDS, SceSum, raw_blocks, sce_energies, top_variance_cut
 from surgery.compute.select import Cut, top_cuts
-from surgery.compute.sparse import agreeing
 from surgery.compute.updates import Update
+from surgery.recipe.raw import RawBlocks
 from surgery.recipe.tensor import Block, Blocks
 
 if TYPE_CHECKING:
@@ -24,7 +26,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SceMerge(Update):
-    """base + lam * SCE(task vectors), see the module docstring."""
+    """base + lam * SCE(task vectors), see the module docstring. The kernels (fused.py) make the same bits:
+    every sum here runs left to right over the models, as theirs do."""
 
     models: int
     shape: tuple[int, ...]
@@ -37,24 +40,18 @@ class SceMerge(Update):
     def prepare(self, blocks: Blocks) -> SceMerge:
         if self.weights is not None:
             return self
-        prepared = self
-        if self.select_topk <= 0:
-            prepared = replace(self, keep_none=True)
-        elif self.select_topk < 1:
-            varying = sum(int((_variance(block) != 0).sum()) for block in blocks())
-            kept = int(varying * self.select_topk)
-            if kept == 0:
-                prepared = replace(self, keep_none=True)
-            else:
-                n = numel(self.shape)
-                cut = top_cuts(blocks, lambda block: iter([_variance(block)]), [kept], n)[0]
-                prepared = replace(self, cut=cut)
+        raw = raw_blocks(blocks) if fused.sce is not None else None
+        prepared = self._selection(blocks, raw)
         import torch
 
-        energy = [0.0] * self.models
-        for block in blocks():
-            for t, tau in enumerate(prepared._selected(block)):
-                energy[t] += float(tau.square().sum(dtype=torch.float64))
+        if raw is not None:
+            keep, value, position = prepared._kernel_keep()
+            energy = sce_energies(raw, keep, value, position)
+        else:
+            energy = [0.0] * self.models
+            for block in blocks():
+                for t, tau in enumerate(prepared._selected(block)):
+                    energy[t] += float(tau.mul(tau).sum(dtype=torch.float64))
         energy = [e / max(numel(self.shape), 1) for e in energy]
         total = sum(energy)
         weights = [1 / self.models] * self.models if abs(total) < 1e-6 else [e / total for e in energy]
@@ -65,12 +62,23 @@ class SceMerge(Update):
 
         assert self.weights is not None, "prepare() first"
         base = inputs[0].clone()
-        taus = torch.stack(self._selected(inputs))
-        weights = torch.tensor(self.weights, device=base.device).view(-1, *[1] * base.dim()) * agreeing(taus)
-        merged = (taus * weights).sum(0).div_(weights.sum(0).clamp(min=1e-6))
+        taus = self._selected(inputs)
+        positive = _summed(taus) >= 0
+        mixed = total = None
+        for weight, tau in zip(self.weights, taus, strict=True):
+            agreed = (tau.sign() == torch.where(positive, 1.0, -1.0)).to(tau.dtype).mul_(weight)
+            mixed = tau * agreed if mixed is None else mixed.add_(tau * agreed)
+            total = agreed if total is None else total.add_(agreed)
+        assert mixed is not None and total is not None
+        merged = mixed.div_(total.clamp_(min=1e-6))
         if self.lam != 1.0:
             merged.mul_(self.lam)
         return merged.add_(base)
+
+    def fused_pass(self) -> SceSum | None:
+        if fused.sce is None or self.weights is None:
+            return None
+        return SceSum(*self._kernel_keep(), weights=self.weights, lam=self.lam)
 
     def scaled(self, factor: float) -> SceMerge:
         return replace(self, lam=self.lam * factor)
@@ -78,23 +86,60 @@ class SceMerge(Update):
     def describe(self) -> str:
         return f"base + {self.lam:g}*sce(select_topk {self.select_topk:g}, {self.models} models)"
 
+    def _selection(self, blocks: Blocks, raw: RawBlocks | None) -> SceMerge:
+        """Which entries are kept: all, none, or the top select_topk of the nonzero variances (their cut found
+        in two passes by the kernels where a sample brackets it, else in up to four by torch)."""
+        if self.select_topk >= 1:
+            return self
+        if self.select_topk <= 0:
+            return replace(self, keep_none=True)
+        n = numel(self.shape)
+        kept, found = top_variance_cut(raw, self.select_topk, n) if raw is not None else (None, None)
+        if kept is None:
+            kept = int(sum(int((_variance(_task_vectors(block)) != 0).sum()) for block in blocks()) * self.select_topk)
+        if kept == 0:
+            return replace(self, keep_none=True)
+        if found is not None:
+            return replace(self, cut=Cut(*found))
+        return replace(self, cut=top_cuts(blocks, lambda block: iter([_variance(_task_vectors(block))]), [kept], n)[0])
+
+    def _kernel_keep(self) -> tuple[int, float, int]:
+        if self.keep_none:
+            return KEEP_KINDS["none"], 0.0, 0
+        if self.cut is None:
+            return KEEP_KINDS["all"], 0.0, 0
+        return KEEP_KINDS["top"], self.cut.value, self.cut.position
+
     def _selected(self, block: Block) -> list[torch.Tensor]:
         """The task vectors, zero outside the selected entries (the block's inputs are overwritten)."""
-        base, *models = block
-        taus = [model.sub_(base) for model in models]
+        taus = _task_vectors(block)
         if self.keep_none:
             return [tau.zero_() for tau in taus]
         if self.cut is None:
             return taus
-        import torch
-
-        keep = self.cut.before(torch.stack(taus).var(0, correction=0), block.start)
+        keep = self.cut.before(_variance(taus), block.start)
         return [tau.mul_(keep) for tau in taus]
 
 
-def _variance(block: Block) -> torch.Tensor:
-    import torch
-
+def _task_vectors(block: Block) -> list[torch.Tensor]:
     base, *models = block
-    return torch.stack([model.sub_(base) for model in models]).var(0, correction=0)
+    return [model.sub_(base) for model in models]
 
+
+def _summed(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total.add_(tensor)
+    return total
+
+
+def _variance(taus: list[torch.Tensor]) -> torch.Tensor:
+    """The population variance over the models, entry by entry, its sums left to right (as the kernel's)."""
+    mean = _summed(taus).div_(len(taus))
+    var = None
+    for tau in taus:
+        deviation = tau - mean
+        squared = deviation.mul_(deviation)
+        var = squared if var is None else var.add_(squared)
+    assert var is not None
+    return var.div_(len(taus))
