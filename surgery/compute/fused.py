@@ -48,6 +48,7 @@ SAMPLE_EVERY = 128  # the sample reads one chunk in this many (all of a tensor t
 _WHOLE_SAMPLE = 1 << 16  # entries below which the sample is the tensor itself
 _MARGIN = 8.0  # standard deviations of the sample's rank either side of the cut's estimate
 _ALL_BITS = 0xFFFFFFFF
+_MAX_INPUTS = 64  # the kernels' MAX_INPUTS
 _HELPERS = min(1, (os.cpu_count() or 1) - 1)  # a second core counts half of each block's magnitudes
 
 
@@ -196,6 +197,45 @@ def top_magnitude_cuts(raw: RawBlocks, counts: list[int | None], n: int) -> list
     if any(k is not None for k in missed):
         cuts = [cut or radix for cut, radix in zip(cuts, _radix_cuts(raw, missed, n), strict=True)]
     return cuts
+
+
+def rank_magnitude_cuts(raw: RawBlocks, ranks: list[list[int]], n: int) -> list[list[tuple[float, int]]] | None:
+    """Per model, the (value, position) cut at each ascending rank of |model - base| in ranks[model], ties by
+    position (select.rank_cuts' cuts): a sampled pass and a window pass, one stream per rank; None where a
+    bracket missed (or there are more ranks than the kernel takes inputs)."""
+    streams = [(t, rank) for t, wanted in enumerate(ranks) for rank in wanted]
+    if not streams or len(streams) >= _MAX_INPUTS:
+        return None if streams else [[] for _ in ranks]
+
+    def streamed(sampled: bool = False) -> Iterator[RawBlock]:
+        for block in raw(sampled):
+            yield RawBlock(block.start, (block.inputs[0], *(block.inputs[t + 1] for t, _ in streams)), block.dtype)
+
+    every = 1 if n < _WHOLE_SAMPLE else SAMPLE_EVERY
+    sample = _collected(streamed, [(0, _ALL_BITS)] * len(streams), every, 2 * -(-n // (_CHUNK * every)) * _CHUNK + 4096)
+    bounds = [_bracket(sample[s][1], rank, n) for s, (_, rank) in enumerate(streams)]
+    inside = _collected(streamed, [b[:2] for b in bounds], 1, max(b[2] for b in bounds))
+    found = [_rank_in_window(*inside[s][:4], rank, n) for s, (_, rank) in enumerate(streams)]
+    if any(cut is None for cut in found):
+        return None
+    cuts: list[list[tuple[float, int]]] = [[] for _ in ranks]
+    for (t, _), cut in zip(streams, found, strict=True):
+        assert cut is not None
+        cuts[t].append(cut)
+    return cuts
+
+
+def _rank_in_window(above: int, bits: np.ndarray, positions: np.ndarray, collected: int, rank: int, n: int
+                    ) -> tuple[float, int] | None:
+    """The entry of ascending `rank` (ties by position) from those inside the bracket; None when it lies
+    outside or the bracket overflowed."""
+    below = n - above - collected
+    if collected > len(bits) or not below <= rank < below + collected:
+        return None
+    value = np.partition(bits, rank - below)[rank - below]
+    nth = rank - below - int(np.count_nonzero(bits < value))  # how many entries equal to it rank below it
+    position = 0 if nth == 0 else int(positions[bits == value][nth])  # 0: every equal entry is at or above it
+    return float(np.array([value], dtype=np.uint32).view(np.float32)[0]), position
 
 
 def _collected(raw: RawBlocks, bounds: list[tuple[int, int]], every: int, capacity: int, kernel: Any = None

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Literal
 
 from surgery.checkpoint.reader import numel
 from surgery.compute import fused
-from surgery.compute.fused import KEEP_KINDS, KernelTrim, TrimmedSum, l1_norms_of, raw_blocks, top_magnitude_cuts
+from surgery.compute.fused import (
+    KEEP_KINDS,
+    KernelTrim,
+    TrimmedSum,
+    l1_norms_of,
+    rank_magnitude_cuts,
+    raw_blocks,
+    top_magnitude_cuts,
+)
 from surgery.compute.noise import noise_threshold, stream_key, uniform
 from surgery.compute.select import Cut, rank_cuts, top_cuts
 from surgery.compute.updates import Update
@@ -191,7 +199,7 @@ class SparseMerge(Update):
 
     def _keeps(self, blocks: Blocks) -> tuple[Keep, ...]:
         """Each model's trim, prepared: for magnitude and outliers, the exact cuts (fused: a sampled pass and a
-        window pass where the sample brackets the cut; otherwise up to three streaming passes)."""
+        window pass where the sample brackets the cuts; otherwise up to three streaming passes)."""
         n = numel(self.shape)
         keeps = [_plain_keep(self.trim, m, n) for m in self.models]
         if all(keeps):
@@ -208,7 +216,10 @@ class SparseMerge(Update):
         else:
             bands = [_band(m, n) for m in self.models]
             ranks = [[] if keep else [r for r in band if 0 < r < n] for band, keep in zip(bands, keeps, strict=True)]
-            for t, cuts in enumerate(rank_cuts(blocks, self._magnitudes, ranks)):
+            found = rank_magnitude_cuts(raw, ranks, n) if raw is not None else None
+            by_rank = ([[Cut(*cut) for cut in cuts] for cuts in found] if found is not None
+                       else rank_cuts(blocks, self._magnitudes, ranks))
+            for t, cuts in enumerate(by_rank):
                 if keeps[t] is None:
                     low, high = bands[t]
                     keeps[t] = Keep("band", low=cuts.pop(0) if low > 0 else None,
