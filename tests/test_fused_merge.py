@@ -187,9 +187,46 @@ def test_sce_gives_the_torch_computes_bits_block_by_block(models, topk, missed, 
         assert torch.equal(out.view(torch.int16), expected.view(torch.int16)), start
 
 
-def test_della_is_left_to_torch():
-    merge = SparseMerge((ModelTrim(0.5, 0.5, epsilon=0.1),), (N,), trim="della").prepare(lambda: iter(()))
-    assert merge.fused_pass() is None
+@needs_kernel
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("consensus", [True, False])  # della, della_linear
+@pytest.mark.parametrize("shape", [(13, 157), (13, 1), (2001,)])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_della_gives_the_torch_computes_bits_row_block_by_row_block(dtype, consensus, shape, rescale):
+    """DELLA's keep probabilities rank each |tau| in its row (ties by position, NaN and infinities included):
+    made in the kernel on blocks of whole rows, the torch compute's masks, L1 rescale and bits."""
+    n = int(torch.tensor(shape).prod())
+    generator = torch.Generator().manual_seed(n)
+    inputs = [torch.randn(n, generator=generator).to(DTYPES[dtype]) for _ in range(3)]
+    inputs[1][:4] = torch.tensor([float("nan"), float("inf"), -0.0, 1.0])
+    inputs[2][200:400] = inputs[0][200:400] + 0.5  # equal magnitudes within rows: ranked by position
+    if rescale:  # finite norms (an infinite entry makes the scale NaN on both paths)
+        inputs = [t.nan_to_num(0.0, 0.0, 0.0) for t in inputs]
+    merge = SparseMerge((ModelTrim(0.6, 0.5, epsilon=0.2), ModelTrim(0.4, 0.3, epsilon=0.1)), shape, trim="della",
+                        consensus=consensus, normalize=consensus, rescale=rescale, seed=3, tensor="w")
+    step = 3 * shape[-1] if len(shape) > 1 else n
+    torch_blocks = lambda: (Block([t[s:s + step].float().clone() for t in inputs], s)  # noqa: E731
+                            for s in range(0, n, step))
+    by_torch = merge.prepare(torch_blocks)
+    by_kernel = merge.prepare(_RawAndTorch(torch_blocks, _raw_in_blocks(inputs, dtype, step)))
+    assert by_kernel.scales == pytest.approx(by_torch.scales, rel=1e-12, abs=0)
+    assert bool(by_kernel.scales) == rescale
+    fused_pass = by_kernel.fused_pass()
+    for start in range(0, n, step):
+        expected = by_kernel(Block([t[start:start + step].float().clone() for t in inputs], start)).to(torch.bfloat16)
+        out = torch.empty(expected.numel(), dtype=torch.bfloat16)
+        fused_pass.into(_raw(out), "BF16", RawBlock(start, tuple(_raw(t[start:start + step]) for t in inputs), dtype))
+        nan = expected.isnan()
+        assert torch.equal(out.isnan(), nan)
+        assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16)), start
+
+
+@needs_kernel
+def test_della_refuses_blocks_of_part_rows():
+    merge = SparseMerge((ModelTrim(0.5, 0.5, epsilon=0.1),), (4, 8), trim="della").prepare(lambda: iter(()))
+    inputs = tuple(_raw(torch.zeros(12)) for _ in range(2))
+    with pytest.raises(ValueError, match="whole rows"):
+        merge.fused_pass().into(_raw(torch.empty(12)), "F32", RawBlock(0, inputs, "F32"))
 
 
 class _RawAndTorch:
@@ -273,7 +310,9 @@ PLANS = {
     "sce": "base: {base}\nsteps:\n  - op: sce\n    models: [{prose}, {code}]\n    select_topk: 0.5\n",
     "sce + lines": ("base: {base}\nsteps:\n  - op: sce\n    models: [{prose}, {code}]\n    select_topk: 0.3\n"
                     "  - op: lines\n    alpha: 0.5\n    beta: 0.5\n"),
-    "della (not fused)": "base: {base}\nsteps:\n  - op: della\n    models: [{prose}, {code}]\n    density: 0.5\n",
+    "della": "base: {base}\nsteps:\n  - op: della\n    models: [{prose}, {code}]\n    density: 0.5\n",
+    "della_linear": ("base: {base}\nsteps:\n  - op: della_linear\n    models: [{prose}, {code}]\n    density: 0.4\n"
+                     "    epsilon: 0.2\n    seed: 11\n"),
 }
 
 

@@ -32,6 +32,7 @@ typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
 typedef uint64_t vq __attribute__((vector_size(8 * LANES)));
+typedef uint8_t vb __attribute__((vector_size(LANES)));
 typedef double vd __attribute__((vector_size(8 * LANES)));
 #ifdef __FLT16_MAX__
 #define HAVE_F16 1
@@ -258,7 +259,7 @@ SparseMerge.__call__ (surgery/compute/sparse.py) operation for operation. */
 
 #define BINS 65536
 #define SPLIT 4 /* copies of each high histogram, lanes spread over them: runs of one bin do not wait on each other */
-enum keep { KEEP_ALL, KEEP_NONE, KEEP_TOP, KEEP_BAND, KEEP_RANDOM };
+enum keep { KEEP_ALL, KEEP_NONE, KEEP_TOP, KEEP_BAND, KEEP_RANDOM, KEEP_DELLA };
 
 INLINE uint32_t magnitude_bits1(const char *m, const char *b, enum dtype t, Py_ssize_t i) {
     float x = load(m, t, i)[0] - load(b, t, i)[0]; /* lane 0 of a vector load: callers keep 8 readable */
@@ -318,6 +319,11 @@ typedef struct {
     int32_t limit[MAX_INPUTS], high_limit[MAX_INPUTS];
     uint64_t key[MAX_INPUTS]; /* random: the stream (noise.py's stream_key) */
     uint32_t threshold[MAX_INPUTS]; /* random: kept where the noise's 24 bits are below it */
+    /* della: rows of `row` entries, each kept where its noise is below offset + spread * rank / (row - 1), the
+    masks made for the block before its pass (with LANES bytes of padding) */
+    Py_ssize_t row[MAX_INPUTS];
+    float spread[MAX_INPUTS], offset[MAX_INPUTS];
+    uint8_t *mask[MAX_INPUTS];
     int64_t start; /* the block's first position in its tensor */
 } ties_formula;
 
@@ -350,6 +356,10 @@ INLINE vf trimmed(const ties_formula *f, int k, vf tau, vi index, Py_ssize_t i) 
     vi keep;
     if (kind == KEEP_RANDOM) {
         keep = random_kept(f->key[k], f->threshold[k], f->start + i);
+    } else if (kind == KEEP_DELLA) {
+        vb kept;
+        memcpy(&kept, f->mask[k] + i, sizeof kept);
+        keep = __builtin_convertvector(kept, vi) != 0;
     } else {
         vu u;
         memcpy(&u, &tau, sizeof u);
@@ -405,6 +415,7 @@ static void shift_trims(ties_formula *f, Py_ssize_t by) {
     for (int k = 0; k < f->models; k++) {
         f->limit[k] -= (int32_t)by;
         f->high_limit[k] -= (int32_t)by;
+        if (f->mask[k] != NULL) f->mask[k] += by;
     }
     f->start += by;
 }
@@ -517,8 +528,92 @@ done:
     return result;
 }
 
-/* Each model's trim from its tuple (kind, value, position, high value, high position, key, threshold), the
-positions made relative to the block (its first element at `start`) and clamped to it. */
+/* ---- DELLA's masks -------------------------------------------------------------------------------------------
+SparseMerge._della_probabilities and its random keep (surgery/compute/sparse.py): per row, the rank of each
+|tau| in ascending order, ties by position (a stable LSD radix sort of the magnitudes' bits, every NaN
+as one value, as torch's sort places them), its keep probability offset + spread * rank / (row - 1) in
+float32, and the entry kept where its noise (noise.py) is below it. */
+
+INLINE float load_one(const char *p, enum dtype t, Py_ssize_t i) {
+    if (t == F32) { float x; memcpy(&x, p + 4 * i, 4); return x; }
+    uint16_t h;
+    memcpy(&h, p + 2 * i, 2);
+#ifdef HAVE_F16
+    if (t == F16) { _Float16 x; memcpy(&x, &h, 2); return (float)x; }
+#endif
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+INLINE float noise_at(uint64_t key, int64_t i) {
+    uint64_t z = (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull + key;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z = z ^ (z >> 31);
+    return (float)(z >> 40) * (1.0f / 16777216.0f);
+}
+
+/* scratch: 4 * row uint32 */
+static void della_mask_any(const char *b, const char *m, enum dtype t, Py_ssize_t n, Py_ssize_t row, uint64_t key,
+                           float spread, float offset, int64_t start, uint8_t *mask, uint32_t *scratch) {
+    uint32_t *keys = scratch, *order = scratch + row, *keys2 = scratch + 2 * row, *order2 = scratch + 3 * row;
+    const float last = (float)(row - 1);
+    for (Py_ssize_t at = 0; at < n; at += row) {
+        for (Py_ssize_t j = 0; j < row; j++) {
+            float d = load_one(m, t, at + j) - load_one(b, t, at + j);
+            uint32_t u;
+            memcpy(&u, &d, 4);
+            u &= 0x7fffffffu;
+            keys[j] = u > 0x7f800000u ? 0x7fc00000u : u;
+            order[j] = (uint32_t)j;
+        }
+        for (int shift = 0; shift < 32; shift += 8) {
+            Py_ssize_t count[257] = {0};
+            for (Py_ssize_t j = 0; j < row; j++) count[((keys[j] >> shift) & 0xffu) + 1]++;
+            if (count[((keys[0] >> shift) & 0xffu) + 1] == row) continue; /* one digit throughout: already in order */
+            for (int d = 0; d < 256; d++) count[d + 1] += count[d];
+            for (Py_ssize_t j = 0; j < row; j++) {
+                Py_ssize_t to = count[(keys[j] >> shift) & 0xffu]++;
+                keys2[to] = keys[j];
+                order2[to] = order[j];
+            }
+            uint32_t *swap = keys; keys = keys2; keys2 = swap;
+            swap = order; order = order2; order2 = swap;
+        }
+        for (Py_ssize_t r = 0; r < row; r++) {
+            Py_ssize_t j = order[r];
+            float rank = row > 1 ? (float)r / last : 0.0f;
+            float p = rank * spread + offset;
+            mask[at + j] = noise_at(key, start + at + j) < p;
+        }
+    }
+}
+VERSIONED(della_mask, (const char *b, const char *m, enum dtype t, Py_ssize_t n, Py_ssize_t row, uint64_t key,
+                       float spread, float offset, int64_t start, uint8_t *mask, uint32_t *scratch),
+          (b, m, t, n, row, key, spread, offset, start, mask, scratch))
+
+/* The della models' masks for the formula's block of n entries (GIL released by the caller); -1 when out of memory. */
+static int della_masks(ties_formula *f, enum dtype t, Py_ssize_t n) {
+    for (int k = 0; k < f->models; k++) {
+        if (f->kind[k] != KEEP_DELLA) continue;
+        f->mask[k] = calloc((size_t)n + LANES, 1);
+        uint32_t *scratch = malloc(4 * sizeof(uint32_t) * (size_t)f->row[k]);
+        if (f->mask[k] == NULL || scratch == NULL) { free(scratch); return -1; }
+        della_mask(f->in[0], f->in[k + 1], t, n, f->row[k], f->key[k], f->spread[k], f->offset[k], f->start,
+                   f->mask[k], scratch);
+        free(scratch);
+    }
+    return 0;
+}
+
+static void free_masks(ties_formula *f) {
+    for (int k = 0; k < f->models; k++) { free(f->mask[k]); f->mask[k] = NULL; }
+}
+
+/* Each model's trim from its tuple (kind, value, position, high value, high position, key, threshold, row,
+spread, offset), the positions made relative to the block (its first element at `start`) and clamped to it. */
 static int parse_trims(PyObject *trims, ties_formula *f, Py_ssize_t n, long long start) {
     if (!PyTuple_Check(trims) || PyTuple_GET_SIZE(trims) != f->models) {
         PyErr_SetString(PyExc_ValueError, "merge kernel: one trim per model");
@@ -527,17 +622,25 @@ static int parse_trims(PyObject *trims, ties_formula *f, Py_ssize_t n, long long
     f->start = start;
     for (int k = 0; k < f->models; k++) {
         int kind;
-        double value, high_value;
+        double value, high_value, spread, offset;
         long long limit, high_limit;
         unsigned long long key;
         unsigned long threshold;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(trims, k), "idLdLKk", &kind, &value, &limit, &high_value, &high_limit,
-                              &key, &threshold))
+        Py_ssize_t row;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(trims, k), "idLdLKkndd", &kind, &value, &limit, &high_value, &high_limit,
+                              &key, &threshold, &row, &spread, &offset))
             return -1;
-        if (kind < KEEP_ALL || kind > KEEP_RANDOM) {
+        if (kind < KEEP_ALL || kind > KEEP_DELLA) {
             PyErr_SetString(PyExc_ValueError, "merge kernel: no such trim");
             return -1;
         }
+        if (kind == KEEP_DELLA && (row < 1 || n % row != 0 || start % row != 0)) {
+            PyErr_SetString(PyExc_ValueError, "merge kernel: della's blocks must be whole rows");
+            return -1;
+        }
+        f->row[k] = row;
+        f->spread[k] = (float)spread;
+        f->offset[k] = (float)offset;
         limit -= start;
         high_limit -= start;
         f->kind[k] = kind;
@@ -591,20 +694,29 @@ static PyObject *ties(PyObject *Py_UNUSED(self), PyObject *args) {
         if (PyErr_Occurred()) goto done;
     }
     Py_ssize_t whole = n / LANES * LANES;
+    int masked;
     Py_BEGIN_ALLOW_THREADS
-    ties_body(&f, t, out.buf, to, whole);
-    if (whole < n) { /* the tail, through zero-padded copies; the limits stay relative to the block's start */
-        char tail_out[4 * LANES];
-        ties_formula tail = f;
-        padded_tail(f.in, f.models + 1, whole, n, size, tail.in);
-        shift_trims(&tail, whole);
-        ties_body(&tail, t, tail_out, to, LANES);
-        memcpy((char *)out.buf + whole * out_size, tail_out, (n - whole) * out_size);
+    masked = della_masks(&f, t, n);
+    if (masked == 0) {
+        ties_body(&f, t, out.buf, to, whole);
+        if (whole < n) { /* the tail, through zero-padded copies; the limits stay relative to the block's start */
+            char tail_out[4 * LANES];
+            ties_formula tail = f;
+            padded_tail(f.in, f.models + 1, whole, n, size, tail.in);
+            shift_trims(&tail, whole);
+            ties_body(&tail, t, tail_out, to, LANES);
+            memcpy((char *)out.buf + whole * out_size, tail_out, (n - whole) * out_size);
+        }
     }
     Py_END_ALLOW_THREADS
+    if (masked < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
     result = Py_None;
     Py_INCREF(result);
 done:
+    free_masks(&f);
     for (int k = 0; k < held; k++) PyBuffer_Release(&views[k]);
     PyBuffer_Release(&out);
     return result;
@@ -655,19 +767,28 @@ static PyObject *l1_norms(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     if (parse_trims(trims, &f, n, start) < 0) goto done;
     Py_ssize_t whole = n / LANES * LANES;
+    int masked;
     Py_BEGIN_ALLOW_THREADS
-    l1_body(&f, t, before, after, whole);
-    if (whole < n) { /* zero-padded: the padding adds |0| to both */
-        ties_formula tail = f;
-        padded_tail(f.in, f.models + 1, whole, n, size, tail.in);
-        shift_trims(&tail, whole);
-        l1_body(&tail, t, before, after, LANES);
+    masked = della_masks(&f, t, n);
+    if (masked == 0) {
+        l1_body(&f, t, before, after, whole);
+        if (whole < n) { /* zero-padded: the padding adds |0| to both */
+            ties_formula tail = f;
+            padded_tail(f.in, f.models + 1, whole, n, size, tail.in);
+            shift_trims(&tail, whole);
+            l1_body(&tail, t, before, after, LANES);
+        }
     }
     Py_END_ALLOW_THREADS
+    if (masked < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
     result = PyTuple_New(f.models);
     for (int k = 0; result != NULL && k < f.models; k++)
         PyTuple_SET_ITEM(result, k, Py_BuildValue("(dd)", before[k], after[k]));
 done:
+    free_masks(&f);
     for (int k = 0; k < held; k++) PyBuffer_Release(&views[k]);
     return result;
 }

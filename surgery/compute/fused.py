@@ -3,14 +3,21 @@ bytes out, with the torch path's arithmetic in the same order, so both give the 
 
 - A weighted sum of the inputs: task arithmetic, linear, and slerp, multislerp, karcher, model_stock
   once their per-tensor coefficients are solved.
-- TIES and the task-arithmetic family with magnitude trims: the exact top-k cut of each task vector, then
-  trim, sign election and the disjoint mean in one pass. The cut: a sample (one chunk in SAMPLE_EVERY)
-  brackets it, one pass counts the entries above the bracket and collects those inside it, and the cut
-  is chosen among those; where the bracket missed, a radix select on the magnitudes' bits (select.py's
-  algorithm, its histograms made in C) finds it. Either way the same cut.
+- The task-arithmetic family (TIES, DARE, breadcrumbs, with or without sign election and the L1 rescale):
+  each task vector's trim (its top-k, a band of ranks, or the seeded random mask of noise.py), then sign
+  election and the (disjoint) mean in one pass. della, whose keep probabilities rank each row, stays on torch.
+- SCE: the top of the variance over the task vectors, each model's energy, the merge.
+
+The exact cuts (a top-k, a band's edges, SCE's variance) come from a sample (one chunk in SAMPLE_EVERY)
+that brackets each; one pass counts the scores above the bracket and collects those inside it, and the
+cut is chosen among those. Where a bracket missed, a radix select on the scores' bits (select.py's
+algorithm; for the magnitudes' top-k its histograms made in C) finds it. Either way the same cut. The L1
+norms and SCE's energies are float64 sums, added in another order than torch adds them: the two paths'
+rescales and weights can differ in their last bits, so a merge's output can too, rarely and by one
+rounding.
 
 A compute offers a pass through `fused_pass()` (None where the kernels are not built); its `prepare` is
-handed blocks that also read raw (recipe/raw.py), which the magnitude cuts use."""
+handed blocks that also read raw (recipe/raw.py), which the cuts and sums use."""
 
 from __future__ import annotations
 
@@ -77,7 +84,7 @@ class WeightedSum:
                 self.zero_start, self.divisor, self.factor)
 
 
-KEEP_KINDS = {"all": 0, "none": 1, "top": 2, "band": 3, "random": 4}
+KEEP_KINDS = {"all": 0, "none": 1, "top": 2, "band": 3, "random": 4, "della": 5}
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,8 @@ class KernelTrim:
     """One model's trim as the kernels take it: its KEEP_KINDS kind; top: keep magnitudes above `value`, and
     those equal to it at positions below `position`; band: keep those at or above (value, position) and not
     at or above (high, high_position) in the ascending order (ties by position); random: keep where the
-    stream `key`'s noise (noise.py) is below threshold / 2^24."""
+    stream `key`'s noise (noise.py) is below threshold / 2^24; della: keep where that noise is below
+    offset + spread * rank / (row - 1), rank the magnitude's in its row of `row` entries."""
 
     kind: int
     value: float = 0.0
@@ -94,9 +102,13 @@ class KernelTrim:
     high_position: int = 0
     key: int = 0
     threshold: int = 0
+    row: int = 1
+    spread: float = 0.0
+    offset: float = 0.0
 
-    def fields(self) -> tuple[int, float, int, float, int, int, int]:
-        return self.kind, self.value, self.position, self.high, self.high_position, self.key, self.threshold
+    def fields(self) -> tuple[int, float, int, float, int, int, int, int, float, float]:
+        return (self.kind, self.value, self.position, self.high, self.high_position, self.key, self.threshold,
+                self.row, self.spread, self.offset)
 
 
 @dataclass(frozen=True)
@@ -124,7 +136,8 @@ def l1_norms_of(raw: RawBlocks, trims: tuple[KernelTrim, ...]) -> list[tuple[flo
     assert l1_norms is not None
     fields = tuple(t.fields() for t in trims)
     totals = [[0.0, 0.0] for _ in trims]
-    for part in _halves(raw, lambda inputs, dtype, start: l1_norms(inputs, dtype, fields, start)):
+    row = max(t.row for t in trims)  # della's rows stay whole in each half
+    for part in _halves(raw, lambda inputs, dtype, start: l1_norms(inputs, dtype, fields, start), row):
         for total, (before, after) in zip(totals, part, strict=True):
             total[0] += before
             total[1] += after
@@ -365,14 +378,15 @@ def _counted(raw: RawBlocks, wanted: tuple[int, ...]) -> np.ndarray:
     return sum(halves[1:], halves[0])
 
 
-def _halves(raw: RawBlocks, kernel: Any) -> Iterator[Any]:
-    """kernel(inputs, dtype, start) over every block, each block's halves on two threads: their results."""
+def _halves(raw: RawBlocks, kernel: Any, unit: int = 1) -> Iterator[Any]:
+    """kernel(inputs, dtype, start) over every block, each block's halves (split at a multiple of `unit`) on two
+    threads: their results."""
     for block in raw():
         size = len(block.inputs[0]) // DTYPE_SIZES[block.dtype]
-        if size < 1 << 16 or not _HELPERS:
+        cut = size // 2 // unit * unit
+        if size < 1 << 16 or not _HELPERS or cut == 0:
             yield kernel(block.inputs, block.dtype, block.start)
             continue
-        cut = size // 2
         width = cut * DTYPE_SIZES[block.dtype]
         later = _pool().submit(kernel, tuple(v[width:] for v in block.inputs), block.dtype, block.start + cut)
         yield kernel(tuple(v[:width] for v in block.inputs), block.dtype, block.start)

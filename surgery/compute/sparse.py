@@ -80,6 +80,11 @@ class SparseMerge(Update):
     def whole_rows(self) -> bool:
         return self.trim == "della"
 
+    @property
+    def _row(self) -> int:
+        """della ranks along the last dimension (the whole tensor for a vector)."""
+        return self.shape[-1] if len(self.shape) > 1 else max(numel(self.shape), 1)
+
     def prepare(self, blocks: Blocks) -> SparseMerge:
         if self.keeps is not None:
             return self
@@ -122,7 +127,7 @@ class SparseMerge(Update):
         return replace(self, lam=self.lam * factor)
 
     def fused_pass(self) -> TrimmedSum | None:
-        """Once prepared, when the kernels make every model's trim (all but della's)."""
+        """Once prepared, where the kernels are built."""
         trims = self._fused_trims()
         if trims is None:
             return None
@@ -132,7 +137,7 @@ class SparseMerge(Update):
                           normalize=self.normalize, divisor=1.0 if abs(total) < 1e-8 else total, lam=self.lam)
 
     def _fused_trims(self) -> tuple[KernelTrim, ...] | None:
-        """The prepared trims as the kernels take them; None where the kernels are not built or one is della's."""
+        """The prepared trims as the kernels take them; None where the kernels are not built."""
         if fused.ties is None or self.keeps is None or any(k.kind not in KEEP_KINDS for k in self.keeps):
             return None
         n = numel(self.shape)
@@ -147,7 +152,11 @@ class SparseMerge(Update):
                 trims.append(KernelTrim(kind, low.value, low.position, high.value, high.position))
             elif keep.kind == "random":
                 trims.append(KernelTrim(kind, key=stream_key(self.seed, self.tensor, t),
-                                  threshold=noise_threshold(self.models[t].density)))
+                                        threshold=noise_threshold(self.models[t].density)))
+            elif keep.kind == "della":
+                settings = self.models[t]
+                trims.append(KernelTrim(kind, key=stream_key(self.seed, self.tensor, t), row=self._row,
+                                        spread=2 * settings.epsilon, offset=settings.density - settings.epsilon))
             else:
                 trims.append(KernelTrim(kind))
         return tuple(trims)
@@ -188,7 +197,7 @@ class SparseMerge(Update):
         """density - epsilon + 2 * epsilon * (rank of |tau| in its row, ties by position) / (row - 1)."""
         import torch
 
-        row = self.shape[-1] if len(self.shape) > 1 else max(numel(self.shape), 1)
+        row = self._row
         rows = tau.abs().view(-1, row)
         order = torch.argsort(rows, dim=1, stable=True)
         ranks = torch.empty_like(order)

@@ -113,10 +113,10 @@ class RecipeStreamer:
     def _raw_blocks(self, recipe: TensorRecipe, sampled: bool = False) -> Iterator[RawBlock]:
         """The inputs' stored bytes, part by part, straight from the page cache through memory maps (read in
         ahead, unless the pass only samples them)."""
-        total = numel(recipe.shape)
+        total, step = numel(recipe.shape), self._block_of(recipe, FUSED_BLOCK_ELEMENTS)
         dtype = recipe.inputs[0].dtype
-        for start in range(0, total, FUSED_BLOCK_ELEMENTS):
-            stop = min(total, start + FUSED_BLOCK_ELEMENTS)
+        for start in range(0, total, step):
+            stop = min(total, start + step)
             with ExitStack() as maps:
                 views = (maps.enter_context(self.reader.mapped(r.stored, start, stop, populate=not sampled))
                          for r in recipe.inputs)
@@ -177,12 +177,13 @@ class RecipeStreamer:
             stop = min(total, start + step)
             yield Block([self._read(r, (*slot, i), start, stop) for i, r in enumerate(recipe.inputs)], start)
 
-    def _block_of(self, recipe: TensorRecipe) -> int:
-        """Elements per block: the streamer's block, or whole rows for a compute that needs them."""
+    def _block_of(self, recipe: TensorRecipe, block: int | None = None) -> int:
+        """Elements per block: the streamer's block (or `block`), or whole rows for a compute that needs them."""
+        block = block or self.block
         if not getattr(recipe.compute, "whole_rows", False):
-            return self.block
+            return block
         row = recipe.shape[-1] if recipe.shape else 1
-        return max(1, self.block // max(row, 1)) * max(row, 1)
+        return max(1, block // max(row, 1)) * max(row, 1)
 
     def _read(self, recipe: TensorRecipe, slot: tuple[Hashable, ...], start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of a tensor, flattened, float32 on the device (a buffer of `slot`)."""
