@@ -22,8 +22,9 @@ handed blocks that also read raw (recipe/raw.py), which the cuts and sums use.""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -79,6 +80,9 @@ class WeightedSum:
 
     def into(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
         """Write the sum of the block's inputs (the base first when there is one) into `out`."""
+        _in_halves(self._part, out, out_dtype, block)
+
+    def _part(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
         assert combine is not None
         combine(out, out_dtype, block.inputs, block.dtype, self.coefficients, self.has_base, self.centered,
                 self.zero_start, self.divisor, self.factor)
@@ -126,6 +130,9 @@ class TrimmedSum:
     lam: float
 
     def into(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
+        _in_halves(self._part, out, out_dtype, block, max(t.row for t in self.trims))  # della's rows kept whole
+
+    def _part(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
         assert ties is not None
         ties(out, out_dtype, block.inputs, block.dtype, tuple(t.fields() for t in self.trims), self.weights,
              self.scales, self.consensus, self.normalize, self.divisor, self.lam, block.start)
@@ -156,6 +163,9 @@ class SceSum:
     lam: float
 
     def into(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
+        _in_halves(self._part, out, out_dtype, block)
+
+    def _part(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
         assert sce is not None
         sce(out, out_dtype, block.inputs, block.dtype, self.keep, self.value, self.position, self.weights, self.lam,
             block.start)
@@ -286,15 +296,14 @@ def _collected(raw: RawBlocks, bounds: list[tuple[int, int]], every: int, capaci
 
     for block in raw(sampled=every > 1):
         room = max([capacity - g for g in got if g <= capacity] or [0])  # an overflowed model's cut: the radix select's
-        size = len(block.inputs[0]) // DTYPE_SIZES[block.dtype]
-        if size < 1 << 16 or not _HELPERS:
-            place(scan(0, block.inputs, block.dtype, block.start, room), 0, room)
-            continue
-        cut = size // 2 // (_CHUNK * every) * (_CHUNK * every)  # whole sampled chunks in the first half
-        width = cut * DTYPE_SIZES[block.dtype]
-        later = _pool().submit(scan, 1, tuple(v[width:] for v in block.inputs), block.dtype, block.start + cut, room)
-        first = scan(0, tuple(v[:width] for v in block.inputs), block.dtype, block.start, room)
-        second = later.result()
+        with _split(block, _CHUNK * every) as halves:  # whole sampled chunks in the first half
+            if halves is None:
+                place(scan(0, block.inputs, block.dtype, block.start, room), 0, room)
+                continue
+            first_half, second_half = halves
+            later = _pool().submit(scan, 1, second_half.inputs, block.dtype, second_half.start, room)
+            first = scan(0, first_half.inputs, block.dtype, block.start, room)
+            second = later.result()
         place(first, 0, room)
         place(second, 1, room)
     return [(above[t], bits[t, :min(got[t], capacity)], positions[t, :min(got[t], capacity)], got[t], nonzero[t])
@@ -366,15 +375,13 @@ def _counted(raw: RawBlocks, wanted: tuple[int, ...]) -> np.ndarray:
     assert magnitude_counts is not None
     halves = [np.zeros(len(wanted) * _BINS, dtype=np.int64) for _ in range(_HELPERS + 1)]
     for block in raw():
-        n = len(block.inputs[0]) // DTYPE_SIZES[block.dtype]
-        cut = n // 2 * DTYPE_SIZES[block.dtype]
-        if n < 1 << 16 or not _HELPERS:
-            magnitude_counts(memoryview(halves[0]), block.inputs, block.dtype, wanted)
-            continue
-        later = _pool().submit(magnitude_counts, memoryview(halves[1]), tuple(v[cut:] for v in block.inputs),
-                               block.dtype, wanted)
-        magnitude_counts(memoryview(halves[0]), tuple(v[:cut] for v in block.inputs), block.dtype, wanted)
-        later.result()
+        with _split(block) as parts:
+            if parts is None:
+                magnitude_counts(memoryview(halves[0]), block.inputs, block.dtype, wanted)
+                continue
+            later = _pool().submit(magnitude_counts, memoryview(halves[1]), parts[1].inputs, block.dtype, wanted)
+            magnitude_counts(memoryview(halves[0]), parts[0].inputs, block.dtype, wanted)
+            later.result()
     return sum(halves[1:], halves[0])
 
 
@@ -382,15 +389,50 @@ def _halves(raw: RawBlocks, kernel: Any, unit: int = 1) -> Iterator[Any]:
     """kernel(inputs, dtype, start) over every block, each block's halves (split at a multiple of `unit`) on two
     threads: their results."""
     for block in raw():
-        size = len(block.inputs[0]) // DTYPE_SIZES[block.dtype]
-        cut = size // 2 // unit * unit
-        if size < 1 << 16 or not _HELPERS or cut == 0:
-            yield kernel(block.inputs, block.dtype, block.start)
-            continue
-        width = cut * DTYPE_SIZES[block.dtype]
-        later = _pool().submit(kernel, tuple(v[width:] for v in block.inputs), block.dtype, block.start + cut)
-        yield kernel(tuple(v[:width] for v in block.inputs), block.dtype, block.start)
-        yield later.result()
+        with _split(block, unit) as halves:
+            if halves is None:
+                yield kernel(block.inputs, block.dtype, block.start)
+                continue
+            first, second = halves
+            later = _pool().submit(kernel, second.inputs, block.dtype, second.start)
+            done = kernel(first.inputs, block.dtype, block.start), later.result()
+        yield from done
+
+
+def _in_halves(part: Callable[[memoryview, str, RawBlock], None], out: memoryview, out_dtype: str, block: RawBlock,
+               unit: int = 1) -> None:
+    """A merge pass's part(out, out_dtype, block) on the block's two halves at once, the second on the helper
+    thread (the kernels release the GIL; the writer thread mostly waits on the kernels)."""
+    with _split(block, unit) as halves:
+        if halves is None:
+            part(out, out_dtype, block)
+            return
+        first, second = halves
+        width = (second.start - first.start) * DTYPE_SIZES[out_dtype]
+        later = _pool().submit(part, out[width:], out_dtype, second)
+        part(out[:width], out_dtype, first)
+        later.result()
+
+
+@contextmanager
+def _split(block: RawBlock, unit: int = 1) -> Iterator[tuple[RawBlock, RawBlock] | None]:
+    """The block's halves, split at a multiple of `unit` entries; None where it is too small to share (or
+    there is one core). Their views are released on leaving, so the block's maps can close even while the
+    helper thread still holds its finished call's arguments."""
+    size = len(block.inputs[0]) // DTYPE_SIZES[block.dtype]
+    cut = size // 2 // unit * unit
+    if size < 1 << 16 or not _HELPERS or cut == 0:
+        yield None
+        return
+    width = cut * DTYPE_SIZES[block.dtype]
+    halves = (RawBlock(block.start, tuple(v[:width] for v in block.inputs), block.dtype),
+              RawBlock(block.start + cut, tuple(v[width:] for v in block.inputs), block.dtype))
+    try:
+        yield halves
+    finally:
+        for half in halves:
+            for view in half.inputs:
+                view.release()
 
 
 @cache
