@@ -80,9 +80,6 @@ class WeightedSum:
 
     def into(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
         """Write the sum of the block's inputs (the base first when there is one) into `out`."""
-        _in_halves(self._part, out, out_dtype, block)
-
-    def _part(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
         assert combine is not None
         combine(out, out_dtype, block.inputs, block.dtype, self.coefficients, self.has_base, self.centered,
                 self.zero_start, self.divisor, self.factor)
@@ -130,7 +127,10 @@ class TrimmedSum:
     lam: float
 
     def into(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
-        _in_halves(self._part, out, out_dtype, block, max(t.row for t in self.trims))  # della's rows kept whole
+        if any(t.kind in (KEEP_KINDS["random"], KEEP_KINDS["della"]) for t in self.trims):  # bound by their noise
+            _in_halves(self._part, out, out_dtype, block, max(t.row for t in self.trims))  # della's rows kept whole
+        else:  # bound by memory: a second thread only competes with the writer
+            self._part(out, out_dtype, block)
 
     def _part(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
         assert ties is not None
@@ -163,9 +163,6 @@ class SceSum:
     lam: float
 
     def into(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
-        _in_halves(self._part, out, out_dtype, block)
-
-    def _part(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
         assert sce is not None
         sce(out, out_dtype, block.inputs, block.dtype, self.keep, self.value, self.position, self.weights, self.lam,
             block.start)
@@ -402,7 +399,9 @@ def _halves(raw: RawBlocks, kernel: Any, unit: int = 1) -> Iterator[Any]:
 def _in_halves(part: Callable[[memoryview, str, RawBlock], None], out: memoryview, out_dtype: str, block: RawBlock,
                unit: int = 1) -> None:
     """A merge pass's part(out, out_dtype, block) on the block's two halves at once, the second on the helper
-    thread (the kernels release the GIL; the writer thread mostly waits on the kernels)."""
+    thread (the kernels release the GIL): for the passes bound by computing, not by reading memory, where the
+    writer thread mostly waits on them (benchmarks/bench_merge.py: dare_ties 0.87x the time, task arithmetic
+    1.17x, ties and sce unchanged)."""
     with _split(block, unit) as halves:
         if halves is None:
             part(out, out_dtype, block)
