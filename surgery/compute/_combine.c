@@ -33,7 +33,7 @@ typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
 typedef uint64_t vq __attribute__((vector_size(8 * LANES)));
 typedef uint8_t vb __attribute__((vector_size(LANES)));
-typedef double vd __attribute__((vector_size(8 * LANES)));
+typedef double vd4 __attribute__((vector_size(32)));
 #ifdef __FLT16_MAX__
 #define HAVE_F16 1
 typedef _Float16 vhf __attribute__((vector_size(2 * LANES)));
@@ -337,7 +337,9 @@ INLINE vf ones_where(vi mask) { /* 1.0 where the mask is set, else 0.0: a bool t
 /* The noise of positions i .. i + 7 of the stream `key` (noise.py's uniform: SplitMix64 of key + (i + 1) *
 golden, its top 24 bits), below `threshold`: the entries a random trim keeps. */
 INLINE vi random_kept(uint64_t key, uint32_t threshold, int64_t i) {
-    vq z = ((vq){1, 2, 3, 4, 5, 6, 7, 8} + (uint64_t)i) * 0x9E3779B97F4A7C15ull + key;
+    const uint64_t golden = 0x9E3779B97F4A7C15ull; /* (i + 1 + l) * golden + key, mod 2^64: one product per vector */
+    vq z = (vq){0, golden, 2 * golden, 3 * golden, 4 * golden, 5 * golden, 6 * golden, 7 * golden}
+           + ((uint64_t)(i + 1) * golden + key);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     z = z ^ (z >> 31);
@@ -724,26 +726,44 @@ done:
 
 /* ---- L1 norms of the task vectors, before and after their trims (SparseMerge._l1_norms), in double ---- */
 
-INLINE void l1_body_any(const ties_formula *f, enum dtype t, double *before, double *after, Py_ssize_t n) {
-    for (int k = 0; k < f->models; k++) {
-        vd whole = {0}, kept = {0};
-        for (Py_ssize_t i = 0; i < n; i += LANES) {
-            const vi index = (vi){0, 1, 2, 3, 4, 5, 6, 7} + (int32_t)i;
-            vf tau = load(f->in[k + 1], t, i) - load(f->in[0], t, i);
-            vu u, v;
-            memcpy(&u, &tau, sizeof u);
-            u &= 0x7fffffffu;
-            vf magnitude, trimmed_magnitude;
-            memcpy(&magnitude, &u, sizeof magnitude);
-            vf cut = trimmed(f, k, tau, index, i);
-            memcpy(&v, &cut, sizeof v);
-            v &= 0x7fffffffu;
-            memcpy(&trimmed_magnitude, &v, sizeof trimmed_magnitude);
-            whole += __builtin_convertvector(magnitude, vd);
-            kept += __builtin_convertvector(trimmed_magnitude, vd);
-        }
-        for (int l = 0; l < LANES; l++) { before[k] += whole[l]; after[k] += kept[l]; }
+INLINE vf magnitude_of(vf x) {
+    vu u;
+    memcpy(&u, &x, sizeof u);
+    u &= 0x7fffffffu;
+    vf out;
+    memcpy(&out, &u, sizeof out);
+    return out;
+}
+
+/* Adds x's 8 lanes, widened to double, to two 4-lane accumulators: AVX2's own width (GCC lowers an 8-double
+vector through memory, ten times slower here). */
+INLINE void add_widened(vd4 *sum, vf x) {
+    sum[0] += __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1, 2, 3), vd4);
+    sum[1] += __builtin_convertvector(__builtin_shufflevector(x, x, 4, 5, 6, 7), vd4);
+}
+
+/* `models` is a constant (2 or 3) or f->models, as in ties_lanes: the base is read once for all models. */
+INLINE void l1_lanes(const ties_formula *f, enum dtype t, Py_ssize_t i, vd4 *whole, vd4 *kept, const int models) {
+    const vi index = (vi){0, 1, 2, 3, 4, 5, 6, 7} + (int32_t)i;
+    vf b = load(f->in[0], t, i);
+    for (int k = 0; k < models; k++) {
+        vf tau = load(f->in[k + 1], t, i) - b;
+        add_widened(whole + 2 * k, magnitude_of(tau));
+        add_widened(kept + 2 * k, magnitude_of(trimmed(f, k, tau, index, i)));
     }
+}
+
+INLINE void l1_body_any(const ties_formula *f, enum dtype t, double *before, double *after, Py_ssize_t n) {
+    vd4 whole[2 * MAX_INPUTS], kept[2 * MAX_INPUTS];
+    for (int k = 0; k < 2 * f->models; k++) whole[k] = kept[k] = (vd4){0};
+#define LOOP(m) for (Py_ssize_t i = 0; i < n; i += LANES) l1_lanes(f, t, i, whole, kept, m)
+    if (f->models == 2) LOOP(2); else if (f->models == 3) LOOP(3); else LOOP(f->models);
+#undef LOOP
+    for (int k = 0; k < f->models; k++)
+        for (int l = 0; l < 4; l++) {
+            before[k] += whole[2 * k][l] + whole[2 * k + 1][l];
+            after[k] += kept[2 * k][l] + kept[2 * k + 1][l];
+        }
 }
 VERSIONED(l1_body, (const ties_formula *f, enum dtype t, double *before, double *after, Py_ssize_t n),
           (f, t, before, after, n))
@@ -1050,16 +1070,20 @@ INLINE void sce_body_any(const sce_formula *f, enum dtype t, char *out, enum dty
 VERSIONED(sce_body, (const sce_formula *f, enum dtype t, char *out, enum dtype to, Py_ssize_t n), (f, t, out, to, n))
 
 /* Per model, the sum of its selected task vector's squares (float32 squares added in double). */
-INLINE void sce_energy_body_any(const sce_formula *f, enum dtype t, double *energy, Py_ssize_t n) {
-    vd sums[MAX_INPUTS];
+INLINE void sce_energy_lanes(const sce_formula *f, enum dtype t, Py_ssize_t i, vd4 *sums, const int models) {
     vf tau[MAX_INPUTS];
-    for (int k = 0; k < f->models; k++) sums[k] = (vd){0};
-    for (Py_ssize_t i = 0; i < n; i += LANES) {
-        sce_selected(f, t, i, tau, f->models);
-        for (int k = 0; k < f->models; k++) sums[k] += __builtin_convertvector(tau[k] * tau[k], vd);
-    }
+    sce_selected(f, t, i, tau, models);
+    for (int k = 0; k < models; k++) add_widened(sums + 2 * k, tau[k] * tau[k]);
+}
+
+INLINE void sce_energy_body_any(const sce_formula *f, enum dtype t, double *energy, Py_ssize_t n) {
+    vd4 sums[2 * MAX_INPUTS];
+    for (int k = 0; k < 2 * f->models; k++) sums[k] = (vd4){0};
+#define LOOP(m) for (Py_ssize_t i = 0; i < n; i += LANES) sce_energy_lanes(f, t, i, sums, m)
+    if (f->models == 2) LOOP(2); else if (f->models == 3) LOOP(3); else LOOP(f->models);
+#undef LOOP
     for (int k = 0; k < f->models; k++)
-        for (int l = 0; l < LANES; l++) energy[k] += sums[k][l];
+        for (int l = 0; l < 4; l++) energy[k] += sums[2 * k][l] + sums[2 * k + 1][l];
 }
 VERSIONED(sce_energy_body, (const sce_formula *f, enum dtype t, double *energy, Py_ssize_t n), (f, t, energy, n))
 
