@@ -340,6 +340,22 @@ def test_a_merge_writes_the_same_bytes_with_the_kernel_and_without(plan, bf16_fa
     assert _apply(cli, tmp_path / "torch", body) == with_kernel
 
 
+@needs_kernel
+@pytest.mark.parametrize("plan", ["ties", "dare_ties", "sce", "della", "breadcrumbs_ties, rescaled"])
+def test_a_fused_merge_never_imports_torch(plan, bf16_family, tmp_path):
+    """Importing torch costs more than a second of start-up: a merge the kernels make on CPU needs none of it."""
+    import subprocess
+    import sys
+
+    body = PLANS[plan].format(**{k: str(v) for k, v in bf16_family.items()})
+    plan_file = write_plan(tmp_path, f"output: {tmp_path / 'out'}\n{body}")
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "surgery", "apply", str(plan_file), "--no-fsync",
+                          "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported
+
+
 def test_ci_built_the_kernel():
     """CI sets SURGERY_REQUIRE_KERNEL: there the kernel must have compiled, so these tests do not skip."""
     if not os.environ.get("SURGERY_REQUIRE_KERNEL"):

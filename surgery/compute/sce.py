@@ -42,12 +42,12 @@ class SceMerge(Update):
             return self
         raw = raw_blocks(blocks) if fused.sce is not None else None
         prepared = self._selection(blocks, raw)
-        import torch
-
-        if raw is not None:
+        if raw is not None:  # no torch: a merge on a machine without a GPU never imports it
             keep, value, position = prepared._kernel_keep()
             energy = sce_energies(raw, keep, value, position)
         else:
+            import torch
+
             energy = [0.0] * self.models
             for block in blocks():
                 for t, tau in enumerate(prepared._selected(block)):
