@@ -155,7 +155,8 @@ def test_random_and_banded_trims_give_the_torch_computes_bits_block_by_block(nam
 @pytest.mark.parametrize("models", [1, 2, 3])
 @pytest.mark.parametrize("topk", [1.0, 0.3, 1e-6, 0.0])
 @pytest.mark.parametrize("missed", [False, True])  # True: the bracket holds only zeros, the cut comes from torch
-def test_sce_gives_the_torch_computes_bits_block_by_block(models, topk, missed, monkeypatch):
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_sce_gives_the_torch_computes_bits_block_by_block(models, topk, missed, dtype, monkeypatch):
     """SCE's variance selection, energies and merge made by the kernels: the torch compute's cut, its weights
     up to the order their float64 sums are added in, and its bits, across blocks and with ties at the cut."""
     monkeypatch.setattr(fused, "_WHOLE_SAMPLE", 1 << 10)  # sampled as a large tensor is
@@ -163,7 +164,7 @@ def test_sce_gives_the_torch_computes_bits_block_by_block(models, topk, missed, 
         monkeypatch.setattr(fused, "_bracket", lambda *args: (0, 0, 16))
     generator = torch.Generator().manual_seed(models)
     n = 20_011
-    inputs = [torch.randn(n, generator=generator).to(torch.bfloat16) for _ in range(models + 1)]
+    inputs = [torch.randn(n, generator=generator).to(DTYPES[dtype]) for _ in range(models + 1)]
     inputs[1][500:2500] = inputs[0][500:2500] + 0.25  # many equal variances: ties at the cut split by position
     if models > 1:
         inputs[2][500:2500] = inputs[0][500:2500] - 0.25
@@ -175,7 +176,7 @@ def test_sce_gives_the_torch_computes_bits_block_by_block(models, topk, missed, 
     by_torch = merge.prepare(torch_blocks)
     from_torch = []
     monkeypatch.setattr(sce_module, "top_cuts", lambda *args: from_torch.append(1) or top_cuts(*args))
-    by_kernel = merge.prepare(_RawAndTorch(torch_blocks, _raw_in_blocks(inputs, "BF16", step)))
+    by_kernel = merge.prepare(_RawAndTorch(torch_blocks, _raw_in_blocks(inputs, dtype, step)))
     assert (by_kernel.cut, by_kernel.keep_none) == (by_torch.cut, by_torch.keep_none)
     assert bool(from_torch) == (missed and by_kernel.cut is not None)
     assert by_kernel.weights == pytest.approx(by_torch.weights, rel=1e-12, abs=0)
@@ -183,7 +184,7 @@ def test_sce_gives_the_torch_computes_bits_block_by_block(models, topk, missed, 
     for start in range(0, n, step):
         expected = by_kernel(Block([t[start:start + step].float().clone() for t in inputs], start)).to(torch.bfloat16)
         out = torch.empty(expected.numel(), dtype=torch.bfloat16)
-        fused_pass.into(_raw(out), "BF16", RawBlock(start, tuple(_raw(t[start:start + step]) for t in inputs), "BF16"))
+        fused_pass.into(_raw(out), "BF16", RawBlock(start, tuple(_raw(t[start:start + step]) for t in inputs), dtype))
         assert torch.equal(out.view(torch.int16), expected.view(torch.int16)), start
 
 
