@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from surgery.compute.sce import SceMerge
+from surgery.errors import SurgeryError
 from surgery.ops.context import OpContext
 from surgery.ops.registry import Op
 from surgery.ops.task_vectors import MergeStep, check_settings, merge_inputs, merged_view
@@ -30,7 +31,11 @@ def sce(step: SceStep, view: ModelView, context: OpContext) -> ModelView:
     check_settings(step.op, base, {"select_topk": step.select_topk})
 
     def update_for(name: str, shape: tuple[int, ...]) -> SceMerge:
-        return SceMerge(len(models), shape, first_of(name, depth_of(base, name), 1.0, step.select_topk))
+        kept = first_of(name, depth_of(base, name), 1.0, step.select_topk)
+        if not 0 <= kept <= 1:
+            raise SurgeryError(f"{step.op}: select_topk {kept:g} for {name} is outside [0, 1]; it is the fraction of "
+                               "the entries of largest variance kept")
+        return SceMerge(len(models), shape, kept)
 
     return merged_view(step.op, base, [base, *models], update_for, step.dtype)
 

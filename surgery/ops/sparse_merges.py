@@ -137,6 +137,9 @@ def _checked(op: str, family: Family, trim: ModelTrim, where: str) -> ModelTrim:
                            "task vector kept (0 would keep nothing)")
     if family.trim == "outliers" and not 0 <= trim.gamma < 1:
         raise SurgeryError(f"{op}: gamma {trim.gamma:g} for {where} is outside [0, 1)")
+    if family.trim == "della" and trim.epsilon < 0:
+        raise SurgeryError(f"{op}: epsilon {trim.epsilon:g} for {where} is negative; it is the spread of the keep "
+                           "probabilities around density (a negative one would favour the smaller entries)")
     if family.trim == "della" and trim.density < 1 and not (trim.density - trim.epsilon > 0
                                                            and trim.density + trim.epsilon < 1):
         raise SurgeryError(f"{op}: density +- epsilon must lie inside (0, 1); {where} has density {trim.density:g} "

@@ -64,6 +64,9 @@ def _one_form(value: Any) -> Any:
     if isinstance(value, list) and not value:
         raise ValueError("an empty list; give a number, a gradient like [0, 0.5, 1], or conditions")
     if isinstance(value, bool) or (not isinstance(value, (int, float, list))):
+        if isinstance(value, str) and _is_number(value):  # YAML 1.1 reads 1e-9 (no dot) as text
+            raise ValueError(f"{value!r} is read as text by YAML; write it with a dot, like "
+                             f"{value.lower().replace('e', '.0e', 1)}")
         raise ValueError(f"{value!r} is not a number, a gradient like [0, 0.5, 1], or a list of conditions")
     return value
 
@@ -123,3 +126,11 @@ def check_filters(op: str, parameter: str, setting: Varying | None, names: Itera
             if not any(condition.filter in name for name in names):
                 raise SurgeryError(f"{op}: {parameter}'s filter {condition.filter!r} matches no tensor of the model; "
                                    f"use a part of a tensor name (e.g. self_attn, mlp) or kind: attention|mlp|norm")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
