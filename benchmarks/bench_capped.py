@@ -1,10 +1,12 @@
 """A model larger than the memory it may use, side by side with the same work uncapped: wall time and peak
-memory of `surgery eval` and of a `bits` plan (LIM scores, the lowest-scored layer rounded by RTN, or with
-`--gptq` also calibrated by GPTQ: minutes on a CPU) on the
+memory of `surgery eval`, of a `bits` plan (LIM scores, the lowest-scored layer rounded by RTN, or with
+`--gptq` also calibrated by GPTQ: minutes on a CPU) and with `--atlas` of aTLAS learning its per-layer
+coefficients for one noisy variant (2 steps of 64 tokens: uncapped it holds the base and the task vector
+in float32, 8.8 GB, plus the merged weights and their gradients) on the
 ~1.1B random TinyLlama-shaped checkpoint of bench_chain.py, loaded in float32 (4.4 GB), with and without
 `--max-memory`.
 
-    python benchmarks/bench_capped.py [--data bench-data] [--runs 3] [--cap 512MiB] [--gptq]
+    python benchmarks/bench_capped.py [--data bench-data] [--runs 3] [--cap 512MiB] [--gptq] [--atlas]
 
 Each fit runs afresh (its own fits cache, removed after each run), page cache warm, runs interleaved,
 medians printed. Peak RSS counts the checkpoint's pages the process maps (the page cache's, shared and
@@ -33,6 +35,14 @@ steps:
     calibration: {{data: builtin:mixed-dev, samples: 2, seq_len: 128}}
     assign: {{high: 16, low: 4, low_fraction: 0.05}}
     quantizer: {{method: {method}, group_size: 128}}
+"""
+ATLAS = """model: {model}
+base: {model}
+steps:
+  - op: atlas
+    models: [{variant}]
+    granularity: layer
+    learn: {{data: builtin:mixed-dev, steps: 2, batch_size: 1, window: 64, max_tokens: 512}}
 """
 
 
@@ -70,15 +80,21 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cap", default="512MiB", help="--max-memory of the capped runs")
     parser.add_argument("--gptq", action="store_true", help="also the plan with GPTQ (minutes per run on a CPU)")
+    parser.add_argument("--atlas", action="store_true", help="also aTLAS learning (needs about 20 GB uncapped)")
     args = parser.parse_args()
     data = args.data.resolve()
     model = data / "tinyllama-1.1b-random"
+    variant = data / "tinyllama-1.1b-noisy1"
     subprocess.run([sys.executable, "make_checkpoint.py", str(model), "--tokenizer"], cwd=Path(__file__).parent,
                    check=True)  # a child process: the parent holding tensors would inflate the children's RSS
+    if args.atlas:
+        subprocess.run([sys.executable, "-c", f"from make_checkpoint import noisy_variant\n"
+                        f"from pathlib import Path\nnoisy_variant(Path({str(model)!r}), {str(variant)!r}, 1)"], cwd=Path(__file__).parent, check=True)
     work = Path(tempfile.mkdtemp(dir=data))
     plans = {method: work / f"{method}.yaml" for method in ("rtn", "gptq")}
     for method, plan in plans.items():
         plan.write_text(PLAN.format(model=model, method=method))
+    (work / "atlas.yaml").write_text(ATLAS.format(model=model, variant=variant))
     run = work / "run"  # the output and the fits cache of one run, removed before and after it
     surgery = ["env", f"SURGERY_CACHE={run / 'cache'}", sys.executable, "-m", "surgery"]
     jobs = {
@@ -86,6 +102,8 @@ def main() -> None:
                  "--device", "cpu", "--dtype", "float32", "--json"],
         **{f"bits lim + {method}": [*surgery, "apply", str(plans[method]), "--out", str(run / "out"), "--no-fsync",
                                     "--device", "cpu"] for method in ("rtn", "gptq") if method == "rtn" or args.gptq},
+        **({"atlas learn (1 task vector)": [*surgery, "apply", str(work / "atlas.yaml"), "--out", str(run / "out"),
+                                            "--no-fsync", "--device", "cpu"]} if args.atlas else {}),
     }
     commands = {f"{job}{label}": [*cmd, *extra] for job, cmd in jobs.items()
                 for label, extra in (("", []), (f" --max-memory {args.cap}", ["--max-memory", args.cap]))}

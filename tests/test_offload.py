@@ -158,19 +158,100 @@ def test_analyze_under_a_cap_measures_what_it_measures_uncapped(cli):
     assert capped == free
 
 
-@pytest.mark.parametrize("step", [
-    "  - op: heal\n    data: builtin:mixed-dev\n    steps: 2\n    train: all\n",
-    "  - op: atlas\n    models: [{model: MODEL}]\n    learn: {data: builtin:mixed-dev, steps: 2}\n",
-])
-def test_a_fit_that_holds_whole_models_refuses_a_cap_before_writing(step, cli, tmp_path, monkeypatch):
-    base, code = demo_model("base"), demo_model("code")
+def test_a_fit_that_holds_whole_models_refuses_a_cap_before_writing(cli, tmp_path, monkeypatch):
+    base = demo_model("base")
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))  # nothing remembered: the fit would run
-    plan = write_plan(tmp_path, f"model: {base}\nbase: {base}\noutput: {tmp_path / 'out'}\nsteps:\n"
-                                + step.replace("MODEL", str(code)))
+    plan = write_plan(tmp_path, f"model: {base}\noutput: {tmp_path / 'out'}\nsteps:\n"
+                                "  - op: heal\n    data: builtin:mixed-dev\n    steps: 2\n    train: all\n")
     for command in ("check", "apply"):
         result = cli(command, plan, "--max-memory", CAP)
         assert result.code == 2 and "cannot keep to --max-memory" in result.err, result.err
     assert not (tmp_path / "out").exists()
+
+
+ATLAS = "  - op: atlas\n    models: [CODE, PROSE]\n    granularity: GRANULARITY\n" \
+        "    learn: {data: builtin:mixed-dev, steps: 3, max_tokens: 1024, batch_size: 4, window: 64}\n"
+
+
+@needs_accelerate
+@pytest.mark.parametrize("granularity", ["layer", "tensor"])
+def test_atlas_learns_under_a_cap_what_it_learns_in_memory(granularity, cli, tmp_path, monkeypatch):
+    """Under a cap smaller than the base and its task vectors in float32, each tensor is read from the three
+    checkpoints whenever the forward (or a layer's forward again, for its backward) uses it: the coefficients
+    and the merged model are the in-memory run's bit for bit, and the inputs are untouched. A cap that holds
+    them all learns in memory."""
+    from surgery.checkpoint.digest import file_blake3
+
+    base, code, prose = (demo_model(n) for n in ("base", "code", "prose"))
+    shards = [folder / "model.safetensors" for folder in (base, code, prose)]
+    before = [file_blake3(shard) for shard in shards]
+    step = ATLAS.replace("CODE", str(code)).replace("PROSE", str(prose)).replace("GRANULARITY", granularity)
+    runs = {}
+    for name, cap in (("free", ()), ("capped", ("--max-memory", CAP)), ("roomy", ("--max-memory", "1GiB"))):
+        monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / f"cache-{name}"))  # each fit afresh
+        plan = write_plan(tmp_path, f"model: {base}\nbase: {base}\noutput: {tmp_path / name}\nsteps:\n{step}",
+                          name=f"{name}.yaml")
+        result = cli("apply", plan, "--no-fsync", "--device", "cpu", *cap)
+        assert result.code == 0, result.err
+        assert ("read from the checkpoints when the forward uses it" in result.err) == (name == "capped"), result.err
+        runs[name] = tmp_path / name
+    fits = {k: json.loads((folder / "surgery.json").read_text())["fits"] for k, folder in runs.items()}
+    assert fits["capped"] == fits["free"] == fits["roomy"]
+    free = (runs["free"] / "model.safetensors").read_bytes()
+    assert all((runs[k] / "model.safetensors").read_bytes() == free for k in ("capped", "roomy"))
+    assert [file_blake3(shard) for shard in shards] == before
+
+
+@needs_accelerate
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2", "llama", "gpt_neox"])
+def test_the_streamed_merge_learns_what_the_in_memory_one_does_on_each_architecture(arch, tiny, tmp_path):
+    """Tied heads (gpt2, gemma2: the head computes the embedding's merge again), Conv1D weights, a sharded
+    checkpoint (llama): the streamed path's coefficients equal the in-memory path's (bit for bit where no
+    weight is tied; a tied one sums its two gradients in another order)."""
+    from safetensors.torch import load_file, save_file
+
+    from surgery.checkpoint.reader import Checkpoint
+    from surgery.ops.atlas import blocks_of
+    from surgery.ops.atlas_learn import LearnSettings, learn_coefficients
+    from surgery.recipe.view import standard_view
+
+    folder = tiny(arch)
+    variants = []
+    for seed in (1, 2):
+        variant = shutil.copytree(folder, tmp_path / f"variant-{seed}")
+        generator = torch.Generator().manual_seed(seed)
+        for shard in variant.glob("*.safetensors"):
+            tensors = load_file(shard)
+            save_file({k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in tensors.items()}, shard,
+                      {"format": "pt"})
+        variants.append(variant)
+    base = standard_view(Checkpoint.open(folder), "base")
+    models = [standard_view(Checkpoint.open(v), v.name) for v in variants]
+    block_of = blocks_of(base, "layer")
+    blocks = list(dict.fromkeys(block_of.values()))
+    settings = LearnSettings(data=["builtin:mixed-dev"], steps=3, max_tokens=512, batch_size=2, window=32, device="cpu")
+    logs: list[str] = []
+    free = learn_coefficients(base, models, block_of, blocks, settings, logs.append)
+    capped = learn_coefficients(base, models, block_of, blocks, settings, logs.append, max_memory=1)
+    assert any("read from the checkpoints" in line for line in logs)
+    tied = arch in ("gpt2", "gemma2")
+    assert capped == free if not tied else torch.allclose(torch.tensor(capped), torch.tensor(free), atol=1e-6)
+    assert torch.tensor(free).abs().sum() > 0  # the coefficients moved
+
+
+@needs_accelerate
+def test_atlas_under_a_cap_refuses_experts_transformers_fuses_from_several_tensors():
+    """Mixtral's experts are one parameter built from a tensor per expert: not computed tensor by tensor, refused."""
+    from surgery.checkpoint.reader import Checkpoint
+    from surgery.demo_models.zoo import tiny_checkpoint, zoo
+    from surgery.errors import SurgeryError
+    from surgery.evaluation.merged_model import StreamedMerge
+    from surgery.ops.atlas import blocks_of
+    from surgery.recipe.view import standard_view
+
+    base = standard_view(Checkpoint.open(tiny_checkpoint(next(zoo(["mixtral"])))), "mixtral")
+    with pytest.raises(SurgeryError, match=r"experts.* is not one tensor mixtral stores; learn without --max-memory"):
+        StreamedMerge(base, [base], blocks_of(base, "layer"), "cpu")
 
 
 @needs_accelerate

@@ -96,3 +96,16 @@ def input_device(model: Any) -> Any:
         return torch.device(hook.execution_device)
     device = next(model.parameters()).device
     return torch.device("cpu") if device.type == "meta" else device
+
+
+def checkpoint_names(model: Any) -> dict[str, str]:
+    """Each parameter's name in the checkpoint, where that is one tensor: its own name, or the one
+    transformers renames on loading (GPT-NeoX's head is stored as `embed_out`). A parameter it builds from
+    several tensors (an MoE's fused experts) is left out."""
+    parameters = dict(model.named_parameters())
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers before 5 loads every tensor under its own name
+        return {name: name for name in parameters}
+    saved = {id(tensor): name for name, tensor in revert_weight_conversion(model, dict(parameters)).items()}
+    return {name: saved[id(p)] for name, p in parameters.items() if id(p) in saved}

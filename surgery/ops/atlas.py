@@ -92,8 +92,7 @@ def atlas(step: AtlasStep, view: ModelView, context: OpContext) -> ModelView:
                "texts": [text_digest(load_text(spec).text) for spec in settings.data]}
 
         def learn() -> list[list[float]]:
-            context.refuse_cap("atlas", "learning holds the base and every task vector whole on the device")
-            return learn_coefficients(base, models, block_of, blocks, settings, context.log)
+            return learn_coefficients(base, models, block_of, blocks, settings, context.log, context.max_memory)
 
         learned = remembered("atlas", key, learn,
                              lambda value: isinstance(value, list) and len(value) == len(models)

@@ -190,7 +190,7 @@ def train(student: Student, windows: Windows, targets: dict[str, Any], held_targ
         checkpoint.unlink()
     checkpointing = schedule.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
     if checkpointing:
-        _checkpoint_layers(model)
+        checkpoint_layers(model)
     if first == 0:
         scores = held_out_scores(model, windows.held_out, held_targets, schedule.batch_size, device)
         history["held_out"].append({"step": 0, **scores})
@@ -234,7 +234,7 @@ def train(student: Student, windows: Windows, targets: dict[str, Any], held_targ
     return history
 
 
-def _checkpoint_layers(model: Any) -> None:
+def checkpoint_layers(model: Any) -> None:
     """transformers' gradient checkpointing with dropout still off: the model stays in eval mode (so the
     training is deterministic and the student matches the teacher as it will run), and only the layers
     that checkpoint are flagged training, which is what their checkpointing asks (not their submodules)."""
