@@ -357,6 +357,34 @@ def test_a_fused_merge_never_imports_torch(plan, bf16_family, tmp_path):
     assert "torch" not in imported
 
 
+@needs_kernel
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+@pytest.mark.parametrize("plan", ["task_arithmetic", "ties", "dare_ties", "sce", "della", "breadcrumbs_ties, rescaled"])
+def test_every_version_of_the_kernel_writes_the_same_bytes(plan, isa, bf16_family, cli, tmp_path):
+    """The kernels are built plain, for AVX2 and for AVX-512, and the CPU picks one: each narrower one,
+    asked for by SURGERY_KERNEL_ISA, writes what this machine's widest one does."""
+    import subprocess
+    import sys
+
+    from surgery.compute import _combine
+
+    versions = ["default", "avx2", "avx512"]
+    if versions.index(_combine.isa()) <= versions.index(isa):
+        pytest.skip(f"this CPU runs no version wider than {isa}")
+    body = PLANS[plan].format(**{k: str(v) for k, v in bf16_family.items()})
+    (tmp_path / "widest").mkdir()
+    widest = _apply(cli, tmp_path / "widest", body)
+    plan_file = write_plan(tmp_path, f"output: {tmp_path / isa}\n{body}", name=f"{isa}.yaml")
+    run = subprocess.run([sys.executable, "-m", "surgery", "apply", str(plan_file), "--no-fsync", "--device", "cpu"],
+                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "SURGERY_KERNEL_ISA": isa})
+    assert run.returncode == 0, run.stderr[-2000:]
+    ran = subprocess.run([sys.executable, "-c", "from surgery.compute import _combine; print(_combine.isa())"],
+                         capture_output=True, text=True, env={**os.environ, "SURGERY_KERNEL_ISA": isa})
+    assert ran.stdout.strip() == isa
+    written = load_file(tmp_path / isa / "model.safetensors")
+    assert {k: v.view(torch.uint8).numpy().tobytes() for k, v in written.items()} == widest
+
+
 def test_ci_built_the_kernel():
     """CI sets SURGERY_REQUIRE_KERNEL: there the kernel must have compiled, so these tests do not skip."""
     if not os.environ.get("SURGERY_REQUIRE_KERNEL"):

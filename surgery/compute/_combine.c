@@ -138,17 +138,33 @@ INLINE void dispatch(const formula *f, enum dtype t, char *out, enum dtype to, P
 #undef CASE
 }
 
-/* Each entry point is compiled twice, plain and for AVX2 with F16C's conversions, and picked by the CPU's
-features at run time (not target_clones' "arch=", which picks by CPU model). */
+/* Each entry point is compiled three times, plain, for AVX2 with F16C's conversions, and for AVX-512 (whose
+64-bit multiply, vpmullq, DARE's SplitMix64 noise needs: AVX2 emulates it with three 32-bit products), and
+picked by the CPU's features at run time (not target_clones' "arch=", which picks by CPU model). Every
+version does the same IEEE operations in the same order (no contraction: -ffp-contract=off), so the same bits. */
 #if defined(__GNUC__) && defined(__x86_64__)
+#define AVX512 "avx512f,avx512dq,avx512vl,avx512bw,avx2,f16c"
 #define VERSIONED(name, params, args)                                                                         \
     static void name##_default params { name##_any args; }                                                  \
     __attribute__((target("avx2,f16c"))) static void name##_avx2 params { name##_any args; }                \
+    __attribute__((target(AVX512))) static void name##_avx512 params { name##_any args; }                   \
     static void name params {                                                                                 \
-        static int avx2 = -1;                                                                                 \
-        if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");                \
-        (avx2 ? name##_avx2 : name##_default) args;                                                           \
+        static int level = -1;                                                                                \
+        if (level < 0) level = cpu_level();                                                                   \
+        (level == 2 ? name##_avx512 : level == 1 ? name##_avx2 : name##_default) args;                        \
     }
+/* The widest version the CPU runs, or a narrower one named by SURGERY_KERNEL_ISA (default, avx2): how the
+tests compare the versions on one machine. */
+static int cpu_level(void) {
+    int level = 0;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+        level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
+                && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") ? 2 : 1;
+    const char *asked = getenv("SURGERY_KERNEL_ISA");
+    if (asked != NULL && strcmp(asked, "default") == 0) return 0;
+    if (asked != NULL && strcmp(asked, "avx2") == 0 && level > 1) return 1;
+    return level;
+}
 #else
 #define VERSIONED(name, params, args) static void name params { name##_any args; }
 #endif
@@ -1178,7 +1194,17 @@ done:
     return result;
 }
 
+static PyObject *isa(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args)) {
+#if defined(__GNUC__) && defined(__x86_64__)
+    static const char *names[] = {"default", "avx2", "avx512"};
+    return PyUnicode_FromString(names[cpu_level()]);
+#else
+    return PyUnicode_FromString("default");
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"isa", isa, METH_NOARGS, "isa() -> the version of the kernels this process runs: default, avx2 or avx512"},
     {"combine", combine, METH_VARARGS,
      "combine(out, out_dtype, inputs, dtype, coefficients, has_base, centered, zero_start, divisor, factor)"},
     {"magnitude_counts", magnitude_counts, METH_VARARGS, "magnitude_counts(counts, inputs, dtype, wanted)"},
