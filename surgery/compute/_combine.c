@@ -573,27 +573,56 @@ INLINE float noise_at(uint64_t key, int64_t i) {
     return (float)(z >> 40) * (1.0f / 16777216.0f);
 }
 
-/* scratch: 4 * row uint32 */
+/* Each row's magnitudes ranked by a stable LSD radix sort (three digits of 11, 11 and 10 bits; a digit one
+value throughout is skipped), every NaN as one value, as torch's stable sort places them; each entry kept
+where its noise (noise_at's, made 8 positions at a time first) is below rank / (row - 1) * spread + offset.
+scratch: 5 * row uint32. */
+#define DIGIT_BITS 11
 static void della_mask_any(const char *b, const char *m, enum dtype t, Py_ssize_t n, Py_ssize_t row, uint64_t key,
                            float spread, float offset, int64_t start, uint8_t *mask, uint32_t *scratch) {
     uint32_t *keys = scratch, *order = scratch + row, *keys2 = scratch + 2 * row, *order2 = scratch + 3 * row;
+    uint32_t *noise = scratch + 4 * row;
     const float last = (float)(row - 1);
+    const uint64_t golden = 0x9E3779B97F4A7C15ull;
     for (Py_ssize_t at = 0; at < n; at += row) {
-        for (Py_ssize_t j = 0; j < row; j++) {
+        Py_ssize_t j = 0;
+        for (; j + LANES <= row; j += LANES) {
+            vf d = load(m, t, at + j) - load(b, t, at + j);
+            vu u;
+            memcpy(&u, &d, sizeof u);
+            u &= 0x7fffffffu;
+            u = (vu)((vi)(u > 0x7f800000u) & (vi)(vu){0x7fc00000u, 0x7fc00000u, 0x7fc00000u, 0x7fc00000u, 0x7fc00000u,
+                                                       0x7fc00000u, 0x7fc00000u, 0x7fc00000u})
+                | (vu)((vi)(u <= 0x7f800000u) & (vi)u);
+            memcpy(keys + j, &u, sizeof u);
+            vq z = (vq){0, golden, 2 * golden, 3 * golden, 4 * golden, 5 * golden, 6 * golden, 7 * golden}
+                   + ((uint64_t)(start + at + j + 1) * golden + key);
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+            z = z ^ (z >> 31);
+            vu top = __builtin_convertvector(z >> 40, vu);
+            memcpy(noise + j, &top, sizeof top);
+        }
+        for (; j < row; j++) {
             float d = load_one(m, t, at + j) - load_one(b, t, at + j);
             uint32_t u;
             memcpy(&u, &d, 4);
             u &= 0x7fffffffu;
             keys[j] = u > 0x7f800000u ? 0x7fc00000u : u;
-            order[j] = (uint32_t)j;
+            uint64_t z = (uint64_t)(start + at + j + 1) * golden + key;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+            noise[j] = (uint32_t)((z ^ (z >> 31)) >> 40);
         }
-        for (int shift = 0; shift < 32; shift += 8) {
-            Py_ssize_t count[257] = {0};
-            for (Py_ssize_t j = 0; j < row; j++) count[((keys[j] >> shift) & 0xffu) + 1]++;
-            if (count[((keys[0] >> shift) & 0xffu) + 1] == row) continue; /* one digit throughout: already in order */
-            for (int d = 0; d < 256; d++) count[d + 1] += count[d];
-            for (Py_ssize_t j = 0; j < row; j++) {
-                Py_ssize_t to = count[(keys[j] >> shift) & 0xffu]++;
+        for (j = 0; j < row; j++) order[j] = (uint32_t)j;
+        for (int shift = 0; shift < 32; shift += DIGIT_BITS) {
+            const uint32_t digits = 1u << DIGIT_BITS, low = digits - 1;
+            uint32_t count[(1 << DIGIT_BITS) + 1] = {0};
+            for (j = 0; j < row; j++) count[((keys[j] >> shift) & low) + 1]++;
+            if (count[((keys[0] >> shift) & low) + 1] == (uint32_t)row) continue; /* one digit throughout: in order */
+            for (uint32_t d = 0; d < digits; d++) count[d + 1] += count[d];
+            for (j = 0; j < row; j++) {
+                uint32_t to = count[(keys[j] >> shift) & low]++;
                 keys2[to] = keys[j];
                 order2[to] = order[j];
             }
@@ -601,13 +630,14 @@ static void della_mask_any(const char *b, const char *m, enum dtype t, Py_ssize_
             swap = order; order = order2; order2 = swap;
         }
         for (Py_ssize_t r = 0; r < row; r++) {
-            Py_ssize_t j = order[r];
+            Py_ssize_t at_j = order[r];
             float rank = row > 1 ? (float)r / last : 0.0f;
             float p = rank * spread + offset;
-            mask[at + j] = noise_at(key, start + at + j) < p;
+            mask[at + at_j] = (float)noise[at_j] * (1.0f / 16777216.0f) < p;
         }
     }
 }
+#undef DIGIT_BITS
 VERSIONED(della_mask, (const char *b, const char *m, enum dtype t, Py_ssize_t n, Py_ssize_t row, uint64_t key,
                        float spread, float offset, int64_t start, uint8_t *mask, uint32_t *scratch),
           (b, m, t, n, row, key, spread, offset, start, mask, scratch))
@@ -617,7 +647,7 @@ static int della_masks(ties_formula *f, enum dtype t, Py_ssize_t n) {
     for (int k = 0; k < f->models; k++) {
         if (f->kind[k] != KEEP_DELLA) continue;
         f->mask[k] = calloc((size_t)n + LANES, 1);
-        uint32_t *scratch = malloc(4 * sizeof(uint32_t) * (size_t)f->row[k]);
+        uint32_t *scratch = malloc(5 * sizeof(uint32_t) * (size_t)f->row[k]);
         if (f->mask[k] == NULL || scratch == NULL) { free(scratch); return -1; }
         della_mask(f->in[0], f->in[k + 1], t, n, f->row[k], f->key[k], f->spread[k], f->offset[k], f->start,
                    f->mask[k], scratch);
