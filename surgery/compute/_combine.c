@@ -340,6 +340,11 @@ typedef struct {
     Py_ssize_t row[MAX_INPUTS];
     float spread[MAX_INPUTS], offset[MAX_INPUTS];
     uint8_t *mask[MAX_INPUTS];
+    /* della's masks kept between passes as bits, model k's entry at tensor position p in bit p % 8 of byte
+    k * packed_stride + p / 8: the L1 pass writes them (packing 1), the merge reads them (packing -1) */
+    uint8_t *packed;
+    Py_ssize_t packed_stride;
+    int packing;
     int64_t start; /* the block's first position in its tensor */
 } ties_formula;
 
@@ -642,16 +647,43 @@ VERSIONED(della_mask, (const char *b, const char *m, enum dtype t, Py_ssize_t n,
                        float spread, float offset, int64_t start, uint8_t *mask, uint32_t *scratch),
           (b, m, t, n, row, key, spread, offset, start, mask, scratch))
 
-/* The della models' masks for the formula's block of n entries (GIL released by the caller); -1 when out of memory. */
+/* The della models' masks for the formula's block of n entries (GIL released by the caller), ranked afresh
+or unpacked from the bits an earlier pass kept; -1 when out of memory. */
 static int della_masks(ties_formula *f, enum dtype t, Py_ssize_t n) {
     for (int k = 0; k < f->models; k++) {
         if (f->kind[k] != KEEP_DELLA) continue;
         f->mask[k] = calloc((size_t)n + LANES, 1);
+        if (f->mask[k] == NULL) return -1;
+        uint8_t *bits = f->packed == NULL ? NULL : f->packed + (Py_ssize_t)k * f->packed_stride;
+        if (f->packing < 0) {
+            for (Py_ssize_t i = 0; i < n; i++) f->mask[k][i] = (bits[(f->start + i) >> 3] >> ((f->start + i) & 7)) & 1;
+            continue;
+        }
         uint32_t *scratch = malloc(5 * sizeof(uint32_t) * (size_t)f->row[k]);
-        if (f->mask[k] == NULL || scratch == NULL) { free(scratch); return -1; }
+        if (scratch == NULL) return -1;
         della_mask(f->in[0], f->in[k + 1], t, n, f->row[k], f->key[k], f->spread[k], f->offset[k], f->start,
                    f->mask[k], scratch);
         free(scratch);
+        if (f->packing > 0) /* bits outside the block untouched: a concurrent half writes only its own bytes */
+            for (Py_ssize_t i = 0; i < n; i++)
+                if (f->mask[k][i]) bits[(f->start + i) >> 3] |= (uint8_t)(1u << ((f->start + i) & 7));
+    }
+    return 0;
+}
+
+/* An optional buffer of della's packed masks (None: none kept): one stride of at least ceil(end / 8) bytes per
+model, end the block's last position, read only unless `writable`. 0, or -1 with the error set. */
+static int get_packed(PyObject *packed, int writable, ties_formula *f, Py_ssize_t n, Py_buffer *view) {
+    if (packed == Py_None) return 0;
+    if (PyObject_GetBuffer(packed, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) return -1;
+    f->packed = view->buf;
+    f->packed_stride = view->len / f->models;
+    f->packing = writable ? 1 : -1;
+    if (f->packed_stride * f->models != view->len || f->packed_stride < (f->start + n + 7) / 8) {
+        PyErr_SetString(PyExc_ValueError, "packed masks: one stride of ceil(entries / 8) bytes per model");
+        PyBuffer_Release(view);
+        f->packed = NULL;
+        return -1;
     }
     return 0;
 }
@@ -703,14 +735,14 @@ static int parse_trims(PyObject *trims, ties_formula *f, Py_ssize_t n, long long
 }
 
 static PyObject *ties(PyObject *Py_UNUSED(self), PyObject *args) {
-    Py_buffer out, views[MAX_INPUTS];
-    PyObject *inputs, *trims, *weights, *scales, *result = NULL;
+    Py_buffer out, views[MAX_INPUTS], packed_view;
+    PyObject *inputs, *trims, *weights, *scales, *packed = Py_None, *result = NULL;
     const char *out_name, *in_name;
     int held = 0, consensus, normalize;
     double divisor, lam;
     long long start;
-    if (!PyArg_ParseTuple(args, "w*sOsOOOppddL", &out, &out_name, &inputs, &in_name, &trims, &weights, &scales,
-                          &consensus, &normalize, &divisor, &lam, &start))
+    if (!PyArg_ParseTuple(args, "w*sOsOOOppddL|O", &out, &out_name, &inputs, &in_name, &trims, &weights, &scales,
+                          &consensus, &normalize, &divisor, &lam, &start, &packed))
         return NULL;
     ties_formula f = {.consensus = consensus, .normalize = normalize, .lam_scaled = lam != 1.0,
                       .divisor = (float)divisor, .lam = (float)lam};
@@ -733,7 +765,7 @@ static PyObject *ties(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "ties: a block of more than 2^31 entries");
         goto done;
     }
-    if (parse_trims(trims, &f, n, start) < 0) goto done;
+    if (parse_trims(trims, &f, n, start) < 0 || get_packed(packed, 0, &f, n, &packed_view) < 0) goto done;
     for (int k = 0; k < f.models; k++) {
         f.weight[k] = (float)PyFloat_AsDouble(PyTuple_GET_ITEM(weights, k));
         double scale = PyFloat_AsDouble(PyTuple_GET_ITEM(scales, k));
@@ -765,6 +797,7 @@ static PyObject *ties(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_INCREF(result);
 done:
     free_masks(&f);
+    if (f.packed != NULL) PyBuffer_Release(&packed_view);
     for (int k = 0; k < held; k++) PyBuffer_Release(&views[k]);
     PyBuffer_Release(&out);
     return result;
@@ -815,12 +848,12 @@ VERSIONED(l1_body, (const ties_formula *f, enum dtype t, double *before, double 
           (f, t, before, after, n))
 
 static PyObject *l1_norms(PyObject *Py_UNUSED(self), PyObject *args) {
-    Py_buffer views[MAX_INPUTS];
-    PyObject *inputs, *trims, *result = NULL;
+    Py_buffer views[MAX_INPUTS], packed_view;
+    PyObject *inputs, *trims, *packed = Py_None, *result = NULL;
     const char *in_name;
     int held = 0;
     long long start;
-    if (!PyArg_ParseTuple(args, "OsOL", &inputs, &in_name, &trims, &start)) return NULL;
+    if (!PyArg_ParseTuple(args, "OsOL|O", &inputs, &in_name, &trims, &start, &packed)) return NULL;
     ties_formula f = {0};
     enum dtype t;
     Py_ssize_t size, n = -1;
@@ -831,7 +864,7 @@ static PyObject *l1_norms(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "l1_norms: a block of more than 2^31 entries");
         goto done;
     }
-    if (parse_trims(trims, &f, n, start) < 0) goto done;
+    if (parse_trims(trims, &f, n, start) < 0 || get_packed(packed, 1, &f, n, &packed_view) < 0) goto done;
     Py_ssize_t whole = n / LANES * LANES;
     int masked;
     Py_BEGIN_ALLOW_THREADS
@@ -855,6 +888,7 @@ static PyObject *l1_norms(PyObject *Py_UNUSED(self), PyObject *args) {
         PyTuple_SET_ITEM(result, k, Py_BuildValue("(dd)", before[k], after[k]));
 done:
     free_masks(&f);
+    if (f.packed != NULL) PyBuffer_Release(&packed_view);
     for (int k = 0; k < held; k++) PyBuffer_Release(&views[k]);
     return result;
 }
@@ -1242,12 +1276,12 @@ static PyMethodDef methods[] = {
      "magnitude_window(bits, positions, inputs, dtype, lows, highs, every, offset) -> ((above, collected), ...)"},
     {"nth_equal", nth_equal, METH_VARARGS, "nth_equal(inputs, dtype, model, value_bits, nth) -> (count, at)"},
     {"ties", ties, METH_VARARGS,
-     "ties(out, out_dtype, inputs, dtype, trims, weights, scales, consensus, normalize, divisor, lam, start)"},
+     "ties(out, out_dtype, inputs, dtype, trims, weights, scales, consensus, normalize, divisor, lam, start[, packed])"},
     {"variance_window", variance_window, METH_VARARGS,
      "variance_window(bits, positions, inputs, dtype, low, high, every, offset) -> ((above, collected), nonzero)"},
     {"sce", sce, METH_VARARGS, "sce(out, out_dtype, inputs, dtype, keep, value, position, weights, lam, start)"},
     {"sce_energy", sce_energy, METH_VARARGS, "sce_energy(inputs, dtype, keep, value, position, start) -> energies"},
-    {"l1_norms", l1_norms, METH_VARARGS, "l1_norms(inputs, dtype, trims, start) -> ((before, after), ...)"},
+    {"l1_norms", l1_norms, METH_VARARGS, "l1_norms(inputs, dtype, trims, start[, packed]) -> ((before, after), ...); della's masks kept in packed"},
     {NULL, NULL, 0, NULL},
 };
 

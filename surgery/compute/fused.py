@@ -5,7 +5,8 @@ bytes out, with the torch path's arithmetic in the same order, so both give the 
   once their per-tensor coefficients are solved.
 - The task-arithmetic family (TIES, DARE, breadcrumbs, with or without sign election and the L1 rescale):
   each task vector's trim (its top-k, a band of ranks, or the seeded random mask of noise.py), then sign
-  election and the (disjoint) mean in one pass. della, whose keep probabilities rank each row, stays on torch.
+  election and the (disjoint) mean in one pass. della's keep probabilities rank each row (a radix sort in
+  C); with its L1 rescale, the L1 pass keeps the masks as bits for the merge pass.
 - SCE: the top of the variance over the task vectors, each model's energy, the merge.
 
 The exact cuts (a top-k, a band's edges, SCE's variance) come from a sample (one chunk in SAMPLE_EVERY)
@@ -21,11 +22,12 @@ handed blocks that also read raw (recipe/raw.py), which the cuts and sums use.""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -57,6 +59,7 @@ _WHOLE_SAMPLE = 1 << 16  # entries below which the sample is the tensor itself
 _MARGIN = 8.0  # standard deviations of the sample's rank either side of the cut's estimate
 _ALL_BITS = 0xFFFFFFFF
 _MAX_INPUTS = 64  # the kernels' MAX_INPUTS
+_PACKED_LIMIT = 256 << 20  # bytes of della's masks kept between its passes, at most
 _HELPERS = min(1, (os.cpu_count() or 1) - 1)  # a second core counts half of each block's magnitudes
 
 
@@ -125,26 +128,43 @@ class TrimmedSum:
     normalize: bool
     divisor: float
     lam: float
+    packed: bytearray | None = field(default=None, compare=False, repr=False)  # della's masks, from kept_masks
 
     def into(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
         if any(t.kind in (KEEP_KINDS["random"], KEEP_KINDS["della"]) for t in self.trims):  # bound by their noise
-            _in_halves(self._part, out, out_dtype, block, max(t.row for t in self.trims))  # della's rows kept whole
+            _in_halves(self._part, out, out_dtype, block, _unit(self.trims))
         else:  # bound by memory: a second thread only competes with the writer
             self._part(out, out_dtype, block)
 
     def _part(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
         assert ties is not None
         ties(out, out_dtype, block.inputs, block.dtype, tuple(t.fields() for t in self.trims), self.weights,
-             self.scales, self.consensus, self.normalize, self.divisor, self.lam, block.start)
+             self.scales, self.consensus, self.normalize, self.divisor, self.lam, block.start, self.packed)
 
 
-def l1_norms_of(raw: RawBlocks, trims: tuple[KernelTrim, ...]) -> list[tuple[float, float]]:
-    """Per model, the L1 norms of |model - base| before and after its trim."""
+def kept_masks(trims: tuple[KernelTrim, ...], n: int) -> bytearray | None:
+    """Room for della's masks of a tensor of n entries as bits, one stride per model, which the L1 pass fills
+    and the merge pass reads instead of ranking every row again; None for other trims, or above
+    _PACKED_LIMIT bytes (the merge then ranks them again)."""
+    size = len(trims) * -(-n // 8)
+    if all(t.kind != KEEP_KINDS["della"] for t in trims) or size > _PACKED_LIMIT:
+        return None
+    return bytearray(size)
+
+
+def _unit(trims: tuple[KernelTrim, ...]) -> int:
+    """Where a block's halves may split: between della's rows, and between bytes of its packed masks."""
+    return math.lcm(max(t.row for t in trims), 8)
+
+
+def l1_norms_of(raw: RawBlocks, trims: tuple[KernelTrim, ...], packed: bytearray | None = None
+                ) -> list[tuple[float, float]]:
+    """Per model, the L1 norms of |model - base| before and after its trim; della's masks kept in `packed`."""
     assert l1_norms is not None
     fields = tuple(t.fields() for t in trims)
     totals = [[0.0, 0.0] for _ in trims]
-    row = max(t.row for t in trims)  # della's rows stay whole in each half
-    for part in _halves(raw, lambda inputs, dtype, start: l1_norms(inputs, dtype, fields, start), row):
+    for part in _halves(raw, lambda inputs, dtype, start: l1_norms(inputs, dtype, fields, start, packed),
+                        _unit(trims)):
         for total, (before, after) in zip(totals, part, strict=True):
             total[0] += before
             total[1] += after

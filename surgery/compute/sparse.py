@@ -13,7 +13,7 @@ entries that count; lambda scales the result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from surgery.checkpoint.reader import numel
@@ -22,6 +22,7 @@ from surgery.compute.fused import (
     KEEP_KINDS,
     KernelTrim,
     TrimmedSum,
+    kept_masks,
     l1_norms_of,
     rank_magnitude_cuts,
     raw_blocks,
@@ -75,6 +76,8 @@ class SparseMerge(Update):
     tensor: str = ""  # the random trims' stream: one per tensor and model
     keeps: tuple[Keep, ...] | None = None  # found by `prepare`
     scales: tuple[float, ...] = ()  # per model, the L1 rescale found by `prepare` (() when off)
+    # della's masks from the L1 pass, as bits, for the merge pass (each row ranked once, not twice)
+    packed_masks: bytearray | None = field(default=None, compare=False, repr=False)
 
     @property
     def whole_rows(self) -> bool:
@@ -92,8 +95,13 @@ class SparseMerge(Update):
         if not (self.rescale and self.trim):
             return prepared
         raw, trims = raw_blocks(blocks), prepared._fused_trims()
-        norms = l1_norms_of(raw, trims) if raw is not None and trims is not None else prepared._l1_norms(blocks)
-        return replace(prepared, scales=tuple(1.0 if b < RESCALE_EPS or a < RESCALE_EPS else b / a for b, a in norms))
+        if raw is None or trims is None:
+            norms, packed = prepared._l1_norms(blocks), None
+        else:
+            packed = kept_masks(trims, numel(self.shape))
+            norms = l1_norms_of(raw, trims, packed)
+        return replace(prepared, scales=tuple(1.0 if b < RESCALE_EPS or a < RESCALE_EPS else b / a for b, a in norms),
+                       packed_masks=packed)
 
     def __call__(self, inputs: Block) -> torch.Tensor:
         import torch
@@ -134,7 +142,8 @@ class SparseMerge(Update):
         total = sum(m.weight for m in self.models)
         return TrimmedSum(trims, weights=tuple(m.weight for m in self.models),
                           scales=self.scales or tuple(1.0 for _ in self.models), consensus=self.consensus,
-                          normalize=self.normalize, divisor=1.0 if abs(total) < 1e-8 else total, lam=self.lam)
+                          normalize=self.normalize, divisor=1.0 if abs(total) < 1e-8 else total, lam=self.lam,
+                          packed=self.packed_masks)
 
     def _fused_trims(self) -> tuple[KernelTrim, ...] | None:
         """The prepared trims as the kernels take them; None where the kernels are not built."""
