@@ -75,3 +75,12 @@ def test_offline_and_not_cached_is_one_line_with_the_download_command(hub_cache,
     result = cli("inspect", "org/missing@v2")
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert "hf download org/missing --revision v2" in result.err and "HF_HUB_OFFLINE" in result.err
+
+
+def test_a_missing_folder_spelled_like_a_hub_id_names_the_folder_it_looked_for(hub_cache, cli, tmp_path):
+    """`models/prose` in a plan may be a folder beside it that is not there: the one line says where it looked."""
+    result = cli("apply", write_plan(tmp_path, f"model: models/prose\noutput: {tmp_path / 'out'}\nsteps:\n"
+                                     "  - op: chain\n    layers: [0]\n"))
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert f"no folder {tmp_path / 'models' / 'prose'}" in result.err and "hf download models/prose" in result.err
+    assert not (tmp_path / "out").exists()

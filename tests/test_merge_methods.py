@@ -394,6 +394,7 @@ def test_precedence_model_over_step_and_lines_after_a_new_method(demo, cli, tmp_
         ("op: sce\n    models: [{prose}, {code}]\n    select_topk: [{{filter: mlp, value: -0.1}}, {{value: 0.5}}]",
          "select_topk -0.1 for model.layers.0.mlp"),
         ("op: sce\n    models: [{prose}, {code}]\n    select_topk: 1e-9", "write it with a dot, like 1.0e-9"),
+        ("op: sce\n    models: [{{model: {prose}, weight: 0.5}}, {code}]", "sce takes no 'weight' per model"),
         ("op: ties\n    models: [{prose}]\n    seed: 3", "'seed' applies"),
         ("op: ties\n    models: [{prose}]\n    gamma: 0.1", "'gamma' does not apply"),
         ("op: slerp\n    models: [{prose}]\n    t: 0.5", "at least 2"),

@@ -3,9 +3,9 @@ by its selected task vector's energy, erase disagreeing signs, average (surgery/
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from surgery.compute.sce import SceMerge
 from surgery.errors import SurgeryError
@@ -24,6 +24,23 @@ class SceStep(MergeStep):
     op: Literal["sce"]
     models: list[str] = Field(min_length=1)
     select_topk: Varying = Field(default=1.0, description="Fraction of the entries of largest variance kept.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        """`{model: PATH}` as the other merges write it is PATH; anything more is named, not a type error."""
+        if not isinstance(value, list):
+            return value
+        out = []
+        for item in value:
+            if isinstance(item, dict) and "model" in item:
+                extra = sorted(set(item) - {"model"})
+                if extra:
+                    raise ValueError(f"sce takes no {extra[0]!r} per model (it weights each model by its selected "
+                                     "task vector's energy); give the model's path alone")
+                item = item["model"]
+            out.append(item)
+        return out
 
 
 def sce(step: SceStep, view: ModelView, context: OpContext) -> ModelView:

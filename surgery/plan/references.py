@@ -44,7 +44,10 @@ def resolve_model_path(ref: str, base_dir: Path) -> Path:
     match = HUB_ID.match(ref)
     if match is None or local.exists() or local.is_symlink():
         return local
-    return hub_snapshot(match["repo"], match["revision"])
+    try:
+        return hub_snapshot(match["repo"], match["revision"])
+    except SurgeryError as e:  # it may have been meant as a folder: say where that was looked for
+        raise SurgeryError(f"{ref}: no folder {local}; as a Hub id, {e}") from None
 
 
 def hub_snapshot(repo: str, revision: str | None) -> Path:
@@ -62,8 +65,8 @@ def hub_snapshot(repo: str, revision: str | None) -> Path:
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise SurgeryError(f"{name}: cannot read it from the Hugging Face cache ({type(e).__name__}); run `{fetch}`") from None
     if constants.HF_HUB_OFFLINE or _offline_now():
-        raise SurgeryError(f"{name} is not a folder here and not in the Hugging Face cache, and downloads are off "
-                           f"(HF_HUB_OFFLINE); run `{fetch}` where the network allows, or name a local folder")
+        raise SurgeryError(f"{name} is not in the Hugging Face cache, and downloads are off (HF_HUB_OFFLINE); run "
+                           f"`{fetch}` where the network allows, or name a local folder")
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
     except HfHubHTTPError as e:
