@@ -305,3 +305,27 @@ def test_eval_never_loads_pickle_weights(cli, tmp_path):
     result = cli("eval", model, "--max-tokens", "64")
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert "pickle" in result.err or "safetensors" in result.err
+
+
+def test_ctrl_c_during_a_fit_is_one_line_and_writes_nothing(tmp_path):
+    """An interrupt no step catches (here: aTLAS learning, before any output exists) ends in one line and exit
+    130, not typer's silent exit."""
+    import signal
+    import time
+
+    base, code = demo_model("base"), demo_model("code")
+    plan = write_plan(tmp_path, f"model: {base}\nbase: {base}\noutput: {tmp_path / 'out'}\nsteps:\n  - op: atlas\n"
+                                f"    models: [{code}]\n    learn: {{data: builtin:mixed-dev, steps: 100000}}\n")
+    log = tmp_path / "stderr"
+    with log.open("w") as err:
+        run = subprocess.Popen([sys.executable, "-m", "surgery", "apply", str(plan)], stdout=subprocess.DEVNULL,
+                               stderr=err, cwd=tmp_path, env={**os.environ, "SURGERY_CACHE": str(tmp_path / "cache")},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+        deadline = time.monotonic() + 120
+        while "step 1/" not in log.read_text() and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.2)
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=60) == 130
+    lines = log.read_text().strip().splitlines()
+    assert lines[-1] == "error: interrupted before the command finished (Ctrl-C)" and "Traceback" not in log.read_text()
+    assert not (tmp_path / "out").exists()

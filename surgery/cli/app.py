@@ -44,6 +44,11 @@ def main() -> None:
     sys.argv = sys.argv[:2] + [arg for arg in sys.argv[2:] if arg != "--debug"]
     try:
         app()
+    except SystemExit as e:  # typer turns a Ctrl-C that no command caught into a silent exit 130
+        if e.code == 130 and _from_interrupt(e):
+            err_console.print("error: interrupted before the command finished (Ctrl-C)", markup=False,
+                              highlight=False, soft_wrap=True)
+        raise
     except SurgeryError as e:
         if _state["debug"]:
             raise
@@ -56,3 +61,14 @@ def main() -> None:
         err_console.print(f"error: {where}{e.strerror or e} (check the path, its permissions and free space)",
                           markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+
+
+def _from_interrupt(error: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the causes and contexts of `error`."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
