@@ -144,21 +144,33 @@ def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto",
     the bytes of weights held on the device (a model larger than the device scores layer by layer).
     Returns a LoadedModel: `.model` maps input_ids to logits, `.tokenizer` is its tokenizer.
     """
-    from transformers import AutoTokenizer
-
     folder = Path(path)
     if not folder.is_dir():
         raise SurgeryError(f"model folder {folder} does not exist")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise SurgeryError(f"{folder} has no tokenizer files (tokenizer.json, ...); copy the tokenizer of its source model in")
-    for name in TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "added_tokens.json"):
-        if (folder / name).exists() or (folder / name).is_symlink():  # transformers would block on a FIFO
-            regular_file(folder / name, "a tokenizer file must be a regular file: copy the file itself in")
+    check_tokenizer(folder)
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved_device)
     with quiet_transformers():
         model = load_model(folder, resolved_device, torch_dtype, max_memory)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    tokenizer = load_tokenizer(folder)
     parameters = sum(p.numel() for p in model.parameters())
     on_disk = getattr(model, "bytes_on_disk", None) or sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     return LoadedModel(model, tokenizer, resolved_device, str(torch_dtype).removeprefix("torch."), parameters, on_disk)
+
+
+def check_tokenizer(folder: Path) -> None:
+    """A folder's tokenizer files, there and regular (transformers would block reading a FIFO), or one line."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise SurgeryError(f"{folder} has no tokenizer files (tokenizer.json, ...); copy the tokenizer of its source model in")
+    for name in TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "added_tokens.json"):
+        if (folder / name).exists() or (folder / name).is_symlink():
+            regular_file(folder / name, "a tokenizer file must be a regular file: copy the file itself in")
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer, checked first (check_tokenizer)."""
+    from transformers import AutoTokenizer
+
+    check_tokenizer(folder)
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)

@@ -13,6 +13,7 @@ holds about one tensor's weights, the activations at the layers' boundaries and 
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,10 +26,21 @@ from surgery.recipe.view import ModelView
 
 
 class Coefficients:
-    """The current per-tensor coefficients, (models, tensors): set before each forward, read by every weight."""
+    """The current per-tensor coefficients, (models, tensors): set before each forward, read by every weight;
+    and the step's merges of the weights two modules share (a head tied to the embedding), made once, so the
+    two modules' gradients add up before the merge's backward, as they do learning in memory."""
 
     def __init__(self) -> None:
-        self.per_tensor: torch.Tensor | None = None
+        self._per_tensor: torch.Tensor | None = None
+        self.shared: dict[int, torch.Tensor] = {}
+
+    @property
+    def per_tensor(self) -> torch.Tensor | None:
+        return self._per_tensor
+
+    @per_tensor.setter
+    def per_tensor(self, value: torch.Tensor) -> None:
+        self._per_tensor, self.shared = value, {}
 
 
 class TensorSource:
@@ -67,13 +79,19 @@ class _Merge(torch.autograd.Function):
 class _Merged(torch.nn.Module):
     """A parameter's parametrization: its merged value at the current coefficients (the stored one is empty)."""
 
-    def __init__(self, source: TensorSource, column: int, coefficients: Coefficients) -> None:
+    def __init__(self, source: TensorSource, column: int, coefficients: Coefficients, shared: bool) -> None:
         super().__init__()
-        self.source, self.column, self.coefficients = source, column, coefficients
+        self.source, self.column, self.coefficients, self.shared = source, column, coefficients, shared
 
     def forward(self, _empty: torch.Tensor) -> torch.Tensor:
-        assert self.coefficients.per_tensor is not None
-        return _Merge.apply(self.coefficients.per_tensor[:, self.column], self.source)
+        coefficients = self.coefficients
+        assert coefficients.per_tensor is not None
+        if self.shared and self.column in coefficients.shared:
+            return coefficients.shared[self.column]
+        merged = _Merge.apply(coefficients.per_tensor[:, self.column], self.source)
+        if self.shared:
+            coefficients.shared[self.column] = merged
+        return merged
 
 
 class StreamedMerge:
@@ -110,13 +128,14 @@ class StreamedMerge:
         sources = {name: TensorSource(checkpoint, base, models, self.streamer)
                    for checkpoint, name in self.parameters.items()}
         named = {id(p): name for name, p in model.named_parameters()}  # a tied weight under its first name
-        # every module's own, a head tied to the embedding included (it computes the same merge again)
+        # every module's own, a head tied to the embedding included (it takes the embedding's merge)
         owned = [(m, leaf, p) for m in model.modules() for leaf, p in m.named_parameters(recurse=False)]
+        uses = Counter(id(parameter) for _, _, parameter in owned)
         for owner, leaf, parameter in owned:
             name = named[id(parameter)]
             owner._parameters[leaf] = torch.nn.Parameter(torch.empty(0, device=device), requires_grad=False)
-            parametrize.register_parametrization(owner, leaf, _Merged(sources[name], column[name], self.coefficients),
-                                                 unsafe=True)
+            merged = _Merged(sources[name], column[name], self.coefficients, shared=uses[id(parameter)] > 1)
+            parametrize.register_parametrization(owner, leaf, merged, unsafe=True)
 
     def close(self) -> None:
         self.streamer.close()

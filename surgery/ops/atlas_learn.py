@@ -9,12 +9,14 @@ unless a memory cap is smaller: then each tensor is read from the checkpoints wh
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 
 from surgery.checkpoint.reader import numel
 from surgery.errors import SurgeryError
+from surgery.formatting import human_bytes
 from surgery.ops.fields import Strict
 from surgery.recipe.stream import RecipeStreamer
 from surgery.recipe.view import ModelView
@@ -121,20 +123,17 @@ class _Streamed:
 
     def __init__(self, base: ModelView, models: list[ModelView], block_of: dict[str, str], device: str,
                  max_memory: int, held: int, log: Callable[[str], None]) -> None:
-        from transformers import AutoTokenizer
-
+        from surgery.evaluation.loading import load_tokenizer
         from surgery.evaluation.merged_model import StreamedMerge
-        from surgery.evaluation.models import quiet_transformers
         from surgery.ops.heal_train import checkpoint_layers
 
+        self.tokenizer = load_tokenizer(Path(base.source.path))
         self.merge = StreamedMerge(base, models, block_of, device)
         self.learnable = list(self.merge.parameters)
         checkpoint_layers(self.merge.model)
-        with quiet_transformers():
-            self.tokenizer = AutoTokenizer.from_pretrained(base.source.path, trust_remote_code=False)
-        log(f"atlas: the base and {len(models)} task vectors take {held / 2**30:.2f} GiB in float32, more than "
-            f"the memory cap ({max_memory / 2**30:.2f} GiB): each tensor is read from the checkpoints when the "
-            "forward uses it, each layer again for its backward")
+        log(f"atlas: the base and {len(models)} task vectors take {human_bytes(held)} in float32, more than the "
+            f"memory cap ({human_bytes(max_memory)}): each tensor is read from the checkpoints when the forward "
+            "uses it, each layer again for its backward")
 
     def loss(self, per_tensor: Any, batch: Any) -> Any:
         self.merge.coefficients.per_tensor = per_tensor
