@@ -18,6 +18,7 @@ from surgery.compute.select import rank_cuts, top_cuts
 from surgery.compute.sparse import ModelTrim, SparseMerge
 from surgery.compute.sphere import SphereMerge
 from surgery.compute.updates import WeightedUpdate
+from surgery.demo_models import demo_model
 from surgery.recipe.raw import RawBlock
 from surgery.recipe.tensor import Block
 from tests.conftest import write_plan
@@ -438,3 +439,43 @@ def test_cuts_bracketed_by_a_sample_equal_the_radix_selects(dtype, margin, monke
             expected = [[(c.value, c.position) for c in cuts] for cuts in rank_cuts(blocks, magnitudes, ranks)]
             # the third model's magnitudes grow with position, which a sample of this small tensor (two chunks) misses
             assert found == expected or (found is None and (margin == 0 or ranks[2])), (ranks, step)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_float16_output_that_overflows_is_refused_and_an_inf_it_was_given_is_kept(kernel, cli, tmp_path,
+                                                                                    monkeypatch):
+    """40000 + 40000 is beyond float16's 65504: written as inf, the weight would be broken without a word, so
+    the merge stops naming the tensor and nothing is written; an inf one input already holds is the plan's
+    own result and is written. The kernels' pass and the torch path alike."""
+    if kernel and fused.combine is None:
+        pytest.skip("the fused kernel was not built (no C compiler)")
+    if not kernel:
+        for name in ("combine", "l1_norms", "magnitude_counts", "ties", "sce"):
+            monkeypatch.setattr(fused, name, None)
+    source = demo_model("base")
+    tensors = load_file(source / "model.safetensors")
+
+    def model(name: str, value: float, inf_at: str | None = None) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for item in source.iterdir():
+            if item.suffix != ".safetensors":
+                (folder / item.name).write_bytes(item.read_bytes())
+        made = {k: torch.full_like(v, value).half() for k, v in tensors.items()}
+        if inf_at is not None:
+            made[inf_at].view(-1)[7] = float("inf")
+        save_file(made, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+
+    base, big, small = model("base", 0.0), model("big", 40000.0), model("small", 1.0, "model.norm.weight")
+    plan = write_plan(tmp_path, f"output: {tmp_path / 'out'}\nbase: {base}\nsteps:\n  - op: task_arithmetic\n"
+                                f"    models: [{big}, {{model: {big}, weight: 1.0}}]\n", name="over.yaml")
+    result = cli("apply", plan, "--no-fsync", "--device", "cpu")
+    assert result.code == 2 and "overflow float16" in result.err and "dtype: bfloat16" in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    plan = write_plan(tmp_path, f"output: {tmp_path / 'kept'}\nbase: {base}\nsteps:\n  - op: task_arithmetic\n"
+                                f"    models: [{small}]\n", name="inf.yaml")
+    result = cli("apply", plan, "--no-fsync", "--device", "cpu")
+    assert result.code == 0, result.err
+    written = load_file(tmp_path / "kept" / "model.safetensors")["model.norm.weight"]
+    assert written.view(-1)[7] == float("inf") and int(written.isinf().sum()) == 1

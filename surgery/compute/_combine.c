@@ -1258,6 +1258,19 @@ done:
     return result;
 }
 
+/* How many float16 entries of a buffer are +-inf: a pass written in float16 checks it found none it did not read. */
+static PyObject *f16_infinities(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer buffer;
+    if (!PyArg_ParseTuple(args, "y*", &buffer)) return NULL;
+    const uint16_t *u = buffer.buf;
+    Py_ssize_t n = buffer.len / 2, found = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) found += (u[i] & 0x7fffu) == 0x7c00u;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buffer);
+    return PyLong_FromSsize_t(found);
+}
+
 static PyObject *isa(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args)) {
 #if defined(__GNUC__) && defined(__x86_64__)
     static const char *names[] = {"default", "avx2", "avx512"};
@@ -1268,6 +1281,7 @@ static PyObject *isa(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args)) {
 }
 
 static PyMethodDef methods[] = {
+    {"f16_infinities", f16_infinities, METH_VARARGS, "f16_infinities(buffer) -> how many float16 entries are +-inf"},
     {"isa", isa, METH_NOARGS, "isa() -> the version of the kernels this process runs: default, avx2 or avx512"},
     {"combine", combine, METH_VARARGS,
      "combine(out, out_dtype, inputs, dtype, coefficients, has_base, centered, zero_start, divisor, factor)"},

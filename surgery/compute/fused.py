@@ -39,6 +39,7 @@ from surgery.recipe.raw import RawBlock, RawBlocks
 try:
     from surgery.compute._combine import (
         combine,
+        f16_infinities,
         l1_norms,
         magnitude_counts,
         magnitude_window,
@@ -50,7 +51,7 @@ try:
     )
 except ImportError:  # built without a C compiler: the torch path computes the same bits
     combine = l1_norms = magnitude_counts = magnitude_window = nth_equal = sce = sce_energy = ties = None
-    variance_window = None
+    variance_window = f16_infinities = None
 
 _BINS = 1 << 16
 _CHUNK = 512  # the kernels' chunk: the sample reads whole ones

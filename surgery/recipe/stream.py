@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from surgery.checkpoint.blocks import BlockReader, torch_dtype
 from surgery.checkpoint.reader import DTYPE_SIZES, numel
+from surgery.recipe.overflow import refuse_raw_overflow, refuse_torch_overflow
 from surgery.recipe.raw import FUSED_DTYPES, FusedPass, RawBlock, RawBlocks
 from surgery.recipe.rows import RowGather
 from surgery.recipe.tensor import Block, Compute, TensorRecipe, Unprepared
@@ -130,6 +131,8 @@ class RecipeStreamer:
                 self._fused_out[count % 2] = bytearray(nbytes)
             out = memoryview(self._fused_out[count % 2])[:nbytes]
             fused.into(out, recipe.dtype, block)
+            if recipe.dtype == "F16":
+                refuse_raw_overflow(out, block)
             yield out
 
     def _torch_encoded(self, recipe: TensorRecipe) -> Iterator[memoryview]:
@@ -143,6 +146,8 @@ class RecipeStreamer:
                 buffer = self._out[key] = torch.empty(flat.numel(), dtype=torch_dtype(recipe.dtype))
             out = buffer[: flat.numel()]
             out.copy_(flat)  # from the device too
+            if recipe.dtype == "F16":
+                refuse_torch_overflow(flat, out)
             yield memoryview(out.view(torch.uint8).numpy())
 
     def whole(self, recipe: TensorRecipe) -> torch.Tensor:
