@@ -1258,6 +1258,22 @@ done:
     return result;
 }
 
+INLINE void f16_infinities_body_any(const uint16_t *u, Py_ssize_t n, Py_ssize_t *found) {
+    Py_ssize_t i = 0, total = 0;
+    for (; i + 4096 <= n; i += 4096) { /* 16-bit lane counts, added up before they could overflow */
+        vh count = {0};
+        for (Py_ssize_t j = i; j < i + 4096; j += LANES) {
+            vh x;
+            memcpy(&x, u + j, sizeof x);
+            count -= (vh)((x & 0x7fffu) == 0x7c00u);
+        }
+        for (int l = 0; l < LANES; l++) total += count[l];
+    }
+    for (; i < n; i++) total += (u[i] & 0x7fffu) == 0x7c00u;
+    *found = total;
+}
+VERSIONED(f16_infinities_body, (const uint16_t *u, Py_ssize_t n, Py_ssize_t *found), (u, n, found))
+
 /* How many float16 entries of a buffer are +-inf: a pass written in float16 checks it found none it did not read. */
 static PyObject *f16_infinities(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer buffer;
@@ -1265,7 +1281,7 @@ static PyObject *f16_infinities(PyObject *Py_UNUSED(self), PyObject *args) {
     const uint16_t *u = buffer.buf;
     Py_ssize_t n = buffer.len / 2, found = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) found += (u[i] & 0x7fffu) == 0x7c00u;
+    f16_infinities_body(u, n, &found);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&buffer);
     return PyLong_FromSsize_t(found);
