@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from surgery.checkpoint.reader import DTYPE_SIZES
+from surgery.recipe.overflow import refuse_raw_overflow
 from surgery.recipe.raw import RawBlock, RawBlocks
 
 try:
@@ -87,6 +88,7 @@ class WeightedSum:
         assert combine is not None
         combine(out, out_dtype, block.inputs, block.dtype, self.coefficients, self.has_base, self.centered,
                 self.zero_start, self.divisor, self.factor)
+        _refuse_overflow(out, out_dtype, block)
 
 
 KEEP_KINDS = {"all": 0, "none": 1, "top": 2, "band": 3, "random": 4, "della": 5}
@@ -136,6 +138,7 @@ class TrimmedSum:
             _in_halves(self._part, out, out_dtype, block, _unit(self.trims))
         else:  # bound by memory: a second thread only competes with the writer
             self._part(out, out_dtype, block)
+        _refuse_overflow(out, out_dtype, block)
 
     def _part(self, out: memoryview, out_dtype: str, block: RawBlock) -> None:
         assert ties is not None
@@ -187,6 +190,15 @@ class SceSum:
         assert sce is not None
         sce(out, out_dtype, block.inputs, block.dtype, self.keep, self.value, self.position, self.weights, self.lam,
             block.start)
+        _refuse_overflow(out, out_dtype, block)
+
+
+def _refuse_overflow(out: memoryview, out_dtype: str, block: RawBlock) -> None:
+    """A float16 pass's output: refused where a finite value overflowed to inf (recipe/overflow.py)."""
+    if out_dtype == "F16":
+        assert f16_infinities is not None
+        if f16_infinities(out):
+            refuse_raw_overflow(out, block)
 
 
 def sce_energies(raw: RawBlocks, keep: int, value: float, position: int) -> list[float]:
