@@ -578,7 +578,7 @@ INLINE float noise_at(uint64_t key, int64_t i) {
     return (float)(z >> 40) * (1.0f / 16777216.0f);
 }
 
-/* Each row's magnitudes ranked by a stable LSD radix sort (three digits of 11, 11 and 10 bits; a digit one
+/* Each row's magnitudes ranked by a stable LSD radix sort (three digits of 11 bits, their histograms from one read of the keys; a digit one
 value throughout is skipped), every NaN as one value, as torch's stable sort places them; each entry kept
 where its noise (noise_at's, made 8 positions at a time first) is below rank / (row - 1) * spread + offset.
 scratch: 5 * row uint32. */
@@ -620,10 +620,16 @@ static void della_mask_any(const char *b, const char *m, enum dtype t, Py_ssize_
             noise[j] = (uint32_t)((z ^ (z >> 31)) >> 40);
         }
         for (j = 0; j < row; j++) order[j] = (uint32_t)j;
-        for (int shift = 0; shift < 32; shift += DIGIT_BITS) {
-            const uint32_t digits = 1u << DIGIT_BITS, low = digits - 1;
-            uint32_t count[(1 << DIGIT_BITS) + 1] = {0};
-            for (j = 0; j < row; j++) count[((keys[j] >> shift) & low) + 1]++;
+        const uint32_t digits = 1u << DIGIT_BITS, low = digits - 1;
+        uint32_t counts[3][(1 << DIGIT_BITS) + 1] = {{0}}; /* every digit's histogram from one read of the keys */
+        for (j = 0; j < row; j++) {
+            counts[0][(keys[j] & low) + 1]++;
+            counts[1][((keys[j] >> DIGIT_BITS) & low) + 1]++;
+            counts[2][((keys[j] >> 2 * DIGIT_BITS) & low) + 1]++;
+        }
+        for (int pass = 0; pass < 3; pass++) {
+            const int shift = pass * DIGIT_BITS;
+            uint32_t *count = counts[pass];
             if (count[((keys[0] >> shift) & low) + 1] == (uint32_t)row) continue; /* one digit throughout: in order */
             for (uint32_t d = 0; d < digits; d++) count[d + 1] += count[d];
             for (j = 0; j < row; j++) {
