@@ -356,15 +356,20 @@ INLINE vf ones_where(vi mask) { /* 1.0 where the mask is set, else 0.0: a bool t
 }
 
 /* The noise of positions i .. i + 7 of the stream `key` (noise.py's uniform: SplitMix64 of key + (i + 1) *
-golden, its top 24 bits), below `threshold`: the entries a random trim keeps. */
-INLINE vi random_kept(uint64_t key, uint32_t threshold, int64_t i) {
+golden, its top 24 bits). */
+INLINE vq noise_lanes(uint64_t key, int64_t i) {
     const uint64_t golden = 0x9E3779B97F4A7C15ull; /* (i + 1 + l) * golden + key, mod 2^64: one product per vector */
     vq z = (vq){0, golden, 2 * golden, 3 * golden, 4 * golden, 5 * golden, 6 * golden, 7 * golden}
            + ((uint64_t)(i + 1) * golden + key);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     z = z ^ (z >> 31);
-    return __builtin_convertvector((z >> 40) < threshold, vi);
+    return z >> 40;
+}
+
+/* The entries a random trim keeps: those whose noise is below `threshold`. */
+INLINE vi random_kept(uint64_t key, uint32_t threshold, int64_t i) {
+    return __builtin_convertvector(noise_lanes(key, i) < threshold, vi);
 }
 
 INLINE vi at_or_above(vf magnitude, float value, vi index, int32_t limit) {
@@ -570,17 +575,18 @@ INLINE float load_one(const char *p, enum dtype t, Py_ssize_t i) {
     return x;
 }
 
-INLINE float noise_at(uint64_t key, int64_t i) {
+/* noise_lanes' top 24 bits for one position. */
+INLINE uint32_t noise_bits(uint64_t key, int64_t i) {
     uint64_t z = (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull + key;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z = z ^ (z >> 31);
-    return (float)(z >> 40) * (1.0f / 16777216.0f);
+    return (uint32_t)((z ^ (z >> 31)) >> 40);
 }
 
-/* Each row's magnitudes ranked by a stable LSD radix sort (three digits of 11 bits, their histograms from one read of the keys; a digit one
-value throughout is skipped), every NaN as one value, as torch's stable sort places them; each entry kept
-where its noise (noise_at's, made 8 positions at a time first) is below rank / (row - 1) * spread + offset.
+/* Each row's magnitudes ranked by a stable LSD radix sort (three digits of 11 bits, their histograms from
+one read of the keys; a digit one value throughout is skipped), every NaN as one value, as torch's stable
+sort places them; each entry kept where its noise (made 8 positions at a time first) is below
+rank / (row - 1) * spread + offset.
 scratch: 5 * row uint32. */
 #define DIGIT_BITS 11
 static void della_mask_any(const char *b, const char *m, enum dtype t, Py_ssize_t n, Py_ssize_t row, uint64_t key,
@@ -588,36 +594,23 @@ static void della_mask_any(const char *b, const char *m, enum dtype t, Py_ssize_
     uint32_t *keys = scratch, *order = scratch + row, *keys2 = scratch + 2 * row, *order2 = scratch + 3 * row;
     uint32_t *noise = scratch + 4 * row;
     const float last = (float)(row - 1);
-    const uint64_t golden = 0x9E3779B97F4A7C15ull;
     for (Py_ssize_t at = 0; at < n; at += row) {
         Py_ssize_t j = 0;
         for (; j + LANES <= row; j += LANES) {
-            vf d = load(m, t, at + j) - load(b, t, at + j);
-            vu u;
-            memcpy(&u, &d, sizeof u);
-            u &= 0x7fffffffu;
-            u = (vu)((vi)(u > 0x7f800000u) & (vi)(vu){0x7fc00000u, 0x7fc00000u, 0x7fc00000u, 0x7fc00000u, 0x7fc00000u,
-                                                       0x7fc00000u, 0x7fc00000u, 0x7fc00000u})
-                | (vu)((vi)(u <= 0x7f800000u) & (vi)u);
+            vu u = magnitude_bits(m, b, t, at + j);
+            vi nan = (vi)(u > 0x7f800000u); /* every NaN as one value */
+            u = (vu)(((vi)u & ~nan) | (nan & 0x7fc00000));
             memcpy(keys + j, &u, sizeof u);
-            vq z = (vq){0, golden, 2 * golden, 3 * golden, 4 * golden, 5 * golden, 6 * golden, 7 * golden}
-                   + ((uint64_t)(start + at + j + 1) * golden + key);
-            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-            z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-            z = z ^ (z >> 31);
-            vu top = __builtin_convertvector(z >> 40, vu);
+            vu top = __builtin_convertvector(noise_lanes(key, start + at + j), vu);
             memcpy(noise + j, &top, sizeof top);
         }
-        for (; j < row; j++) {
+        for (; j < row; j++) { /* one at a time: a vector load here could read past the block */
             float d = load_one(m, t, at + j) - load_one(b, t, at + j);
             uint32_t u;
             memcpy(&u, &d, 4);
             u &= 0x7fffffffu;
             keys[j] = u > 0x7f800000u ? 0x7fc00000u : u;
-            uint64_t z = (uint64_t)(start + at + j + 1) * golden + key;
-            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-            z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-            noise[j] = (uint32_t)((z ^ (z >> 31)) >> 40);
+            noise[j] = noise_bits(key, start + at + j);
         }
         for (j = 0; j < row; j++) order[j] = (uint32_t)j;
         const uint32_t digits = 1u << DIGIT_BITS, low = digits - 1;
