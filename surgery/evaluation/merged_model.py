@@ -106,7 +106,7 @@ class StreamedMerge:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from surgery.evaluation.models import checkpoint_names, quiet_transformers
+        from surgery.evaluation.models import quiet_transformers, stored_parameters
 
         with quiet_transformers(), init_empty_weights():  # parameters on the meta device, buffers (rotary tables) real
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**base.config()), dtype=torch.float32)
@@ -115,14 +115,12 @@ class StreamedMerge:
         for module in model.modules():
             for name, buffer in module.named_buffers(recurse=False):
                 module._buffers[name] = buffer.to(device)
-        saved = checkpoint_names(model)
-        stray = sorted(name for name, _ in model.named_parameters() if saved.get(name) not in block_of)
+        self.parameters = stored_parameters(model, block_of)
+        stray = sorted(set(dict(model.named_parameters())) - set(self.parameters.values()))
         if stray:
             raise SurgeryError(f"atlas: under a memory cap every parameter is computed from the checkpoints, but "
                                f"transformers' {stray[0]!r} is not one tensor {base.label} stores; learn without "
                                "--max-memory")
-        stored = {checkpoint: name for name, checkpoint in saved.items()}
-        self.parameters = {name: stored[name] for name in block_of if name in stored}
         self.model, self.coefficients, self.streamer = model, Coefficients(), RecipeStreamer(device)
         column = {name: i for i, name in enumerate(self.parameters.values())}
         sources = {name: TensorSource(checkpoint, base, models, self.streamer)

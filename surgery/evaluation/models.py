@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -109,3 +109,10 @@ def checkpoint_names(model: Any) -> dict[str, str]:
         return {name: name for name in parameters}
     saved = {id(tensor): name for name, tensor in revert_weight_conversion(model, dict(parameters)).items()}
     return {name: saved[id(p)] for name, p in parameters.items() if id(p) in saved}
+
+
+def stored_parameters(model: Any, names: Iterable[str]) -> dict[str, str]:
+    """Of the checkpoint's tensors `names`, in their order, those that are one parameter of `model`: each
+    tensor's name -> its parameter's name (checkpoint_names, inverted)."""
+    stored = {saved: name for name, saved in checkpoint_names(model).items()}
+    return {name: stored[name] for name in names if name in stored}

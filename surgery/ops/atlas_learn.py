@@ -90,7 +90,7 @@ class _InMemory:
 
         loaded = load_for_eval(base.source.path, device, "float32")
         self.model, self.tokenizer = loaded.model.requires_grad_(False), loaded.tokenizer
-        self.parameters = learned_parameters(base, block_of, self.model, log)
+        self.parameters = _learned_parameters(base, block_of, self.model, log)
         self.learnable = list(self.parameters)
         values = dict(self.model.named_parameters())
         self.base_values = [values[name].detach() for name in self.parameters.values()]
@@ -143,14 +143,13 @@ class _Streamed:
         self.merge.close()
 
 
-def learned_parameters(base: ModelView, block_of: dict[str, str], model: Any,
-                       log: Callable[[str], None]) -> dict[str, str]:
+def _learned_parameters(base: ModelView, block_of: dict[str, str], model: Any,
+                        log: Callable[[str], None]) -> dict[str, str]:
     """The base's tensors that are parameters of transformers' `model`, each with its parameter's name
     (tensor order); the parameters it builds from several tensors are learned at the base's values, and said so."""
-    from surgery.evaluation.models import checkpoint_names
+    from surgery.evaluation.models import stored_parameters
 
-    stored = {saved: name for name, saved in checkpoint_names(model).items()}
-    learned = {name: stored[name] for name in block_of if name in stored}
+    learned = stored_parameters(model, block_of)
     if not learned:
         raise SurgeryError(f"atlas: none of {base.label}'s tensors is a parameter of the transformers model; cannot learn")
     fixed = sorted(set(dict(model.named_parameters())) - set(learned.values()))
